@@ -1,0 +1,25 @@
+"""tilerun's exceptions. Catch these, not Exception: the one broad catch is the per-file boundary."""
+
+from __future__ import annotations
+
+__all__ = ["TilerunError", "InputImageError", "ModelLoadError", "OutputExistsError", "DistributedError"]
+
+
+class TilerunError(Exception):
+    """Base of every error tilerun raises on purpose."""
+
+
+class InputImageError(TilerunError, ValueError):
+    """An input image (or its mask) cannot be read or is unusable."""
+
+
+class ModelLoadError(TilerunError, ValueError):
+    """A model file cannot be loaded safely or does not satisfy the model contract."""
+
+
+class OutputExistsError(TilerunError, FileExistsError):
+    """Outputs exist from a run with other settings; rerun with --overwrite."""
+
+
+class DistributedError(TilerunError, RuntimeError):
+    """The process group is misconfigured or a peer failed."""

@@ -1,0 +1,174 @@
+"""Measuring a model's receptive field and stride by probing it.
+
+Nothing here trusts a declared number: the halo the engine uses comes from
+gradients of the model's own outputs, so a model that grows a layer, or one
+brought by the user, still tiles exactly.
+
+* **Radius**: the gradient of a (randomly weighted) output pixel with respect to
+  the input is nonzero exactly on the pixels that influence it. The union over a
+  few random inputs guards against a ReLU that happens to be dead for one input.
+* **Stride**: the smallest shift s (1, 2, 4, ...) under which the model is
+  translation-equivariant: ``f(shift(x, s)) == shift(f(x), s)`` away from borders.
+  Tile origins must be multiples of it.
+* A model whose output pixel depends on inputs at every distance we try (global
+  pooling, attention) has no finite radius: it is not tile-exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .geometry import round_up
+
+__all__ = ["Receptive", "measure_radius", "measure_stride", "probe_model", "ModelProbe"]
+
+Fn = Callable[[Tensor, Tensor], Tensor]
+
+MAX_PROBE = 1024  # largest probe side; a radius beyond ~half of it counts as unbounded
+
+
+@dataclass(frozen=True)
+class Receptive:
+    radius: int | None  # None: unbounded (not tile-exact)
+    stride: int
+
+    @property
+    def halo(self) -> int | None:
+        """The radius rounded up to the stride: the smallest exact halo."""
+        return None if self.radius is None else round_up(self.radius, self.stride)
+
+
+def _influence(fn: Fn, size: int, cell: int, seed: int, trials: int) -> tuple[int, int, int, int] | None:
+    """Bounding box (y0, y1, x0, x1, inclusive) of inputs influencing output cell (cell, cell)."""
+    g = torch.Generator().manual_seed(seed)
+    box = None
+    for t in range(trials):
+        image = torch.rand(1, 3, size, size, generator=g, dtype=torch.float64).requires_grad_(True)
+        if t == 0:
+            mask = torch.zeros(1, 1, size, size, dtype=torch.float64)
+        else:  # random holes: the paths through the mask channel count too
+            mask = (torch.rand(1, 1, size, size, generator=g, dtype=torch.float64) > 0.7).double()
+        mask.requires_grad_(True)
+        out = fn(image, mask)
+        outs = [o for o in out if o is not None] if isinstance(out, (tuple, list)) else [out]
+        total = sum((o[0, :, cell, cell] * torch.randn(o.shape[1], generator=g, dtype=o.dtype)).sum() for o in outs)
+        grads = torch.autograd.grad(total, [image, mask], allow_unused=True)
+        hit = torch.zeros(size, size, dtype=torch.bool)
+        for gr in grads:
+            if gr is not None:
+                hit |= gr[0].abs().amax(0) > 0
+        ys, xs = torch.nonzero(hit, as_tuple=True)
+        if len(ys) == 0:
+            continue
+        b = (int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max()))
+        box = b if box is None else (min(box[0], b[0]), max(box[1], b[1]), min(box[2], b[2]), max(box[3], b[3]))
+    return box
+
+
+def measure_radius(fn: Fn, *, stride: int = 1, out_stride: int = 1, trials: int = 3, start: int = 64) -> int | None:
+    """Largest distance (pixels) from an output pixel's footprint to an input that influences it.
+
+    ``fn(image, mask)`` returns a tensor (or tuple of tensors) at ``out_stride``
+    relative to the input. The probe grows until the influence stops short of its
+    border; ``None`` if it never does (unbounded receptive field).
+    """
+    size = start
+    while size <= MAX_PROBE:
+        size = round_up(size, 2 * stride * out_stride)
+        cell = size // 2 // out_stride  # centre cell in output coordinates
+        box = _influence(fn, size, cell, seed=size, trials=trials)
+        if box is None:
+            return 0
+        y0, y1, x0, x1 = box
+        if y0 > 0 and x0 > 0 and y1 < size - 1 and x1 < size - 1:
+            lo, hi = cell * out_stride, cell * out_stride + out_stride - 1  # the cell's input footprint
+            return max(lo - y0, y1 - hi, lo - x0, x1 - hi, 0)
+        size *= 2
+    return None
+
+
+def measure_stride(fn: Fn, *, radius: int, max_stride: int = 32) -> int:
+    """Smallest shift under which ``fn`` is translation-equivariant (its alignment stride)."""
+    g = torch.Generator().manual_seed(7)
+    margin = radius + max_stride
+    size = round_up(2 * margin + 64, max_stride)
+    image = torch.rand(1, 3, size + max_stride, size + max_stride, generator=g, dtype=torch.float64)
+    mask = (torch.rand(1, 1, size + max_stride, size + max_stride, generator=g, dtype=torch.float64) > 0.8).double()
+
+    def first(out):
+        if isinstance(out, (tuple, list)):
+            return next(o for o in out if o is not None)
+        return out
+
+    with torch.no_grad():
+        ref = first(fn(image[..., :size, :size], mask[..., :size, :size]))
+        s = 1
+        while s <= max_stride:
+            out = first(fn(image[..., s : s + size, s : s + size], mask[..., s : s + size, s : s + size]))
+            # Interior of the shifted output equals the reference interior moved by s.
+            a = ref[..., margin + s : size - margin, margin + s : size - margin]
+            b = out[..., margin : size - margin - s, margin : size - margin - s]
+            if torch.allclose(a, b, atol=1e-9, rtol=1e-7):
+                return s
+            s *= 2
+    raise ValueError(f"model is not translation-equivariant for any stride up to {max_stride}")
+
+
+@dataclass(frozen=True)
+class ModelProbe:
+    """What the engine needs to know about a model, all measured."""
+
+    stride: int
+    radius: int | None  # of the full forward (with global sums fixed, if the model has the hook)
+    global_radius: int | None  # of global_terms, when the model has the global hook
+    has_global: bool
+
+    @property
+    def halo(self) -> int | None:
+        return None if self.radius is None else round_up(self.radius, self.stride)
+
+    @property
+    def global_halo(self) -> int | None:
+        return None if self.global_radius is None else round_up(self.global_radius, self.stride)
+
+    @property
+    def tile_exact(self) -> bool:
+        return self.radius is not None and (not self.has_global or self.global_radius is not None)
+
+
+def has_global_hook(model: torch.nn.Module) -> bool:
+    return callable(getattr(model, "global_terms", None))
+
+
+def probe_model(model: torch.nn.Module, *, trials: int = 3) -> ModelProbe:
+    """Measure stride and receptive fields of ``model`` on CPU in float64 (a copy; the model is untouched)."""
+    import copy
+
+    m = copy.deepcopy(model).to("cpu", torch.float64).eval()
+    hook = has_global_hook(m)
+    if hook:
+        # Fix the global sums so that only the local receptive field shows.
+        with torch.no_grad():
+            terms = m.global_terms(torch.rand(1, 3, 32, 32, dtype=torch.float64), torch.zeros(1, 1, 32, 32, dtype=torch.float64))
+        fixed = terms.sum(dim=(2, 3))
+
+        def fwd(image, mask):
+            return m(image, mask, global_sums=fixed.expand(image.shape[0], -1))
+
+        # The terms' stride is the ratio of input to output size.
+        term_stride = 32 // terms.shape[-1]
+    else:
+        fwd = m
+    with torch.enable_grad():
+        radius = measure_radius(fwd, trials=trials)
+    stride = measure_stride(fwd, radius=radius if radius is not None else 0) if radius is not None else 1
+    global_radius = None
+    if hook:
+        with torch.enable_grad():
+            global_radius = measure_radius(m.global_terms, stride=stride, out_stride=term_stride, trials=trials)
+        stride = max(stride, term_stride)
+    return ModelProbe(stride=stride, radius=radius, global_radius=global_radius, has_global=hook)

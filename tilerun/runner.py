@@ -1,0 +1,87 @@
+"""One job: every input image through the engine into OUTPUT, one failure costing one file."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .engine import Engine, Stitcher
+from .errors import InputImageError
+from .images import InputItem, class_map_image, load_image, output_paths, write_png_atomic
+from PIL import Image
+
+__all__ = ["FileResult", "JobSummary", "process_image", "run_job", "write_outputs"]
+
+log = logging.getLogger("tilerun")
+
+
+@dataclass
+class FileResult:
+    input: str
+    status: str  # "ok" | "failed" | "skipped"
+    outputs: list[str] = field(default_factory=list)
+    size: tuple[int, int] | None = None
+    tiles: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class JobSummary:
+    files: list[FileResult]
+    seconds: float
+
+    @property
+    def failed(self) -> int:
+        return sum(f.status == "failed" for f in self.files)
+
+    @property
+    def ok(self) -> int:
+        return sum(f.status == "ok" for f in self.files)
+
+    @property
+    def skipped(self) -> int:
+        return sum(f.status == "skipped" for f in self.files)
+
+
+def write_outputs(
+    paths: dict[str, Path], classes: np.ndarray | None, rgb: np.ndarray | None, palette
+) -> list[str]:
+    written = []
+    if classes is not None:
+        write_png_atomic(class_map_image(classes, palette), paths["pred"])
+        written.append(str(paths["pred"]))
+    if rgb is not None:
+        write_png_atomic(Image.fromarray(rgb), paths["inpainted"])
+        written.append(str(paths["inpainted"]))
+    return written
+
+
+def process_image(engine: Engine, item: InputItem, out_dir: Path, *, mask_dir=None, palette=None) -> FileResult:
+    t0 = time.perf_counter()
+    image, mask = load_image(item, mask_dir=mask_dir)
+    h, w = mask.shape
+    tiles = engine.tiles(h, w)
+    sums = engine.reduce_partials(engine.global_partials(image, mask, tiles)) if engine.uses_global else None
+    st = Stitcher(image, mask)
+    for r in engine.compute(image, mask, tiles, sums):
+        st.add(r)
+    outputs = write_outputs(output_paths(item, out_dir), st.classes, st.rgb, palette)
+    return FileResult(item.key, "ok", outputs, (w, h), len(tiles), time.perf_counter() - t0)
+
+
+def run_job(engine: Engine, items: list[InputItem], out_dir: Path, *, mask_dir=None, palette=None) -> JobSummary:
+    t0 = time.perf_counter()
+    results = []
+    for item in items:
+        try:
+            res = process_image(engine, item, out_dir, mask_dir=mask_dir, palette=palette)
+        except InputImageError as e:
+            res = FileResult(item.key, "failed", error=str(e))
+            log.error("%s: %s", item.path, e)
+        results.append(res)
+    return JobSummary(results, time.perf_counter() - t0)
