@@ -33,3 +33,11 @@ device_opt = click.option(
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Redo every input even if its outputs exist.")
 verbose_opt = click.option("-v", "--verbose", count=True, help="More output; -v also shows tracebacks.")
 quiet_opt = click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+backend_opt = click.option(
+    "--backend",
+    type=click.Choice(["auto", "gloo", "nccl"]),
+    default="auto",
+    show_default=True,
+    help="Process-group backend under torchrun: auto = NCCL with CUDA, else Gloo. "
+    "Each process uses OMP_NUM_THREADS threads when set, else cores / processes per node.",
+)

@@ -34,6 +34,7 @@ class FileResult:
 class JobSummary:
     files: list[FileResult]
     seconds: float
+    ranks: list = field(default_factory=list)  # scheduler.RankStats per process
 
     @property
     def failed(self) -> int:
@@ -74,14 +75,31 @@ def process_image(engine: Engine, item: InputItem, out_dir: Path, *, mask_dir=No
     return FileResult(item.key, "ok", outputs, (w, h), len(tiles), time.perf_counter() - t0)
 
 
-def run_job(engine: Engine, items: list[InputItem], out_dir: Path, *, mask_dir=None, palette=None) -> JobSummary:
+def run_job(
+    ctx,
+    engine: Engine,
+    items: list[InputItem],
+    out_dir: Path,
+    *,
+    mask_dir=None,
+    palette=None,
+    on_tiles=None,
+) -> JobSummary | None:
+    """Run ``items`` on this process's share of the job (`tilerun.dist.session` gives ``ctx``).
+
+    One process or many, the same path: tiles are claimed from the store and rank 0
+    writes every output. Returns the summary on rank 0, None elsewhere.
+    """
+    from .scheduler import plan_images, run_distributed
+
     t0 = time.perf_counter()
-    results = []
-    for item in items:
-        try:
-            res = process_image(engine, item, out_dir, mask_dir=mask_dir, palette=palette)
-        except InputImageError as e:
-            res = FileResult(item.key, "failed", error=str(e))
-            log.error("%s: %s", item.path, e)
-        results.append(res)
-    return JobSummary(results, time.perf_counter() - t0)
+    plans, failed = plan_images(engine, items)
+    if ctx.rank == 0:
+        for f in failed:
+            log.error("%s: %s", f.input, f.error)
+    results, stats = run_distributed(ctx, engine, plans, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles)
+    if ctx.rank != 0:
+        return None
+    by_key = {r.input: r for r in failed + results}
+    ordered = [by_key[it.key] for it in items if it.key in by_key]
+    return JobSummary(ordered, time.perf_counter() - t0, stats)

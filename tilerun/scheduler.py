@@ -1,0 +1,382 @@
+"""A job over many images on one or many processes: tiles claimed from a central counter.
+
+The design document's central task assignment, on the c10d store that torchrun already
+runs (an in-process HashStore when there is no torchrun):
+
+* **Work list.** Every process lists the inputs and cuts them into tiles the same way
+  and checks that all agree. Tiles are grouped into *chunks* of up to ``batch_size``
+  tiles of one window shape; a task is one chunk of one pass of one image. Order:
+  pass 1 of image i+1 comes before pass 2 of image i, so the global sums a pass-2
+  chunk needs are usually ready when it is claimed.
+* **Claims.** ``store.add("claim", 1)`` hands out task numbers: each task is computed
+  by exactly one process, however uneven the work, with no padding or duplicates.
+* **Global features.** A pass-1 chunk publishes its tiles' float64 partial sums; a
+  pass-2 chunk waits for all of its image's partials and adds them in tile order, so
+  every process (and a single process) gets the same bits.
+* **Stitching without gathers.** A pass-2 chunk publishes its uint8 cores (class index,
+  and RGB with known pixels already copied from the input: 4 bytes a pixel). Rank 0's
+  writer thread takes them in image order, fills the uint8 outputs, writes them
+  atomically and deletes the keys. Outputs land on rank 0's node only: no shared
+  filesystem is needed for OUTPUT (inputs must exist on every node).
+* **Pipelining.** Per process, a loader thread claims the next task and decodes its
+  image while the main thread computes; PNG encoding runs in the writer thread.
+
+No collective runs after the start, so uneven work never leaves a process waiting in
+one; a process that dies takes the job down through torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import struct
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .dist import Context
+from .engine import Engine
+from .errors import InputImageError
+from .geometry import Tile
+from .images import InputItem, load_image, output_paths
+from .runner import FileResult, write_outputs
+
+__all__ = ["ImagePlan", "Task", "plan_images", "task_order", "run_distributed", "RankStats"]
+
+log = logging.getLogger("tilerun")
+
+PASS_GLOBAL, PASS_MAIN = 1, 2
+
+
+@dataclass
+class ImagePlan:
+    index: int
+    item: InputItem
+    height: int
+    width: int
+    tiles: list[Tile]
+    chunks: dict[int, list[list[int]]]  # pass -> chunks of tile indices
+
+    @property
+    def key(self) -> str:
+        return self.item.key
+
+
+@dataclass(frozen=True)
+class Task:
+    image: int
+    pass_: int
+    chunk: int
+
+    @property
+    def key(self) -> str:
+        return f"r/{self.image}/{self.pass_}/{self.chunk}"
+
+
+@dataclass
+class RankStats:
+    rank: int
+    tiles: dict[str, int] = field(default_factory=lambda: {"global": 0, "main": 0})
+    tasks: int = 0
+    compute_s: float = 0.0
+    wait_s: float = 0.0  # main thread waiting for the loader (decode, claims, global sums)
+    bytes_sent: int = 0
+
+
+def _header_size(item: InputItem) -> tuple[int, int]:
+    """(height, width) after EXIF rotation, from the header alone."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(item.path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except UnidentifiedImageError as e:
+        raise InputImageError("not an image Pillow can read") from e
+    except Image.DecompressionBombError as e:
+        raise InputImageError(f"too large for the decompression-bomb guard ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InputImageError(f"cannot read header: {e}") from e
+    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+
+
+def _chunks(tiles: list[Tile], size: int) -> list[list[int]]:
+    """Tiles grouped by window shape (so a chunk is one batch), then cut to ``size``."""
+    order = sorted(tiles, key=lambda t: (t.window_shape, t.index))
+    out: list[list[int]] = []
+    for t in order:
+        if out and len(out[-1]) < size and tiles[out[-1][0]].window_shape == t.window_shape:
+            out[-1].append(t.index)
+        else:
+            out.append([t.index])
+    return out
+
+
+def plan_images(engine: Engine, items: list[InputItem]) -> tuple[list[ImagePlan], list[FileResult]]:
+    plans, failed = [], []
+    for item in items:
+        try:
+            h, w = _header_size(item)
+        except InputImageError as e:
+            failed.append(FileResult(item.key, "failed", error=str(e)))
+            continue
+        tiles = engine.tiles(h, w)
+        chunks = {PASS_MAIN: _chunks(tiles, engine.batch_size)}
+        if engine.uses_global:
+            chunks[PASS_GLOBAL] = _chunks(tiles, engine.batch_size)
+        plans.append(ImagePlan(len(plans), item, h, w, tiles, chunks))
+    return plans, failed
+
+
+def task_order(plans: list[ImagePlan]) -> list[Task]:
+    """Pass 1 of image i+1 before pass 2 of image i: the next image's sums get a head start."""
+    tasks: list[Task] = []
+
+    def pass1(p: ImagePlan) -> None:
+        tasks.extend(Task(p.index, PASS_GLOBAL, c) for c in range(len(p.chunks.get(PASS_GLOBAL, []))))
+
+    if plans:
+        pass1(plans[0])
+    for i, p in enumerate(plans):
+        if i + 1 < len(plans):
+            pass1(plans[i + 1])
+        tasks.extend(Task(p.index, PASS_MAIN, c) for c in range(len(p.chunks[PASS_MAIN])))
+    return tasks
+
+
+# -- payloads: a JSON header and raw arrays, nothing pickled -----------------------------
+def _pack(header: dict, arrays: list[np.ndarray] = ()) -> bytes:
+    header = dict(header, arrays=[[a.dtype.str, list(a.shape)] for a in arrays])
+    h = json.dumps(header).encode()
+    return b"".join([struct.pack("<I", len(h)), h, *(np.ascontiguousarray(a).tobytes() for a in arrays)])
+
+
+def _unpack(data: bytes) -> tuple[dict, list[np.ndarray]]:
+    (n,) = struct.unpack_from("<I", data)
+    header = json.loads(data[4 : 4 + n])
+    arrays, off = [], 4 + n
+    for dtype, shape in header["arrays"]:
+        a = np.frombuffer(data, dtype=np.dtype(dtype), count=int(np.prod(shape)), offset=off).reshape(shape)
+        arrays.append(a)
+        off += a.nbytes
+    return header, arrays
+
+
+_DONE = object()
+
+
+class _Loader(threading.Thread):
+    """Claims tasks and prepares their inputs ahead of compute (bounded queue)."""
+
+    def __init__(self, ctx: Context, engine: Engine, plans: list[ImagePlan], tasks: list[Task], mask_dir, depth: int = 2):
+        super().__init__(daemon=True, name="tilerun-loader")
+        self.ctx, self.engine, self.plans, self.tasks, self.mask_dir = ctx, engine, plans, tasks, mask_dir
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.images: OrderedDict[int, tuple | InputImageError] = OrderedDict()
+        self.sums: OrderedDict[int, torch.Tensor | str] = OrderedDict()
+        self.stop = threading.Event()
+
+    def _image(self, i: int):
+        if i not in self.images:
+            p = self.plans[i]
+            try:
+                image, mask = load_image(p.item, mask_dir=self.mask_dir)
+                if mask.shape != (p.height, p.width):
+                    raise InputImageError(f"decoded size {mask.shape} differs from its header {(p.height, p.width)}")
+                self.images[i] = (image, mask)
+            except InputImageError as e:
+                self.images[i] = e
+            while len(self.images) > 2:  # this image and the next: pass 1 of i+1 interleaves with pass 2 of i
+                self.images.popitem(last=False)
+        return self.images[i]
+
+    def _global_sums(self, store, i: int):
+        """The whole image's sums from every pass-1 chunk, added in tile order; or the error text."""
+        if i not in self.sums:
+            p = self.plans[i]
+            keys = [Task(i, PASS_GLOBAL, c).key for c in range(len(p.chunks[PASS_GLOBAL]))]
+            store.wait(keys)
+            partials: dict[int, torch.Tensor] = {}
+            error = None
+            for k in keys:
+                header, arrays = _unpack(store.get(k))
+                if header.get("error"):
+                    error = header["error"]
+                    break
+                for t, row in zip(header["tiles"], arrays[0]):
+                    partials[t] = torch.from_numpy(row.copy())
+            self.sums[i] = error if error is not None else self.engine.reduce_partials(partials)
+            while len(self.sums) > 2:
+                self.sums.popitem(last=False)
+        return self.sums[i]
+
+    def run(self) -> None:
+        store = self.ctx.store_client()
+        try:
+            while not self.stop.is_set():
+                n = store.add("claim", 1) - 1
+                if n >= len(self.tasks):
+                    break
+                task = self.tasks[n]
+                loaded = self._image(task.image)
+                sums = None
+                if not isinstance(loaded, Exception) and task.pass_ == PASS_MAIN and self.engine.uses_global:
+                    sums = self._global_sums(store, task.image)
+                self.q.put((task, loaded, sums))
+        except BaseException as e:  # surfaced in the main thread, which owns the process's fate
+            self.q.put(e)
+            return
+        self.q.put(_DONE)
+
+
+class _Writer(threading.Thread):
+    """Rank 0: assembles each image's uint8 cores from the store and writes it (write-behind)."""
+
+    def __init__(self, ctx: Context, engine: Engine, plans: list[ImagePlan], out_dir: Path, palette, on_tiles: Callable[[int, int], None] | None):
+        super().__init__(daemon=True, name="tilerun-writer")
+        self.ctx, self.engine, self.plans, self.out_dir, self.palette = ctx, engine, plans, out_dir, palette
+        self.on_tiles = on_tiles
+        self.results: list[FileResult] = []
+        self.error: BaseException | None = None
+        self.bytes_received = 0
+
+    def _assemble(self, store, p: ImagePlan) -> FileResult:
+        t0 = time.perf_counter()
+        classes = rgb = None
+        error = None
+        compute_s = 0.0
+        for c in range(len(p.chunks[PASS_MAIN])):
+            key = Task(p.index, PASS_MAIN, c).key
+            store.wait([key])
+            data = store.get(key)
+            self.bytes_received += len(data)
+            store.delete_key(key)
+            header, arrays = _unpack(data)
+            compute_s += header.get("seconds", 0.0)
+            if self.on_tiles:
+                self.on_tiles(len(header.get("tiles", [])), 0)
+            if header.get("error"):
+                error = error or header["error"]
+                continue
+            if error:
+                continue
+            it = iter(arrays)
+            for t_index, has_cls, has_rgb in header["tiles"]:
+                t = p.tiles[t_index]
+                if has_cls:
+                    if classes is None:
+                        classes = np.zeros((p.height, p.width), np.uint8)
+                    classes[t.y0 : t.y1, t.x0 : t.x1] = next(it)
+                if has_rgb:
+                    if rgb is None:
+                        rgb = np.zeros((p.height, p.width, 3), np.uint8)
+                    rgb[t.y0 : t.y1, t.x0 : t.x1] = next(it)
+        if error:
+            log.error("%s: %s", p.item.path, error)
+            return FileResult(p.key, "failed", size=(p.width, p.height), tiles=len(p.tiles), error=error)
+        try:
+            outputs = write_outputs(output_paths(p.item, self.out_dir), classes, rgb, self.palette)
+        except OSError as e:
+            log.error("%s: cannot write output: %s", p.item.path, e)
+            return FileResult(p.key, "failed", size=(p.width, p.height), tiles=len(p.tiles), error=f"cannot write output: {e}")
+        if self.on_tiles:
+            self.on_tiles(0, 1)
+        return FileResult(p.key, "ok", outputs, (p.width, p.height), len(p.tiles), compute_s + time.perf_counter() - t0)
+
+    def run(self) -> None:
+        try:
+            store = self.ctx.store_client()
+            for p in self.plans:
+                self.results.append(self._assemble(store, p))
+        except BaseException as e:
+            self.error = e
+
+
+def _compute(engine: Engine, plan: ImagePlan, task: Task, image, mask, sums) -> tuple[dict, list[np.ndarray], int]:
+    tiles = [plan.tiles[i] for i in plan.chunks[task.pass_][task.chunk]]
+    if task.pass_ == PASS_GLOBAL:
+        partials = engine.global_partials(image, mask, tiles)
+        rows = np.stack([partials[t.index].numpy() for t in tiles])
+        return {"tiles": [t.index for t in tiles]}, [rows], len(tiles)
+    header_tiles, arrays = [], []
+    for r in engine.compute(image, mask, tiles, sums):
+        t = r.tile
+        if r.rgb is not None:
+            hole = mask[t.y0 : t.y1, t.x0 : t.x1]
+            # Known pixels are the input's, exactly; only holes take the model's colours.
+            r.rgb[~hole] = image[t.y0 : t.y1, t.x0 : t.x1][~hole]
+        header_tiles.append([t.index, r.classes is not None, r.rgb is not None])
+        arrays += [a for a in (r.classes, r.rgb) if a is not None]
+    return {"tiles": header_tiles}, arrays, len(tiles)
+
+
+def run_distributed(
+    ctx: Context,
+    engine: Engine,
+    plans: list[ImagePlan],
+    out_dir: Path,
+    *,
+    mask_dir=None,
+    palette=None,
+    on_tiles: Callable[[int, int], None] | None = None,
+) -> tuple[list[FileResult], list[RankStats]]:
+    """Compute this process's share of ``plans``; on rank 0 also write every output.
+
+    Returns (per-file results, per-rank stats) on rank 0, ([], [own stats]) elsewhere.
+    """
+    tasks = task_order(plans)
+    ctx.agree(json.dumps([[p.key, p.height, p.width, len(p.tiles)] for p in plans]), "the work list")
+    store = ctx.store_client()
+    stats = RankStats(ctx.rank)
+    writer = _Writer(ctx, engine, plans, out_dir, palette, on_tiles) if ctx.is_writer else None
+    loader = _Loader(ctx, engine, plans, tasks, mask_dir)
+    if writer:
+        writer.start()
+    loader.start()
+    try:
+        while True:
+            t0 = time.perf_counter()
+            got = loader.q.get()
+            stats.wait_s += time.perf_counter() - t0
+            if got is _DONE:
+                break
+            if isinstance(got, BaseException):
+                raise got
+            if writer and writer.error:
+                raise writer.error
+            task, loaded, sums = got
+            plan = plans[task.image]
+            t0 = time.perf_counter()
+            if isinstance(loaded, Exception):
+                payload = _pack({"error": str(loaded), "tiles": plan.chunks[task.pass_][task.chunk]})
+            elif isinstance(sums, str):  # another process could not read this image in pass 1
+                payload = _pack({"error": sums, "tiles": plan.chunks[task.pass_][task.chunk]})
+            else:
+                image, mask = loaded
+                header, arrays, n = _compute(engine, plan, task, image, mask, sums)
+                header["seconds"] = time.perf_counter() - t0
+                payload = _pack(header, arrays)
+                stats.tiles["global" if task.pass_ == PASS_GLOBAL else "main"] += n
+            stats.compute_s += time.perf_counter() - t0
+            stats.tasks += 1
+            stats.bytes_sent += len(payload)
+            store.set(task.key, payload)
+    finally:
+        loader.stop.set()
+    store.set(f"stats/{ctx.rank}", json.dumps(stats.__dict__))
+    if not writer:
+        return [], [stats]
+    writer.join()
+    if writer.error:
+        raise writer.error
+    store.wait([f"stats/{r}" for r in range(ctx.world_size)])
+    all_stats = [RankStats(**json.loads(store.get(f"stats/{r}"))) for r in range(ctx.world_size)]
+    return writer.results, all_stats
