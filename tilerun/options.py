@@ -6,12 +6,34 @@ import click
 
 from .defaults import DEFAULT_BATCH, DEFAULT_TILE
 
+
+class ModelSpec(click.ParamType):
+    """A model file that exists, or an import path ``package.module:factory`` (not checked here:
+    importing it is loading the model, which the command does)."""
+
+    name = "MODEL"
+
+    def convert(self, value, param, ctx):
+        import os
+        import re
+
+        text = os.fspath(value)
+        if os.path.isfile(text):
+            return text
+        if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", text):
+            return text
+        what = "is a folder" if os.path.isdir(text) else "does not exist"
+        self.fail(f"{text!r} {what}: give a model file (.safetensors, TorchScript .pt, .pt2) "
+                  "or package.module:factory", param, ctx)
+
+
 model_opt = click.option(
     "--model",
     "model_path",
-    type=click.Path(exists=True, dir_okay=False),
+    type=ModelSpec(),
     default=None,
-    help="Model weights (.safetensors). Default: the weights shipped with tilerun.",
+    help="A .safetensors checkpoint, TorchScript (.pt), exported program (.pt2) or package.module:factory. "
+    "Pickles are refused. Default: the weights shipped with tilerun.",
 )
 tile_opt = click.option(
     "--tile",
