@@ -1,0 +1,292 @@
+"""What tilerun knows about a model, all of it measured: ``tilerun inspect [MODEL]``.
+
+* **Architecture**: the top-level submodules and their parameter counts.
+* **Outputs**: K (the number of classes) and RGB, from one small forward (the contract check).
+* **Stride and receptive field**: `receptive.probe_model` (shift probe, gradient probe).
+* **Memory per tile**: the peak of live tensor storage during one forward of one tile
+  window at the default tile size (the tile plus its halo on every side), batch 1.
+  On CUDA it is ``torch.cuda.max_memory_allocated``. Elsewhere a dispatch mode sees every
+  tensor an operator returns and counts its storage until the storage is freed, so the
+  peak is that of activations (weights and the input window are not included; torch's
+  allocator overhead is not either). It is measured, not estimated from layer shapes,
+  so it holds for TorchScript and exported programs too.
+* **Tile-exact**: a small random image with random holes, tiled with a small tile,
+  compared bit for bit with one whole-image forward through `infer_image`.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .defaults import DEFAULT_BATCH, DEFAULT_TILE
+from .geometry import round_up
+from .receptive import ModelProbe, probe_model
+
+__all__ = ["InspectReport", "ExactCheck", "inspect_model", "format_report", "peak_forward_bytes", "check_tile_exact"]
+
+
+@dataclass(frozen=True)
+class ExactCheck:
+    height: int
+    width: int
+    tile: int
+    halo: int
+    tiles: int
+    differing_classes: float | None  # fraction of pixels whose class differs from the whole-image forward
+    differing_rgb: float | None  # fraction of pixels whose inpainted colour differs
+
+    @property
+    def exact(self) -> bool:
+        return not self.differing_classes and not self.differing_rgb
+
+
+@dataclass
+class InspectReport:
+    source: str
+    model_type: str
+    modules: list[tuple[str, str, int]]  # (name, type, parameters) of the top-level submodules
+    parameters: int
+    parameter_bytes: int
+    classes: int | None
+    rgb: bool
+    palette: list[tuple[int, int, int]] | None
+    probe: ModelProbe
+    tile: int  # the default tile the memory figure is for (0: whole image)
+    batch_size: int
+    window: int  # side of one tile window (tile + 2 halo); for tile 0, the side measured
+    memory_bytes: int | None  # peak activation memory of one window, batch 1
+    memory_method: str
+    exact: ExactCheck
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class _PeakStorage(TorchDispatchMode):
+    """Live bytes of the storages operators return, and their peak (see module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if nbytes == 0 or key in self._seen:  # views share their base's storage
+                    continue
+                self._seen.add(key)
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, key, nbytes)
+        return out
+
+
+def peak_forward_bytes(model: nn.Module, side: int, *, device: str | torch.device = "cpu") -> tuple[int, str]:
+    """Peak memory of one forward of ``model`` on a ``side`` x ``side`` window, batch 1: (bytes, how)."""
+    device = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, side, side, generator=g).to(device)
+    mask = (torch.rand(1, 1, side, side, generator=g) > 0.7).float().to(device)
+    with torch.inference_mode():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            out = model(image, mask)
+            torch.cuda.synchronize(device)
+            del out
+            return torch.cuda.max_memory_allocated(device) - base, "torch.cuda.max_memory_allocated"
+        mode = _PeakStorage()
+        with mode:
+            out = model(image, mask)
+        del out
+        return mode.peak, "peak of live tensor storage during the forward (dispatch mode)"
+
+
+def check_tile_exact(model: nn.Module, probe: ModelProbe, *, seed: int = 0) -> ExactCheck:
+    """Tiled vs whole-image `infer_image` on a small random image with holes.
+
+    The tile is small (a few stride multiples) so that the image has interior tiles,
+    edge tiles and corner tiles; the sizes are odd so that border padding is exercised.
+    A model without a bounded receptive field is tiled with a halo of 16 px (rounded to
+    its stride) to show how far from exact tiles would be.
+    """
+    from .engine import Engine, infer_image
+
+    s = probe.stride
+    tile = round_up(32, s)
+    halo = probe.halo if probe.halo is not None else round_up(16, s)
+    h, w = 2 * tile + s + 3, 3 * tile - s + 1
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    mask = rng.random((h, w)) < 0.3
+    mask[h // 3 : h // 2, w // 4 : w // 2] = True  # and one bigger hole across tile seams
+    tiled = Engine(model, tile=tile, halo=halo, batch_size=DEFAULT_BATCH, probe=probe)
+    whole = Engine(model, tile=0, halo=0, batch_size=1, probe=probe)
+    a = infer_image(tiled, image, mask)
+    b = infer_image(whole, image, mask)
+
+    def frac(x, y):
+        if x is None or y is None:
+            return None
+        d = x != y
+        return float((d.any(axis=2) if d.ndim == 3 else d).mean())
+
+    return ExactCheck(h, w, tile, halo, len(tiled.tiles(h, w)), frac(a[0], b[0]), frac(a[1], b[1]))
+
+
+def _modules(model: nn.Module) -> list[tuple[str, str, int]]:
+    from .model.loading import ExportedModel
+
+    root = model.graph if isinstance(model, ExportedModel) else model
+    rows = []
+    for name, child in root.named_children():
+        if name.startswith("_"):  # export's own helpers (_guards_fn), not the model's
+            continue
+        kind = getattr(child, "original_name", None) or type(child).__name__  # TorchScript keeps the class name there
+        rows.append((name, kind, sum(p.numel() for p in child.parameters())))
+    return rows
+
+
+def inspect_model(
+    model: nn.Module,
+    *,
+    source: str = "",
+    tile: int = DEFAULT_TILE,
+    batch_size: int = DEFAULT_BATCH,
+    device: str | torch.device = "cpu",
+    memory: bool = True,
+) -> InspectReport:
+    """Measure everything `format_report` prints. Takes seconds (the probes and one
+    full-size forward); ``memory=False`` skips the full-size forward."""
+    from .model.loading import check_contract
+
+    t0 = time.perf_counter()
+    outputs = check_contract(model)
+    probe = probe_model(model)
+    params = list(model.parameters())
+    notes = []
+    if probe.halo is None:
+        tile_used = 0
+        window = tile  # whole-image model: report memory for an image of the default tile's size
+        notes.append(f"not tile-exact: each image runs whole; memory below is for one {tile}x{tile} image")
+    else:
+        if tile % probe.stride:
+            notes.append(f"--tile {tile} is not a multiple of the stride {probe.stride}; using {round_up(tile, probe.stride)}")
+            tile = round_up(tile, probe.stride)
+        tile_used = tile
+        window = tile + 2 * probe.halo
+    mem, how = (None, "skipped")
+    if memory:
+        dev_model = model.to(device) if torch.device(device).type != "cpu" else model
+        mem, how = peak_forward_bytes(dev_model, window, device=device)
+    exact = check_tile_exact(model.to("cpu"), probe)
+    return InspectReport(
+        source=source or type(model).__name__,
+        model_type=getattr(model, "original_name", None) or type(model).__name__,
+        modules=_modules(model),
+        parameters=sum(p.numel() for p in params),
+        parameter_bytes=sum(p.numel() * p.element_size() for p in params),
+        classes=outputs.classes,
+        rgb=outputs.rgb,
+        palette=[tuple(int(v) for v in c) for c in getattr(model, "palette", None) or []] or None,
+        probe=probe,
+        tile=tile_used,
+        batch_size=batch_size,
+        window=window,
+        memory_bytes=mem,
+        memory_method=how,
+        exact=exact,
+        seconds=time.perf_counter() - t0,
+        notes=notes,
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _swatch(rgb: tuple[int, int, int], color: bool) -> str:
+    if color:
+        r, g, b = rgb
+        return f"\x1b[48;2;{r};{g};{b}m    \x1b[0m"
+    return "#%02x%02x%02x" % tuple(rgb)
+
+
+_LABEL = 17
+
+
+def _label(text: str) -> str:
+    return f"{text:<{_LABEL}}"
+
+
+def format_report(r: InspectReport, *, color: bool = False) -> str:
+    """The report as text; ``color``: palette swatches as 24-bit ANSI colour (for a terminal)."""
+    p = r.probe
+    lines = [f"{_label('model')}{r.source} ({r.model_type})"]
+    lines.append(f"{_label('parameters')}{r.parameters:,} ({_mb(r.parameter_bytes)})")
+    width = max((len(n) for n, _, _ in r.modules), default=0)
+    for name, kind, n in r.modules:
+        lines.append(f"  {name:<{width}}  {kind:<20} {n:>10,}")
+    outs = []
+    if r.classes is not None:
+        outs.append(f"class map, K = {r.classes}")
+    if r.rgb:
+        outs.append("inpainted RGB")
+    lines.append(f"{_label('outputs')}{', '.join(outs)}")
+    if r.palette:
+        lines.append("palette")
+        cells = [f"  {i:>3} {_swatch(c, color)}" for i, c in enumerate(r.palette)]
+        for i in range(0, len(cells), 8):
+            lines.append("".join(cells[i : i + 8]))
+    lines.append(f"{_label('stride')}{p.stride} px (measured: smallest shift the model is equivariant to)")
+    if p.radius is None:
+        lines.append(f"{_label('receptive field')}unbounded (measured: influence reached every probe border up to 1024 px)")
+    else:
+        lines.append(f"{_label('receptive field')}radius {p.radius} px (measured by gradient probe) -> halo {p.halo} px")
+    if p.has_global:
+        gr = "unbounded" if p.global_radius is None else f"radius {p.global_radius} px -> pass-1 halo {p.global_halo} px"
+        lines.append(f"{_label('global branch')}yes (global_terms: {gr}); two passes, whole-image sums shared by all tiles")
+    else:
+        lines.append(f"{_label('global branch')}no (one pass)")
+    if r.tile:
+        which = "the default, tilerun/defaults.py" if r.tile == DEFAULT_TILE else f"--tile; the default is {DEFAULT_TILE}"
+        lines.append(f"{_label('tile')}{r.tile} px ({which}) -> window {r.window}x{r.window} px, "
+                     f"{r.batch_size} tiles per forward")
+    else:
+        lines.append(f"{_label('tile')}whole image (model not tile-exact; the default --tile would be {r.window})")
+    if r.memory_bytes is not None:
+        per = f"per {r.window}x{r.window} window" if r.tile else f"per {r.window}x{r.window} image"
+        lines.append(f"{_label('memory per tile')}{_mb(r.memory_bytes)} {per}, batch 1 "
+                     f"(~{_mb(r.memory_bytes * r.batch_size)} at batch {r.batch_size}); {r.memory_method}")
+    e = r.exact
+    diffs = ", ".join(
+        f"{name} differ on {v:.2%} of pixels" for name, v in (("classes", e.differing_classes), ("colours", e.differing_rgb))
+        if v
+    )
+    verdict = "yes" if e.exact and p.tile_exact else "NO"
+    detail = (f"{e.height}x{e.width} random image with holes, {e.tiles} tiles of {e.tile} px + halo {e.halo}: "
+              + ("identical to one whole-image forward" if e.exact else diffs))
+    lines.append(f"{_label('tile-exact')}{verdict} ({detail})")
+    if not p.tile_exact:
+        lines.append(" " * _LABEL + "tiles cannot reproduce this model: tilerun runs each whole image in one forward "
+                     "(--tile 0); with --halo N and a big --tile it tiles approximately")
+    for n in r.notes:
+        lines.append(f"{_label('note')}{n}")
+    lines.append(f"{_label('measured in')}{r.seconds:.1f} s")
+    return "\n".join(lines)
