@@ -75,10 +75,7 @@ class Context:
         """
         if not self.distributed:
             return self._store
-        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-        client = dist.TCPStore(host, port, is_master=False, timeout=STORE_TIMEOUT, wait_for_workers=False)
-        # torchrun hands every restart a fresh store; the prefix keeps us clear of c10d's own keys.
-        return dist.PrefixStore("tilerun", client)
+        return _tcp_store(is_master=False)
 
     def agree(self, text: str, what: str) -> None:
         """Fail unless every rank computed the same ``text`` (e.g. the sorted work list)."""
@@ -106,6 +103,21 @@ def _device(name: str, local_rank: int) -> torch.device:
     return dev
 
 
+def _tcp_store(*, is_master: bool) -> dist.Store:
+    """A client (or, for rank 0 outside torchrun's agent store, the server) of the job's TCPStore.
+
+    torchrun's rendezvous store outlives a restart of the workers, and c10d would read
+    the killed attempt's Gloo addresses from it: every key lives under a prefix per
+    attempt (TORCHELASTIC_RESTART_COUNT), for the process group and tilerun alike.
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    store = dist.TCPStore(host, port, is_master=is_master, timeout=STORE_TIMEOUT, wait_for_workers=False,
+                          multi_tenant=True)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "job")
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"tilerun/{run_id}/{attempt}", store)
+
+
 @contextlib.contextmanager
 def session(*, backend: str = "auto", device: str = "auto") -> Iterator[Context]:
     """The process group for one job; torn down on every exit path."""
@@ -121,8 +133,11 @@ def session(*, backend: str = "auto", device: str = "auto") -> Iterator[Context]
     be = resolve_backend(backend, dev)
     torch.set_num_threads(threads_per_process(local_world))
     kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-    dist.init_process_group(backend=be, timeout=STORE_TIMEOUT, **kwargs)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = _tcp_store(is_master=rank == 0 and not agent_store)
+    dist.init_process_group(backend=be, store=dist.PrefixStore("pg", store), rank=rank, world_size=world,
+                            timeout=STORE_TIMEOUT, **kwargs)
     try:
-        yield Context(rank, world, local_rank, local_world, dev, be, dist.distributed_c10d._get_default_store())
+        yield Context(rank, world, local_rank, local_world, dev, be, store)
     finally:
         dist.destroy_process_group()
