@@ -77,6 +77,16 @@ class Context:
             return self._store
         return _tcp_store(is_master=False)
 
+    def share_from_rank0(self, name: str, text: str | None) -> str:
+        """Rank 0's ``text`` on every rank (others pass None); through the store, no collective."""
+        if not self.distributed:
+            return text
+        if self.rank == 0:
+            self._store.set(f"share/{name}", text.encode())
+            return text
+        self._store.wait([f"share/{name}"])
+        return self._store.get(f"share/{name}").decode()
+
     def agree(self, text: str, what: str) -> None:
         """Fail unless every rank computed the same ``text`` (e.g. the sorted work list)."""
         if not self.distributed:

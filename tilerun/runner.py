@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -50,14 +51,18 @@ class JobSummary:
 
 
 def write_outputs(
-    paths: dict[str, Path], classes: np.ndarray | None, rgb: np.ndarray | None, palette
+    paths: dict[str, Path], classes: np.ndarray | None, rgb: np.ndarray | None, palette, *, text_for=None
 ) -> list[str]:
+    """Write the outputs there are, atomically. ``text_for(kinds)``: PNG text chunks for them
+    (`resume.OutputPlan.png_text`: the resume stamp), the same in every output of one input."""
+    kinds = [k for k, a in (("pred", classes), ("inpainted", rgb)) if a is not None]
+    text = text_for(kinds) if text_for else None
     written = []
     if classes is not None:
-        write_png_atomic(class_map_image(classes, palette), paths["pred"])
+        write_png_atomic(class_map_image(classes, palette), paths["pred"], text=text)
         written.append(str(paths["pred"]))
     if rgb is not None:
-        write_png_atomic(Image.fromarray(rgb), paths["inpainted"])
+        write_png_atomic(Image.fromarray(rgb), paths["inpainted"], text=text)
         written.append(str(paths["inpainted"]))
     return written
 
@@ -84,6 +89,8 @@ def run_job(
     mask_dir=None,
     palette=None,
     on_tiles=None,
+    overwrite: bool = False,
+    progress=None,
 ) -> JobSummary | None:
     """Run ``items`` on this process's share of the job (`tilerun.dist.session` gives ``ctx``).
 
@@ -92,14 +99,41 @@ def run_job(
     """
     from .scheduler import plan_images, run_distributed
 
+    from .resume import fingerprint, prepare_outputs
+
     t0 = time.perf_counter()
-    plans, failed = plan_images(engine, items)
+    # Resume and the collision rule: rank 0 alone reads and claims OUTPUT (it may exist
+    # on the first node only) and tells the others what is left to do.
+    # OutputExistsError -> exit 2 on rank 0, and torchrun stops the rest.
+    out_plan = fp = None
+    skipped: list[FileResult] = []
+    todo_keys = None
+    if ctx.rank == 0:
+        fp = fingerprint(model=engine.model, engine=engine)
+        out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True)
+        skipped = [FileResult(it.key, "skipped", **out_plan.done_info(it)) for it in out_plan.done]
+        todo_keys = json.dumps([it.key for it in out_plan.todo])
+    todo = set(json.loads(ctx.share_from_rank0("todo", todo_keys)))
+    plans, failed = plan_images(engine, [it for it in items if it.key in todo])
+    if progress is not None:  # `progress.Progress`: rank 0's writer sees every process's tiles
+        progress.set_totals(tiles=sum(len(p.tiles) for p in plans), images=len(plans),
+                            pixels=sum(p.height * p.width for p in plans))
+        on_tiles = on_tiles or progress.on_tiles
     if ctx.rank == 0:
         for f in failed:
             log.error("%s: %s", f.input, f.error)
-    results, stats = run_distributed(ctx, engine, plans, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles)
+    results, stats = run_distributed(
+        ctx, engine, plans, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles, outputs=out_plan
+    )
     if ctx.rank != 0:
         return None
-    by_key = {r.input: r for r in failed + results}
+    from .images import remove_stale_temps
+    from .report import write_report
+
+    # Rank 0 wrote every output and its writer is done: leftovers are a killed run's.
+    remove_stale_temps(out_plan.all_paths())
+    by_key = {r.input: r for r in skipped + failed + results}
     ordered = [by_key[it.key] for it in items if it.key in by_key]
-    return JobSummary(ordered, time.perf_counter() - t0, stats)
+    summary = JobSummary(ordered, time.perf_counter() - t0, stats)
+    write_report(out_dir, summary.files, seconds=summary.seconds, settings=dict(fp.settings), ranks=stats)
+    return summary
