@@ -1,0 +1,193 @@
+"""User experience: `tilerun inspect`, previews, progress."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+from click.testing import CliRunner
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+# -- inspect ---------------------------------------------------------------------------
+
+
+def test_inspect_prints_measured_receptive_field(monkeypatch):
+    from tilerun.cli import main
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    res = CliRunner().invoke(main, ["inspect", "own_model:make_model", "--tile", "64", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    out = res.output
+    # examples/own_model.py: 3x3 convs with dilations 1, 2, 4 then 1 -> radius 8, stride 1, nothing declared.
+    assert re.search(r"receptive field\s+radius 8 px \(measured by gradient probe\) -> halo 8 px", out), out
+    assert re.search(r"stride\s+1 px", out)
+    assert "class map, K = 6, inpainted RGB" in out
+    assert re.search(r"parameters\s+10,009", out)
+    assert re.search(r"tile\s+64 px \(--tile; the default is 512\) -> window 80x80 px", out)
+    mem = re.search(r"memory per tile\s+([\d.]+) MiB per 80x80 window", out)
+    # At least the 16-channel float32 feature maps of one 80x80 window are alive at once.
+    assert mem and float(mem.group(1)) > 2 * 16 * 80 * 80 * 4 / 2**20, out
+    assert re.search(r"tile-exact\s+yes \(\d+x\d+ random image with holes, 9 tiles of 32 px \+ halo 8: identical", out)
+    assert "\x1b[" not in out  # not a terminal: no colour codes, hex colours instead
+    assert "#" in out.split("palette", 1)[1]
+
+
+def test_inspect_reports_a_model_that_is_not_tile_exact():
+    import torch
+    from torch import nn
+
+    from tilerun.inspect import format_report, inspect_model
+
+    class SquareMean(nn.Module):  # pointwise plus a whole-image mean: unbounded receptive field
+        def forward(self, image, mask):
+            x = image[:, :2] - image[:, 1:3].mean(dim=(2, 3), keepdim=True)
+            return 8 * torch.cat([x, -x, mask], 1)
+
+    report = inspect_model(SquareMean(), memory=False)
+    assert report.probe.radius is None and not report.exact.exact
+    text = format_report(report)
+    assert re.search(r"receptive field\s+unbounded", text)
+    assert re.search(r"tile-exact\s+NO \(.*classes differ on [\d.]+% of pixels", text)
+    assert "--tile 0" in text
+
+
+def test_peak_memory_grows_with_the_window():
+    import torch
+    from torch import nn
+
+    from tilerun.inspect import peak_forward_bytes
+
+    class One(nn.Module):  # the contract's smallest case: one conv on image+mask
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(4, 8, 3, padding=1)
+
+        def forward(self, image, mask):
+            return self.c(torch.cat([image, mask], 1))
+
+    model = One()
+    small, how = peak_forward_bytes(model, 32)
+    big, _ = peak_forward_bytes(model, 64)
+    # cat (4 ch) and conv output (8 ch) alive together: 12 float32 planes.
+    assert small >= 12 * 32 * 32 * 4 and big >= 4 * small * 0.9 and "dispatch" in how
+
+
+# -- previews ----------------------------------------------------------------------------
+
+
+def test_preview_written_with_panels_and_legend(monkeypatch, tmp_path, make_image):
+    from PIL import Image
+
+    from tilerun.cli import main
+    from tilerun.preview import HOLE_COLOURS
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    h, w = 47, 61
+    rgba = np.dstack([make_image(h, w), np.full((h, w), 255, np.uint8)])
+    rgba[10:30, 20:40, 3] = 0  # a hole
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rgba).save(tmp_path / "in" / "a.png")
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "in"), str(tmp_path / "out"), "--model",
+                                    "own_model:make_model", "--tile", "32", "--device", "cpu", "--preview", "-q"])
+    assert res.exit_code == 0, res.output
+    with Image.open(tmp_path / "out" / "a.preview.png") as im:
+        preview = np.asarray(im.convert("RGB"))
+    with Image.open(tmp_path / "out" / "a.pred.png") as im:
+        classes, palette = np.asarray(im), im.getpalette()
+    with Image.open(tmp_path / "out" / "a.inpainted.png") as im:
+        inpainted = np.asarray(im)
+    gap, title = 8, 14
+    assert preview.shape[1] == 3 * w + 4 * gap  # three panels, full size (small image: no downscale)
+    assert preview.shape[0] > gap + title + h + gap  # the legend under the panels
+    top = gap + title
+    marked = preview[top : top + h, gap : gap + w]
+    hole = ~(rgba[..., 3] > 0)
+    assert {tuple(c) for c in marked[hole]} == set(HOLE_COLOURS)
+    np.testing.assert_array_equal(marked[~hole], rgba[..., :3][~hole])
+    colours = np.array(palette[: 3 * 6], np.uint8).reshape(6, 3)
+    np.testing.assert_array_equal(preview[top : top + h, 2 * gap + w : 2 * gap + 2 * w], colours[classes])
+    np.testing.assert_array_equal(preview[top : top + h, 3 * gap + 2 * w : 3 * gap + 3 * w], inpainted)
+
+
+def test_preview_of_a_big_image_stays_bounded():
+    from tilerun.preview import make_preview
+
+    h, w = 2600, 700
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), bool)
+    mask[1000, :] = True  # a one-pixel scratch must survive the downscale
+    classes = rng.integers(0, 4, (h, w), dtype=np.uint8)
+    palette = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)]
+    im = make_preview(image, mask, classes, None, palette, max_side=512)
+    side_w = round(w * 512 / h)
+    assert im.width == 2 * side_w + 3 * 8  # input and classes only: the model gave no rgb
+    assert 512 < im.height < 512 + 100
+    row = round(1000 * 512 / h) + 8 + 14
+    band = np.asarray(im)[row - 1 : row + 2, 8 : 8 + side_w]
+    assert (band == (255, 0, 255)).all(axis=2).any()
+
+
+# -- progress ----------------------------------------------------------------------------
+
+
+def test_progress_counts_and_logs_when_not_a_terminal(caplog):
+    from tilerun.progress import Progress
+
+    stream = io.StringIO()  # not a tty
+    with caplog.at_level(logging.INFO, logger="tilerun"):
+        with Progress(total_tiles=10, total_images=2, total_pixels=1000, stream=stream, interval=0) as p:
+            for _ in range(4):
+                p.advance(tiles=2, pixels=160)
+            p.advance(images=1)
+            p.set_totals(tiles=12, images=3, pixels=1200)
+            p.on_tiles(4, 2)  # the scheduler's callback: pixels from the mean tile area (100)
+    assert (p.tiles, p.images, p.pixels) == (12, 3, 640 + 400)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) >= 6  # interval 0: a line per advance, and one at close
+    assert lines[-1].startswith("3/3 images, 12/12 tiles (100%)") and "MP/s" in lines[-1] and "done" in lines[-1]
+    assert "ETA" in lines[0] and "tiles/s" in lines[0]
+    assert stream.getvalue() == ""  # no bar characters in a log
+
+
+def test_progress_bar_on_a_terminal_and_silent_when_asked(caplog):
+    from tilerun.progress import Progress
+
+    stream = io.StringIO()
+    with caplog.at_level(logging.INFO, logger="tilerun"):
+        with Progress(total_tiles=5, total_images=1, total_pixels=500, stream=stream, tty=True) as p:
+            p.advance(tiles=5, pixels=500, images=1)
+    bar = stream.getvalue()
+    assert "5/5" in bar and "tile" in bar and "1/1 images" in bar and "MP/s" in bar
+    assert not caplog.records  # the bar replaces the log lines
+
+    for kw in ({"quiet": True}, {"enabled": False}):  # -q; or a rank other than 0
+        quiet = io.StringIO()
+        with caplog.at_level(logging.INFO, logger="tilerun"):
+            with Progress(total_tiles=5, total_images=1, total_pixels=5, stream=quiet, tty=True, interval=0, **kw) as p:
+                p.advance(tiles=5, images=1)
+        assert quiet.getvalue() == "" and not caplog.records and p.tiles == 5
+
+
+def test_run_shows_progress_lines(monkeypatch, tmp_path, make_image):
+    """`tilerun run` feeds the job's totals and every tile to Progress (CliRunner's stderr is no tty)."""
+    from PIL import Image
+
+    import tilerun.progress as progress_mod
+    from tilerun.cli import main
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    monkeypatch.setattr(progress_mod, "LOG_INTERVAL", 0.0)
+    (tmp_path / "in").mkdir()
+    for name, (h, w) in {"a.png": (40, 33), "b.png": (17, 70)}.items():
+        Image.fromarray(make_image(h, w)).save(tmp_path / "in" / name)
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "in"), str(tmp_path / "out"), "--model",
+                                    "own_model:make_model", "--tile", "16", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    # a: 3x3 tiles, b: 2x5 tiles of 16 px cores; 40*33 + 17*70 pixels.
+    assert re.search(r"2/2 images, 19/19 tiles \(100%\), [\d.]+ tiles/s, [\d.]+ MP/s, done", res.output), res.output
