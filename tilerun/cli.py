@@ -2,16 +2,49 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import click
 
 from . import options as o
 
 log = logging.getLogger("tilerun")
+
+
+class _SettingsError(click.ClickException):
+    """A refusal the user fixes with an option (--overwrite, --model): exit 2, like click's usage errors."""
+
+    exit_code = 2
+
+
+@contextlib.contextmanager
+def _error_boundary(verbose: int) -> Iterator[None]:
+    """The command's last line of defence: one line per error, a traceback only with -v.
+
+    Per-input failures never get here (the scheduler turns them into report lines);
+    this is for the job as a whole: settings refused, OUTPUT unwritable, bugs.
+    """
+    from .errors import ModelLoadError, OutputExistsError, TilerunError
+
+    try:
+        yield
+    except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        raise
+    except (OutputExistsError, ModelLoadError) as e:
+        log.debug("traceback", exc_info=verbose > 0)
+        raise _SettingsError(str(e)) from e
+    except (TilerunError, OSError) as e:
+        log.debug("traceback", exc_info=verbose > 0)
+        raise click.ClickException(str(e)) from e
+    except Exception as e:  # a bug: say so, and how to see where
+        if verbose:
+            raise
+        raise click.ClickException(f"internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)") from e
 
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
@@ -36,10 +69,14 @@ def main() -> None:
 @o.backend_opt
 @click.option("--mask-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of sidecar masks NAME.mask.png at the inputs' relative paths (nonzero = missing).")
+@o.max_pixels_opt
 @o.overwrite_opt
+@click.option("--preview", is_flag=True, help="Also write NAME.preview.png: input with holes | class map | "
+              "inpainted, with a legend (at most 1024 px a side).")
 @o.verbose_opt
 @o.quiet_opt
-def run(input_path, output, model_path, tile, halo, batch_size, device, backend, mask_dir, overwrite, verbose, quiet):
+def run(input_path, output, model_path, tile, halo, batch_size, device, backend, mask_dir, max_pixels, overwrite,
+        preview, verbose, quiet):
     """Run the model over INPUT (an image or a folder, recursive) into the folder OUTPUT.
 
     For a/b/NAME.ext writes OUTPUT/a/b/NAME.pred.png (class map, palette PNG) and
@@ -55,31 +92,130 @@ def run(input_path, output, model_path, tile, halo, batch_size, device, backend,
         raise click.UsageError("--backend nccl needs CUDA; use --backend gloo (or auto) on CPU")
     if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         logging.getLogger("tilerun").setLevel(logging.ERROR)  # other ranks print nothing but errors
-    try:
-        with session(backend=backend, device=device) as ctx:
-            summary = _run(ctx, input_path, output, model_path=model_path, tile=tile, halo=halo,
-                           batch_size=batch_size, mask_dir=mask_dir)
-    except DistributedError as e:
-        raise click.ClickException(str(e)) from e
+    from .images import set_max_pixels
+    from .report import summary_line
+
+    if max_pixels is not None:
+        set_max_pixels(None if max_pixels == 0 else max_pixels)
+    with _error_boundary(verbose):
+        try:
+            with session(backend=backend, device=device) as ctx:
+                summary = _run(ctx, input_path, output, model_path=model_path, tile=tile, halo=halo,
+                               batch_size=batch_size, mask_dir=mask_dir, overwrite=overwrite,
+                               preview=preview, verbose=verbose, quiet=quiet)
+        except DistributedError as e:
+            raise click.ClickException(str(e)) from e
     if summary is None:  # not rank 0: rank 0 reports for the job
         sys.exit(0)
-    log.info("%d ok, %d failed, %d skipped in %.1fs -> %s", summary.ok, summary.failed, summary.skipped,
-             summary.seconds, output)
+    log.info("%s", summary_line(summary.files, seconds=summary.seconds, out_dir=output))
+    # 0: every input done (or already done); 1: some inputs failed (see the report); 2: usage.
     sys.exit(1 if summary.failed else 0)
 
 
-def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_dir):
+def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_dir, overwrite=False,
+         preview=False, verbose=0, quiet=False):
     from .engine import Engine
     from .images import find_inputs
     from .model import load_model
     from .runner import run_job
 
-    model = load_model(model_path)
-    try:
-        engine = Engine(model, tile=tile, halo=halo, batch_size=batch_size, device=ctx.device)
-    except ValueError as e:
-        raise click.UsageError(str(e)) from e
+    # Inputs first: "no images" is a usage error that should not wait for a model to load and be probed.
     items = find_inputs(input_path, exclude=[output])
     if not items:
         raise click.UsageError(f"no images found in {input_path}")
-    return run_job(ctx, engine, items, output, mask_dir=mask_dir, palette=getattr(model, "palette", None))
+    model = load_model(model_path)
+    probe = None
+    if ctx.distributed:  # measured once, on rank 0: the probe is deterministic, N copies would only cost CPU
+        import dataclasses
+        import json
+
+        from .receptive import ModelProbe, probe_model
+
+        mine = json.dumps(dataclasses.asdict(probe_model(model))) if ctx.rank == 0 else None
+        probe = ModelProbe(**json.loads(ctx.share_from_rank0("probe", mine)))
+    try:
+        engine = Engine(model, tile=tile, halo=halo, batch_size=batch_size, device=ctx.device, probe=probe)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    from .model import tile_exact_warning
+    from .progress import Progress
+
+    if ctx.rank == 0 and (warning := tile_exact_warning(engine.probe, tile=tile, halo=halo)):
+        log.warning("%s", warning)
+    # One bar (or log lines) on rank 0 over every process's tiles; other ranks show nothing.
+    with Progress(enabled=ctx.rank == 0, quiet=quiet, verbose=verbose) as progress:
+        summary = run_job(ctx, engine, items, output, mask_dir=mask_dir, palette=getattr(model, "palette", None),
+                          overwrite=overwrite, progress=progress)
+    if preview and summary is not None:  # rank 0, after its writer: previews of what is on disk
+        from .preview import write_previews
+
+        write_previews(summary.files, items, mask_dir=mask_dir, palette=getattr(model, "palette", None))
+    return summary
+
+
+@main.command()
+@click.argument("images", metavar="IMAGES...", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Checkpoint and final weights (.safetensors); the optimizer state goes beside it.")
+@click.option("--steps", type=int, default=2000, show_default=True, help="Total optimizer steps.")
+@click.option("--crop", type=int, default=128, show_default=True, help="Side of the random training crops.")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Crops per step and process.")
+@click.option("--classes", type=int, default=16, show_default=True, help="K colour classes (k-means palette).")
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="Peak learning rate (AdamW, cosine decay).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the init, palette, crops and holes.")
+@click.option("--exclude", multiple=True, metavar="GLOB", help="Skip images whose name matches (repeatable), "
+              "e.g. held-out benchmark photos.")
+@click.option("--checkpoint-every", type=int, default=100, show_default=True, help="Steps between checkpoints.")
+@click.option("--stop-at", type=int, default=None, help="End this run after this step (the recipe stays --steps).")
+@click.option("--resume", is_flag=True, help="Continue the checkpoint at --out exactly where it stopped.")
+@o.device_opt
+@o.verbose_opt
+@o.quiet_opt
+def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, checkpoint_every, stop_at, resume,
+          device, verbose, quiet):
+    """Self-supervised training on the images in IMAGES (files or folders) into --out.
+
+    Random crops with random holes; the model learns K colour classes and to fill the
+    holes. Under torchrun it trains data-parallel (DDP).
+    """
+    _setup_logging(verbose, quiet)
+    from .errors import DistributedError
+    from .train import TrainConfig, TrainingError
+    from .train import train as run_training
+
+    try:
+        cfg = TrainConfig(steps=steps, crop=crop, batch_size=batch_size, classes=classes, lr=lr, seed=seed,
+                          checkpoint_every=checkpoint_every)
+        result = run_training(images, out=out, cfg=cfg, exclude=exclude, resume=resume, stop_at=stop_at,
+                              device=device, progress=not quiet)
+    except (TrainingError, DistributedError) as e:
+        raise click.ClickException(str(e)) from e
+    log.info("trained to step %d in %.0fs, loss %.4f -> %s", result.steps, result.seconds, result.last_loss, result.path)
+
+
+@main.command("inspect")
+@click.argument("model_path", metavar="[MODEL]", required=False, type=o.ModelSpec())
+@o.tile_opt
+@o.batch_opt
+@o.device_opt
+@click.option("--no-memory", is_flag=True, help="Skip the full-size forward that measures memory per tile.")
+@o.verbose_opt
+@o.quiet_opt
+def inspect_cmd(model_path, tile, batch_size, device, no_memory, verbose, quiet):
+    """Describe MODEL (default: tilerun's own): architecture, parameters, K and palette,
+    measured stride and receptive field, memory per tile, and whether tiles are exact.
+
+    MODEL is a .safetensors checkpoint, TorchScript (.pt), exported program (.pt2) or
+    package.module:factory, as for `tilerun run --model`.
+    """
+    _setup_logging(verbose, quiet)
+    from .dist import _device
+    from .inspect import format_report, inspect_model
+    from .model import load_model
+
+    with _error_boundary(verbose):
+        model = load_model(model_path)
+        report = inspect_model(model, source=model_path or "tilerun default", tile=tile, batch_size=batch_size,
+                               device=_device(device, 0), memory=not no_memory)
+    click.echo(format_report(report, color=sys.stdout.isatty()))
