@@ -1,39 +1,70 @@
-"""Images in, images out: finding inputs, decoding to uint8 RGB + missing mask, atomic writes.
+"""Images in, images out: finding inputs, decoding to uint8 RGB + missing mask, naming and writing outputs.
 
-Masks (True = missing) come from, in order: a sidecar ``name.mask.png`` beside the
-image or at the same relative path under ``--mask-dir`` (nonzero = missing), else
-the image's own transparency (alpha == 0). No mask: nothing is missing.
+Conventions (the README's "Inputs, masks and outputs" section says the same for users):
+
+* **Inputs**: files ending in one of `IMAGE_EXTENSIONS` (any case) under INPUT, recursively.
+  Never inputs: hidden names (``.x``), sidecar masks (``*.mask.png``), files named like
+  tilerun outputs (``*.pred.png``, ``*.inpainted.png``, ``*.preview.png``), and anything
+  under an excluded folder (OUTPUT, when it lies inside INPUT).
+* **Masks** (True = missing) are the union of the image's own transparency (alpha == 0,
+  including palette and colour-key transparency) and a sidecar mask: ``NAME.EXT.mask.png``
+  or else ``NAME.mask.png``, beside the image or at the same relative path under
+  ``--mask-dir``. In a sidecar, a nonzero pixel is missing (soft masks: any nonzero value);
+  where the sidecar has alpha, transparent pixels are not missing. Masks are in the
+  image's *displayed* orientation: EXIF orientation is applied to the image and to the
+  mask (each by its own tag) before their sizes are compared.
+* **Outputs**: ``OUTPUT/REL_DIR/NAME.pred.png`` and ``NAME.inpainted.png``. When two inputs
+  of one folder share a stem (``x.png`` and ``x.jpg``; compared case-insensitively, since
+  macOS and Windows folders are), each keeps its extension: ``x.png.pred.png``,
+  ``x.jpg.pred.png``. `plan_outputs` applies this rule over the whole job, never per file.
+* **Writes** are atomic: a hidden temporary file in the target folder, fsync, rename.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import tempfile
+import warnings
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .errors import InputImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "OUTPUT_KINDS",
     "InputItem",
     "find_inputs",
-    "load_image",
-    "load_mask",
-    "to_rgb_and_alpha_mask",
+    "plan_outputs",
     "output_paths",
+    "load_image",
+    "image_size",
+    "load_mask",
+    "sidecar_mask_path",
+    "to_rgb_and_alpha_mask",
+    "set_max_pixels",
+    "read_png_text",
     "write_png_atomic",
+    "remove_stale_temps",
     "class_map_image",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-MASK_SUFFIX = ".mask"
+MASK_SUFFIX = ".mask.png"
+# Output kinds and the suffix each adds to a name; "preview" is reserved for the
+# colour preview some commands write, so that it too is never read back as input.
+OUTPUT_KINDS = {"pred": ".pred.png", "inpainted": ".inpainted.png", "preview": ".preview.png"}
+_NOT_INPUT_SUFFIXES = (MASK_SUFFIX, *OUTPUT_KINDS.values())
+_TEMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
-OUTPUT_SUFFIXES = (".pred", ".inpainted", ".preview")
 
 
 @dataclass(frozen=True)
@@ -46,111 +77,239 @@ class InputItem:
         return self.rel.as_posix()
 
 
-def _is_sidecar_or_output(name: str) -> bool:
-    stem = Path(name).stem
-    return stem.endswith(MASK_SUFFIX) or stem.endswith(OUTPUT_SUFFIXES)
+def _is_not_input(name: str) -> bool:
+    low = name.lower()
+    return name.startswith(".") or not low.endswith(IMAGE_EXTENSIONS) or low.endswith(_NOT_INPUT_SUFFIXES)
 
 
-def find_inputs(root: str | os.PathLike, *, exclude: list[str | os.PathLike] = ()) -> list[InputItem]:
+def find_inputs(root: str | os.PathLike, *, exclude: Iterable[str | os.PathLike] = ()) -> list[InputItem]:
     """Images under ``root`` (or ``root`` itself), sorted by relative path; sidecars and outputs excluded.
 
-    Folders in ``exclude`` (e.g. an OUTPUT inside INPUT) are never read back as input.
+    Folders in ``exclude`` (an OUTPUT inside INPUT) are never descended into, so outputs,
+    reports and temporary files are never read back as input. A folder named like an
+    image (``x.png/``) is a folder; a dangling symlink named like an image is listed, so
+    that it is reported rather than silently dropped. Symlinked folders are not followed
+    (a link cycle would never end).
     """
     root = Path(root).absolute()
     if root.is_file():
         return [InputItem(root, Path(root.name))]
     if not root.is_dir():
         raise FileNotFoundError(f"input {root} does not exist")
-    skip = {Path(e).absolute() for e in exclude}
+    # realpath: `in/../in/out` and a symlinked OUTPUT are still the same folder.
+    skip = {os.path.realpath(e) for e in exclude}
     items = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if (d / n).absolute() not in skip and not n.startswith("."))
+        dirnames[:] = sorted(
+            n for n in dirnames if not n.startswith(".") and os.path.realpath(d / n) not in skip
+        )
         for name in filenames:
-            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS) or _is_sidecar_or_output(name):
-                continue
-            p = d / name
-            items.append(InputItem(p, p.relative_to(root)))
+            if not _is_not_input(name):
+                p = d / name
+                items.append(InputItem(p, p.relative_to(root)))
     items.sort(key=lambda it: it.key)
     return items
 
 
-def output_paths(item: InputItem, out_dir: str | os.PathLike, stem: str | None = None) -> dict[str, Path]:
-    base = Path(out_dir) / item.rel.parent / (stem or item.rel.stem)
+def plan_outputs(
+    items: Iterable[InputItem], out_dir: str | os.PathLike, *, kinds: Iterable[str] = ("pred", "inpainted")
+) -> dict[str, dict[str, Path]]:
+    """Output paths of every input, ``{item.key: {kind: path}}``, with the collision rule applied.
+
+    Inputs of one folder whose stems are equal ignoring case (``x.png``, ``X.jpg``) all
+    name their outputs after their full file name (``x.png.pred.png``). Should even full
+    names meet (``x.PNG`` and ``x.png`` on a case-sensitive disk), an index keeps them
+    apart (``x.png.1.pred.png``) in sorted order. The plan depends on the whole item
+    list, so every process of a job must plan from the same list.
+    """
+    items = sorted(items, key=lambda it: it.key)
+    by_folder: dict[tuple[Path, str], list[InputItem]] = defaultdict(list)
+    for it in items:
+        by_folder[(it.rel.parent, it.rel.stem.casefold())].append(it)
+    bases: dict[str, str] = {}
+    for group in by_folder.values():
+        for it in group:
+            bases[it.key] = it.rel.name if len(group) > 1 else it.rel.stem
+    # Second round: a full name can still meet another base (``x.png`` as a stem of ``x.png.jpg``).
+    taken: dict[tuple[Path, str], int] = defaultdict(int)
+    for it in items:
+        k = (it.rel.parent, bases[it.key].casefold())
+        taken[k] += 1
+        if taken[k] > 1:
+            bases[it.key] = f"{bases[it.key]}.{taken[k] - 1}"
+    out = Path(out_dir)
     return {
-        "pred": base.with_name(base.name + ".pred.png"),
-        "inpainted": base.with_name(base.name + ".inpainted.png"),
-        "preview": base.with_name(base.name + ".preview.png"),
+        it.key: {kind: out / it.rel.parent / (bases[it.key] + OUTPUT_KINDS[kind]) for kind in kinds} for it in items
     }
 
 
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """16/32-bit integer or float single-channel data to 8 bits."""
-    if arr.dtype == np.uint8:
-        return arr
+def output_paths(item: InputItem, out_dir: str | os.PathLike, stem: str | None = None) -> dict[str, Path]:
+    """Output paths of one input considered alone (no collision rule: use `plan_outputs` for a job)."""
+    base = Path(out_dir) / item.rel.parent / (stem or item.rel.stem)
+    return {kind: base.with_name(base.name + suffix) for kind, suffix in OUTPUT_KINDS.items()}
+
+
+# -- decoding --------------------------------------------------------------------------
+
+
+def set_max_pixels(max_pixels: int | None) -> None:
+    """Pillow's decompression-bomb limit for this process (None: no limit). Default: Pillow's own.
+
+    Pillow only warns between its limit and twice it; `load_image` treats the warning as
+    an error, so the limit given here is the limit that holds.
+    """
+    if max_pixels is not None and max_pixels < 1:
+        raise ValueError(f"--max-pixels must be a positive number of pixels, got {max_pixels}")
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Single-channel 16/32-bit integer or float data to 8 bits, by the mode's nominal range.
+
+    Fixed ranges, not per-image stretching, so that every frame of one sensor maps alike:
+    I;16 and I (Pillow's mode for 16-bit data from PNG and TIFF) span 0..65535, F spans 0..1.
+    """
     if arr.dtype.kind == "f":
+        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
         return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
     if arr.dtype.kind in "ui":
-        top = 65535 if arr.max(initial=0) > 255 or arr.dtype.itemsize == 2 else 255
-        return (arr.astype(np.float64) * (255 / top)).round().clip(0, 255).astype(np.uint8)
-    raise InputImageError(f"unsupported pixel type {arr.dtype}")
+        return (np.clip(arr.astype(np.float64), 0, 65535) * (255 / 65535)).round().astype(np.uint8)
+    raise InputImageError(f"unsupported pixel type {arr.dtype} (mode {mode})")
 
 
 def to_rgb_and_alpha_mask(im: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """Any Pillow mode -> (uint8 HxWx3, bool HxW where alpha == 0)."""
+    """Any Pillow mode -> (uint8 HxWx3, bool HxW where alpha == 0); EXIF orientation applied."""
     im = ImageOps.exif_transpose(im)
-    if im.mode == "P" and "transparency" in im.info:
+    if "transparency" in im.info and im.mode in ("1", "L", "P", "RGB"):
+        # Palette transparency and colour-key (tRNS) transparency become an alpha channel.
         im = im.convert("RGBA")
     alpha = None
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         alpha = np.asarray(im.getchannel("A"))
         im = im.convert("RGB") if im.mode != "LA" else im.convert("L")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F", "I;16N"):
-        arr = _to_uint8(np.asarray(im))
-        rgb = np.repeat(arr[..., None], 3, axis=2)
+    if im.mode.startswith(("I", "F")):
+        gray = _to_uint8(np.asarray(im), im.mode)
+        rgb = np.repeat(gray[..., None], 3, axis=2)
     else:
+        # 1, L, P, RGB, CMYK, YCbCr, LAB, HSV: Pillow's own conversion is the sensible one.
         rgb = np.asarray(im.convert("RGB"))
     mask = np.zeros(rgb.shape[:2], bool) if alpha is None else alpha == 0
     return np.ascontiguousarray(rgb), mask
 
 
-def _open(path: Path) -> Image.Image:
+def _describe_unreadable(path: Path) -> str | None:
+    """A reason for a path that is not a readable file, before Pillow tries it."""
+    if path.is_symlink() and not path.exists():
+        return f"dangling symlink (to {os.readlink(path)})"
+    if path.is_dir():
+        return "is a folder, not an image file"
+    if not path.exists():
+        return "no such file (removed while the job ran?)"
+    if path.stat().st_size == 0:
+        return "empty file (0 bytes)"
+    return None
+
+
+def _decode(path: Path, convert, *, load: bool = True):
+    """Open ``path`` with Pillow and apply ``convert`` to it; every decoding failure -> InputImageError.
+
+    ``load=False`` reads the header only (size, EXIF), not the pixels.
+    """
+    reason = _describe_unreadable(path)
+    if reason:
+        raise InputImageError(reason)
     try:
-        im = Image.open(path)
-        im.load()
-    except Image.DecompressionBombError as e:
-        raise InputImageError(f"too large for the decompression-bomb guard ({e}); raise it with --max-pixels") from e
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; the limit is the limit.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if load:
+                    im.load()
+                return convert(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow's error names twice the limit (where it stops warning); name the limit that holds.
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found.group(1)):,} pixels" if found else str(e)
+        raise InputImageError(
+            f"too many pixels: {size}, over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,}; "
+            "raise it with --max-pixels if the image is trusted"
+        ) from e
     except UnidentifiedImageError as e:
-        raise InputImageError("not an image Pillow can read") from e
-    except (OSError, SyntaxError, ValueError) as e:  # truncated files, broken headers
+        raise InputImageError("not an image Pillow can read (wrong extension or corrupt header)") from e
+    except PermissionError as e:
+        raise InputImageError(f"permission denied ({e.strerror})") from e
+    except (OSError, SyntaxError, ValueError, TypeError, IndexError, KeyError, EOFError) as e:
+        # Truncated data ("image file is truncated"), broken EXIF or headers, unsupported
+        # mode conversions: Pillow raises all of these for bad files.
         raise InputImageError(f"cannot decode: {e}") from e
-    return im
 
 
-def sidecar_mask_path(item: InputItem, mask_dir: str | os.PathLike | None) -> Path:
+def _displayed_size(im: Image.Image) -> tuple[int, int]:
+    w, h = im.size
+    # EXIF orientations 5-8 swap the axes (ImageOps.exif_transpose's table).
+    return (w, h) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)
+
+
+def image_size(item: InputItem) -> tuple[int, int]:
+    """(height, width) of an input as `load_image` will return it (EXIF orientation applied), from its header."""
+    return _decode(item.path, _displayed_size, load=False)
+
+
+def sidecar_mask_path(item: InputItem, mask_dir: str | os.PathLike | None) -> Path | None:
+    """The sidecar mask of ``item``: ``NAME.EXT.mask.png`` if present, else ``NAME.mask.png``, else None."""
     base = Path(mask_dir) / item.rel if mask_dir is not None else item.path
-    return base.with_name(base.stem + MASK_SUFFIX + ".png")
+    for cand in (base.with_name(base.name + MASK_SUFFIX), base.with_name(base.stem + MASK_SUFFIX)):
+        if cand.exists() or cand.is_symlink():
+            return cand
+    return None
 
 
-def load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-    """A sidecar mask: nonzero = missing (any channel, soft masks included)."""
-    im = ImageOps.exif_transpose(_open(path))
+def _mask_array(im: Image.Image) -> np.ndarray:
+    """bool HxW: nonzero = missing; a transparent sidecar pixel is never missing."""
+    im = ImageOps.exif_transpose(im)
+    alpha = None
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
+        im = im.convert("RGBA") if im.mode != "LA" else im
+        alpha = np.asarray(im.getchannel("A"))
+        im = im.convert("RGB") if im.mode != "LA" else im.getchannel("L")
+    if im.mode == "P":
+        im = im.convert("RGB")  # the palette colour, not the index, is what a painter sees
+    elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+        im = im.convert("L")
     arr = np.asarray(im)
     if arr.ndim == 3:
         arr = arr.max(axis=2)
-    if arr.shape != shape:
-        raise InputImageError(f"mask {path.name} is {arr.shape[1]}x{arr.shape[0]}, image is {shape[1]}x{shape[0]}")
-    return arr != 0
+    missing = arr != 0
+    if alpha is not None:
+        missing &= alpha != 0
+    return missing
+
+
+def load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    """A sidecar mask resized never: bool HxW (True = missing), or InputImageError naming the mask."""
+    try:
+        missing = _decode(path, _mask_array)
+    except InputImageError as e:
+        raise InputImageError(f"mask {path.name}: {e}") from e
+    if missing.shape != shape:
+        raise InputImageError(
+            f"mask {path.name} is {missing.shape[1]}x{missing.shape[0]} but the image is {shape[1]}x{shape[0]} "
+            "(after EXIF orientation; masks are in the displayed orientation)"
+        )
+    return missing
 
 
 def load_image(item: InputItem, *, mask_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 HxWx3, bool HxW missing) for one input."""
-    with _open(item.path) as im:
-        rgb, mask = to_rgb_and_alpha_mask(im)
+    """(uint8 HxWx3, bool HxW missing) for one input, or InputImageError with the reason."""
+    rgb, mask = _decode(item.path, to_rgb_and_alpha_mask)
     side = sidecar_mask_path(item, mask_dir)
-    if side.is_file():
+    if side is not None:
         mask = mask | load_mask(side, rgb.shape[:2])
     return rgb, mask
+
+
+# -- writing -----------------------------------------------------------------------------
 
 
 def class_map_image(classes: np.ndarray, palette: list[tuple[int, int, int]] | None) -> Image.Image:
@@ -161,14 +320,39 @@ def class_map_image(classes: np.ndarray, palette: list[tuple[int, int, int]] | N
     return im
 
 
-def write_png_atomic(im: Image.Image, path: str | os.PathLike, *, compress_level: int = 1) -> None:
-    """Write to a temporary file in the same folder, then rename: never a half-written output."""
+def read_png_text(path: str | os.PathLike, key: str) -> str | None:
+    """A text chunk of a PNG written by `write_png_atomic`, reading the header only; None if absent or unreadable."""
+    try:
+        with Image.open(path) as im:
+            # Our chunks precede the image data, so `info` has them without decoding pixels.
+            value = im.info.get(key)
+    except (OSError, SyntaxError, ValueError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _temp_pattern(path: Path) -> str:
+    return str(path.parent / f".{glob.escape(path.name)}.*{_TEMP_SUFFIX}")
+
+
+def write_png_atomic(
+    im: Image.Image, path: str | os.PathLike, *, compress_level: int = 1, text: dict[str, str] | None = None
+) -> None:
+    """Write to a hidden temporary file in the same folder, fsync, then rename: never a half-written output.
+
+    ``text`` goes into tEXt chunks before the image data (`read_png_text` reads them back).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    info = None
+    if text:
+        info = PngImagePlugin.PngInfo()
+        for k, v in text.items():
+            info.add_text(k, v)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            im.save(f, format="PNG", compress_level=compress_level)
+            im.save(f, format="PNG", compress_level=compress_level, pnginfo=info)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
@@ -176,3 +360,20 @@ def write_png_atomic(im: Image.Image, path: str | os.PathLike, *, compress_level
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(paths: Iterable[str | os.PathLike]) -> int:
+    """Delete temporary files that a killed writer of any of ``paths`` left behind; their count.
+
+    A process killed with SIGKILL cannot clean up after itself. Call this only when no
+    writer of these paths is running (at the end of a job, after every process is done).
+    """
+    removed = 0
+    for p in paths:
+        for tmp in glob.glob(_temp_pattern(Path(p))):
+            try:
+                os.unlink(tmp)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed

@@ -52,6 +52,13 @@ batch_opt = click.option("--batch-size", type=int, default=DEFAULT_BATCH, show_d
 device_opt = click.option(
     "--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda, cuda:N."
 )
+max_pixels_opt = click.option(
+    "--max-pixels",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Refuse images with more pixels than this (decompression-bomb guard). "
+    "Default: Pillow's limit (about 89 megapixels); 0 = no limit.",
+)
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Redo every input even if its outputs exist.")
 verbose_opt = click.option("-v", "--verbose", count=True, help="More output; -v also shows tracebacks.")
 quiet_opt = click.option("-q", "--quiet", is_flag=True, help="Only errors.")

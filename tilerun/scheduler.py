@@ -46,7 +46,7 @@ from .dist import Context
 from .engine import Engine
 from .errors import InputImageError
 from .geometry import Tile
-from .images import InputItem, load_image, output_paths
+from .images import InputItem, image_size, load_image, output_paths
 from .runner import FileResult, write_outputs
 
 __all__ = ["ImagePlan", "Task", "plan_images", "task_order", "run_distributed", "RankStats"]
@@ -92,20 +92,8 @@ class RankStats:
 
 
 def _header_size(item: InputItem) -> tuple[int, int]:
-    """(height, width) after EXIF rotation, from the header alone."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(item.path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1)
-    except UnidentifiedImageError as e:
-        raise InputImageError("not an image Pillow can read") from e
-    except Image.DecompressionBombError as e:
-        raise InputImageError(f"too large for the decompression-bomb guard ({e})") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise InputImageError(f"cannot read header: {e}") from e
-    return (w, h) if orientation in (5, 6, 7, 8) else (h, w)
+    """(height, width) after EXIF rotation, from the header alone (images.image_size: one reason per bad file)."""
+    return image_size(item)
 
 
 def _chunks(tiles: list[Tile], size: int) -> list[list[int]]:
@@ -194,6 +182,9 @@ class _Loader(threading.Thread):
                 self.images[i] = (image, mask)
             except InputImageError as e:
                 self.images[i] = e
+            except Exception as e:  # the per-file boundary: one bad file costs that file, not the job
+                log.debug("%s: unexpected error while reading", p.item.path, exc_info=True)
+                self.images[i] = InputImageError(f"{type(e).__name__}: {e}")
             while len(self.images) > 2:  # this image and the next: pass 1 of i+1 interleaves with pass 2 of i
                 self.images.popitem(last=False)
         return self.images[i]
@@ -240,10 +231,11 @@ class _Loader(threading.Thread):
 class _Writer(threading.Thread):
     """Rank 0: assembles each image's uint8 cores from the store and writes it (write-behind)."""
 
-    def __init__(self, ctx: Context, engine: Engine, plans: list[ImagePlan], out_dir: Path, palette, on_tiles: Callable[[int, int], None] | None):
+    def __init__(self, ctx: Context, engine: Engine, plans: list[ImagePlan], out_dir: Path, palette, on_tiles: Callable[[int, int], None] | None, outputs=None):
         super().__init__(daemon=True, name="tilerun-writer")
         self.ctx, self.engine, self.plans, self.out_dir, self.palette = ctx, engine, plans, out_dir, palette
         self.on_tiles = on_tiles
+        self.outputs = outputs  # resume.OutputPlan: collision-free paths and resume stamps
         self.results: list[FileResult] = []
         self.error: BaseException | None = None
         self.bytes_received = 0
@@ -283,7 +275,11 @@ class _Writer(threading.Thread):
             log.error("%s: %s", p.item.path, error)
             return FileResult(p.key, "failed", size=(p.width, p.height), tiles=len(p.tiles), error=error)
         try:
-            outputs = write_outputs(output_paths(p.item, self.out_dir), classes, rgb, self.palette)
+            if self.outputs is not None:
+                outputs = write_outputs(self.outputs.outputs(p.item), classes, rgb, self.palette,
+                                        text_for=lambda kinds: self.outputs.png_text(p.item, kinds))
+            else:
+                outputs = write_outputs(output_paths(p.item, self.out_dir), classes, rgb, self.palette)
         except OSError as e:
             log.error("%s: cannot write output: %s", p.item.path, e)
             return FileResult(p.key, "failed", size=(p.width, p.height), tiles=len(p.tiles), error=f"cannot write output: {e}")
@@ -327,6 +323,7 @@ def run_distributed(
     mask_dir=None,
     palette=None,
     on_tiles: Callable[[int, int], None] | None = None,
+    outputs=None,
 ) -> tuple[list[FileResult], list[RankStats]]:
     """Compute this process's share of ``plans``; on rank 0 also write every output.
 
@@ -336,7 +333,7 @@ def run_distributed(
     ctx.agree(json.dumps([[p.key, p.height, p.width, len(p.tiles)] for p in plans]), "the work list")
     store = ctx.store_client()
     stats = RankStats(ctx.rank)
-    writer = _Writer(ctx, engine, plans, out_dir, palette, on_tiles) if ctx.is_writer else None
+    writer = _Writer(ctx, engine, plans, out_dir, palette, on_tiles, outputs) if ctx.is_writer else None
     loader = _Loader(ctx, engine, plans, tasks, mask_dir)
     if writer:
         writer.start()
