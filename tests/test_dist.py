@@ -108,3 +108,27 @@ def test_work_list_is_checked(inputs, tmp_path):
                        capture_output=True, text=True, timeout=TIMEOUT, env=_env())
     assert r.returncode != 0
     assert "disagree on the work list" in r.stderr
+
+
+def test_crashing_process_fails_the_job_fast_with_its_error(inputs, tmp_path):
+    """A process that raises ends the job at once (no collective to hang in) and its error reaches the user."""
+    (tmp_path / "crashmodel.py").write_text(
+        "import os, torch\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv = torch.nn.Conv2d(4, 3, 3, padding=1)\n"
+        "    def forward(self, image, mask):\n"
+        "        if os.environ.get('RANK') == '1' and not torch.is_grad_enabled():\n"
+        "            raise RuntimeError('boom from rank 1')\n"
+        "        return torch.sigmoid(self.conv(torch.cat([image * (1 - mask), mask], 1)))\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return Net()\n"
+    )
+    env = dict(_env(), PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "tilerun", "run", str(inputs), str(tmp_path / "out"), "--tile", "64", "--model", "crashmodel:make"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert r.returncode != 0
+    assert "boom from rank 1" in r.stderr
