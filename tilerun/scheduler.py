@@ -117,9 +117,13 @@ def plan_images(engine: Engine, items: list[InputItem]) -> tuple[list[ImagePlan]
             failed.append(FileResult(item.key, "failed", error=str(e)))
             continue
         tiles = engine.tiles(h, w)
-        chunks = {PASS_MAIN: _chunks(tiles, engine.batch_size)}
+        # At least ~4 claims per image and pass, so that an image of a few tiles still spreads
+        # over processes. Not a function of the world size: chunks are batches, and the same
+        # batches on 1 or N processes keep the outputs byte-identical.
+        size = min(engine.batch_size, max(1, -(-len(tiles) // 4)))
+        chunks = {PASS_MAIN: _chunks(tiles, size)}
         if engine.uses_global:
-            chunks[PASS_GLOBAL] = _chunks(tiles, engine.batch_size)
+            chunks[PASS_GLOBAL] = _chunks(tiles, size)
         plans.append(ImagePlan(len(plans), item, h, w, tiles, chunks))
     return plans, failed
 
