@@ -185,6 +185,19 @@ class ExportedModel(nn.Module):
         self.training = mode
         return self
 
+    def __deepcopy__(self, memo) -> "ExportedModel":
+        # The probe works on a deep copy; copying an exported graph's tree specs makes torch
+        # warn about its own deprecated LeafSpec on every run. Nothing for the user to act on.
+        import copy
+        import warnings
+
+        new = ExportedModel.__new__(ExportedModel)
+        memo[id(self)] = new
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return new
+
     def forward(self, image: Tensor, mask: Tensor):
         if self.static_batch is None or image.shape[0] == self.static_batch:
             return self.graph(image, mask)
