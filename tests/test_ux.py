@@ -113,6 +113,14 @@ def test_preview_written_with_panels_and_legend(monkeypatch, tmp_path, make_imag
     np.testing.assert_array_equal(preview[top : top + h, 2 * gap + w : 2 * gap + 2 * w], colours[classes])
     np.testing.assert_array_equal(preview[top : top + h, 3 * gap + 2 * w : 3 * gap + 3 * w], inpainted)
 
+    # A rerun resumes (nothing recomputed) and still writes a preview that is missing.
+    (tmp_path / "out" / "a.preview.png").unlink()
+    res = CliRunner().invoke(main, ["run", str(tmp_path / "in"), str(tmp_path / "out"), "--model",
+                                    "own_model:make_model", "--tile", "32", "--device", "cpu", "--preview"])
+    assert res.exit_code == 0 and "1 skipped" in res.output, res.output
+    with Image.open(tmp_path / "out" / "a.preview.png") as im:
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB")), preview)
+
 
 def test_preview_of_a_big_image_stays_bounded():
     from tilerun.preview import make_preview

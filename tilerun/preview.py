@@ -137,7 +137,8 @@ def preview_path(output: str | os.PathLike) -> Path:
 
 
 def write_previews(files, items, *, mask_dir=None, palette=None, max_side: int = MAX_SIDE) -> list[Path]:
-    """Previews for the finished inputs of a job, from the input and the outputs as written.
+    """Previews for the finished inputs of a job, from the input and the outputs as written;
+    also for inputs a resumed run skipped, when their preview is missing (a rerun with --preview).
 
     Runs after the job on the process that wrote the outputs (rank 0), one image at a
     time, so it needs nothing from the scheduler and shows exactly what is on disk.
@@ -149,13 +150,17 @@ def write_previews(files, items, *, mask_dir=None, palette=None, max_side: int =
     by_key = {it.key: it for it in items}
     written = []
     for f in files:
-        if f.status != "ok" or not f.outputs or f.input not in by_key:
+        outputs = [o for o in f.outputs if o.endswith((".pred.png", ".inpainted.png"))]
+        if not outputs or f.input not in by_key or f.status not in ("ok", "skipped"):
+            continue
+        target = preview_path(outputs[0])
+        if f.status == "skipped" and target.exists():  # resumed: done earlier, preview included
             continue
         try:
             image, mask = load_image(by_key[f.input], mask_dir=mask_dir)
             classes = rgb = None
             pal = palette
-            for out in f.outputs:
+            for out in outputs:
                 with Image.open(out) as im:
                     if out.endswith(".pred.png"):
                         classes = np.asarray(im)
@@ -164,7 +169,7 @@ def write_previews(files, items, *, mask_dir=None, palette=None, max_side: int =
                             pal = [tuple(flat[i : i + 3]) for i in range(0, 3 * (int(classes.max(initial=0)) + 1), 3)]
                     elif out.endswith(".inpainted.png"):
                         rgb = np.asarray(im.convert("RGB"))
-            written.append(write_preview(preview_path(f.outputs[0]), image, mask, classes, rgb, pal, max_side=max_side))
+            written.append(write_preview(target, image, mask, classes, rgb, pal, max_side=max_side))
         except (InputImageError, OSError) as e:  # a preview is a convenience: its failure costs only itself
             log.error("%s: no preview: %s", f.input, e)
     return written
