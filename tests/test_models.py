@@ -315,3 +315,26 @@ def test_global_pooling_detected_warned_and_run_whole(ux_models, tmp_path, monke
     assert "not tile-exact" in res.output and "--tile 0" in res.output
     with Image.open(tmp_path / "out" / "a.pred.png") as im:
         np.testing.assert_array_equal(np.asarray(im), infer_image(engine, image, None)[0])
+
+
+def test_exported_with_static_batch_runs_window_by_window():
+    """A .pt2 exported with batch 1 baked in still serves the engine's batches, one window at a time."""
+    import torch
+    from torch import nn
+
+    from tilerun.model.loading import ExportedModel
+
+    class BatchOne(nn.Module):  # stands in for an exported graph whose guards demand N == 1
+        def train(self, mode=True):  # as exported graphs do
+            raise RuntimeError("Calling eval() is not supported yet.")
+
+        def forward(self, image, mask):
+            if image.shape[0] != 1:
+                raise AssertionError("Guard failed: image.size()[0] == 1")
+            return image.flip(1) * (1 - mask), image[:, :2] + mask
+
+    wrapped = ExportedModel(BatchOne(), static_batch=1).eval()  # must not reach the graph
+    image, mask = torch.rand(3, 3, 5, 7), (torch.rand(3, 1, 5, 7) > 0.5).float()
+    rgb, logits = wrapped(image, mask)
+    torch.testing.assert_close(rgb, image.flip(1) * (1 - mask))
+    torch.testing.assert_close(logits, image[:, :2] + mask)
