@@ -64,7 +64,7 @@ __all__ = [
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
 _PICKLE_ADVICE = (
-    "tilerun never unpickles model files (unpickling can run arbitrary code). "
+    "tilerun refuses pickles in model files (unpickling can run arbitrary code). "
     "Export the model with torch.jit.save (TorchScript) or torch.export.save (.pt2), "
     "or pass a factory 'package.module:make_model' that builds it and loads the weights "
     "with torch.load(path, weights_only=True)"
@@ -165,7 +165,9 @@ def _vet_pt2(path: Path) -> None:
                 try:
                     torch.load(io.BytesIO(z.read(rel[name])), weights_only=True)
                 except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as e:
-                    raise refuse(f"{name} is not a plain tensor pickle ({str(e).splitlines()[0][:120]})") from e
+                    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+                    why = f"it calls {found.group(1)}" if found else str(e).strip().splitlines()[0][:120]
+                    raise refuse(f"{name} is a pickle that is not plain tensors ({why})") from e
 
 
 class ExportedModel(nn.Module):
