@@ -102,7 +102,9 @@ def corpus(tmp_path) -> tuple[Path, dict[str, str], list[str]]:
         "bomb.png": r"too many pixels: 900,000,000 pixels, over the decompression-bomb limit of 89,478,485.*--max-pixels",
         "dangling.png": r"dangling symlink",
         "wrong size mask.png": r"mask wrong size mask\.mask\.png is 3x3 but the image is 5x4",
+        "pipe.png": r"not a regular file",
     }
+    os.mkfifo(root / "pipe.png")  # opening it for reading would wait for a writer forever
     (root / "empty.png").write_bytes(b"")
     (root / "truncated.png").write_bytes(full[: len(full) // 2])
     (root / "notes.jpg").write_text("these are my notes, not a photo\n")

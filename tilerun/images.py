@@ -206,6 +206,8 @@ def _describe_unreadable(path: Path) -> str | None:
         return "is a folder, not an image file"
     if not path.exists():
         return "no such file (removed while the job ran?)"
+    if not path.is_file():  # a FIFO would block the reader forever, a device could be endless
+        return "not a regular file"
     if path.stat().st_size == 0:
         return "empty file (0 bytes)"
     return None
