@@ -56,6 +56,8 @@ def _influence(fn: Fn, size: int, cell: int, seed: int, trials: int) -> tuple[in
         out = fn(image, mask)
         outs = [o for o in out if o is not None] if isinstance(out, (tuple, list)) else [out]
         total = sum((o[0, :, cell, cell] * torch.randn(o.shape[1], generator=g, dtype=o.dtype)).sum() for o in outs)
+        if not isinstance(total, Tensor) or not total.requires_grad:
+            continue  # the output does not depend on the input at all (autograd.grad would raise)
         grads = torch.autograd.grad(total, [image, mask], allow_unused=True)
         hit = torch.zeros(size, size, dtype=torch.bool)
         for gr in grads:

@@ -1,0 +1,164 @@
+"""The receptive-field and stride probe on models whose answer is known by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tilerun.engine import Engine, infer_image
+from tilerun.receptive import measure_radius, measure_stride, probe_model
+
+
+class ConvStack(nn.Module):
+    """n 3x3 convs (dilation d) with ReLUs: radius n*d, stride 1. Returns (logits, rgb)."""
+
+    def __init__(self, n: int, dilation: int = 1) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        chans = [4] + [6] * n
+        self.convs = nn.ModuleList(
+            nn.Conv2d(a, b, 3, padding=dilation, dilation=dilation) for a, b in zip(chans, chans[1:])
+        )
+        self.out = nn.Conv2d(6, 5, 1)
+
+    def forward(self, image, mask):
+        x = torch.cat([image * (1 - mask), mask], 1)
+        for conv in self.convs:
+            x = F.relu(conv(x)) + 0.1 * conv(x)  # leaky: no dead paths, so the radius is structural
+        y = self.out(x)
+        return y[:, :2], torch.sigmoid(y[:, 2:])
+
+
+class PoolConvUp(nn.Module):
+    """avg-pool 2 -> 3x3 conv -> nearest x2: stride 2. A pooled cell c covers pixels 2c, 2c+1; the
+    conv reaches cells c-1..c+1 = pixels 2c-2..2c+3, so pixel 2c reaches 2 left and 3 right:
+    radius 3, halo 4."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, image, mask):
+        h, w = image.shape[-2:]
+        x = torch.cat([image * (1 - mask), mask], 1)
+        x = F.pad(x, (0, w % 2, 0, h % 2))  # any size: pad to the stride, crop back
+        y = F.interpolate(self.conv(F.avg_pool2d(x, 2)), scale_factor=2, mode="nearest")
+        return torch.sigmoid(y[..., :h, :w])
+
+
+class GlobalMean(nn.Module):
+    """A local conv plus the whole-image mean (no global hook): no finite receptive field."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, image, mask):
+        y = self.conv(image)
+        return y + 10 * image.mean(dim=(2, 3), keepdim=True).sum(1, keepdim=True), None
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_stack_of_n_convs_has_radius_n(n):
+    p = probe_model(ConvStack(n))
+    assert (p.radius, p.stride, p.halo, p.has_global, p.tile_exact) == (n, 1, n, False, True)
+
+
+def test_dilated_conv_has_radius_dilation():
+    # one conv with dilation 3 touches only offsets 0 and +-3: the gradient box still spans 3
+    p = probe_model(ConvStack(1, dilation=3))
+    assert (p.radius, p.stride) == (3, 1)
+    p = probe_model(ConvStack(2, dilation=2))
+    assert (p.radius, p.stride) == (4, 1)
+
+
+def test_pool_then_conv_has_stride_2_and_radius_3():
+    p = probe_model(PoolConvUp())
+    assert (p.stride, p.radius, p.halo) == (2, 3, 4)
+
+
+def test_global_pooling_model_is_not_tile_exact(make_image, whole_forward, monkeypatch):
+    model = GlobalMean()
+    # The probe doubles its canvas until the influence stops short of the border; a global mean
+    # never does. Capping the canvas at 256 instead of 1024 is the same verdict, 10x sooner.
+    monkeypatch.setattr("tilerun.receptive.MAX_PROBE", 256)
+    p = probe_model(model)
+    assert p.radius is None and p.halo is None and not p.tile_exact
+    # The engine then refuses to tile (a whole image per forward) and stays exact.
+    engine = Engine(model, tile=16, probe=p)
+    assert engine.tile == 0 and len(engine.tiles(40, 50)) == 1
+    img = make_image(40, 50)
+    classes, _ = infer_image(engine, img)
+    ref, _ = whole_forward(model, img)
+    assert np.array_equal(classes, ref)
+
+
+def test_tilenet_stride_4_and_its_receptive_field(sensitive_model, sensitive_probe):
+    p = sensitive_probe
+    assert p.stride == 4 and p.has_global and p.tile_exact
+    # Counted by hand for the default layer layout (TileNetConfig dilations (1, 2) and (1, 2)):
+    # a quarter-res cell c of the encoder sees pixels 4c-3..4c+6 (stem conv, pool, half-res conv,
+    # pool); down2a, down2b and the four predictor/generator convs add 1+1+1+2+1+2 = 8 cells;
+    # the decoder's half-res and full-res convs after nearest upsampling add one more cell to
+    # the left for pixel 4c: 4c-39..4c+38. So radius 39, halo 40.
+    assert (p.radius, p.halo) == (39, 40)
+    # The global terms (z after down2a, down2b) of cell c see pixels 4c-11..4c+14: 11 past the
+    # cell's 4-pixel footprint on each side.
+    assert (p.global_radius, p.global_halo) == (11, 12)
+
+
+def test_probe_does_not_touch_the_model():
+    from conftest import build_sensitive_tilenet
+
+    model, fresh = build_sensitive_tilenet().train(), build_sensitive_tilenet()
+    probe_model(model)  # in float64 on a copy
+    after, before = model.state_dict(), fresh.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], before[k]) for k in before)
+    assert model.training  # not switched to eval behind the caller's back
+
+
+def test_halo_covers_every_phase_of_the_stride(sensitive_model, sensitive_probe):
+    # The probe measures one output pixel (phase 0 of the stride). A core starts on the stride
+    # grid, so pixel y0+j sits j pixels further from the window's left edge than y0 and the last
+    # cell's pixels are closer to the right edge: the halo must cover, for every phase j, the
+    # reach left minus j and the reach right minus (stride-1-j). Checked here pixel by pixel.
+    s, size, c = sensitive_probe.stride, 128, 64
+    m = sensitive_model.double()
+    try:
+        fixed = m.global_terms(torch.rand(1, 3, 32, 32, dtype=torch.float64), torch.zeros(1, 1, 32, 32, dtype=torch.float64)).sum((2, 3)).detach()
+        g = torch.Generator().manual_seed(0)
+        need = 0
+        for j in range(s):
+            image = torch.rand(1, 3, size, size, generator=g, dtype=torch.float64, requires_grad=True)
+            logits, rgb = m(image, torch.zeros(1, 1, size, size, dtype=torch.float64), global_sums=fixed)
+            (logits[0, :, c + j, c + j].sum() + rgb[0, :, c + j, c + j].sum()).backward()
+            hit = image.grad[0].abs().amax(0) > 0
+            ys = torch.nonzero(hit.any(1)).flatten()
+            xs = torch.nonzero(hit.any(0)).flatten()
+            assert ys.min() > 0 and ys.max() < size - 1, "probe image too small"
+            for lo, hi in ((int(ys.min()), int(ys.max())), (int(xs.min()), int(xs.max()))):
+                need = max(need, (c + j - lo) - j, (hi - (c + j)) - (s - 1 - j))
+    finally:
+        m.float()
+    assert need <= sensitive_probe.halo
+    assert need > sensitive_probe.halo - s  # and the halo is not wastefully large
+
+
+def test_measure_radius_unbounded_and_zero(monkeypatch):
+    monkeypatch.setattr("tilerun.receptive.MAX_PROBE", 256)  # same verdict, sooner
+    assert measure_radius(lambda x, m: x.mean(dim=(2, 3), keepdim=True) * torch.ones_like(x)) is None
+    assert measure_radius(lambda x, m: torch.zeros_like(x)) == 0  # no input influences anything
+    assert measure_radius(lambda x, m: x * 2) == 0  # pointwise
+
+
+def test_measure_stride_rejects_a_position_dependent_model():
+    def positional(x, m):
+        return x + torch.arange(x.shape[-1], dtype=x.dtype)
+
+    with pytest.raises(ValueError, match="translation-equivariant"):
+        measure_stride(positional, radius=0)
