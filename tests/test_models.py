@@ -338,3 +338,15 @@ def test_exported_with_static_batch_runs_window_by_window():
     rgb, logits = wrapped(image, mask)
     torch.testing.assert_close(rgb, image.flip(1) * (1 - mask))
     torch.testing.assert_close(logits, image[:, :2] + mask)
+
+
+def test_safetensors_without_tilerun_metadata_names_the_factory(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from tilerun import load_model
+    from tilerun.errors import ModelLoadError
+
+    save_file({"conv.weight": torch.zeros(2, 4, 3, 3)}, str(tmp_path / "hub.safetensors"))
+    with pytest.raises(ModelLoadError, match="without an architecture.*package.module:make_model"):
+        load_model(tmp_path / "hub.safetensors")

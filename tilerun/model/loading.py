@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from ..errors import ModelLoadError
 from .net import TileNet, default_palette
-from .weights import DEFAULT_WEIGHTS, init_tilenet, load_tilenet
+from .weights import DEFAULT_WEIGHTS, init_tilenet, load_tilenet, read_metadata
 
 __all__ = [
     "load_model",
@@ -335,6 +335,12 @@ def load_model(spec: str | os.PathLike | None = None, *, check: bool = True) -> 
         kind = model_format(path)
         source = f"{kind} {path.name}"
         if kind == "safetensors":
+            if read_metadata(path).get("format") != "tilerun.tilenet/1":
+                raise ModelLoadError(
+                    f"{path}: safetensors weights without tilerun's metadata, so without an architecture: "
+                    "pass a factory package.module:make_model that builds your model and loads them with "
+                    "safetensors.torch.load_file"
+                )
             return load_tilenet(path)
         if kind == "torchscript":
             try:
