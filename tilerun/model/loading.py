@@ -120,7 +120,7 @@ def model_format(path: str | os.PathLike) -> str:
     if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] <= size - 8:
         return "safetensors"
     # Pickle protocols 2-5 open with PROTO; a legacy (non-zip) torch.save is a pickle too.
-    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         raise ModelLoadError(f"{path}: a Python pickle, refused. {_PICKLE_ADVICE}")
     raise ModelLoadError(
         f"{path}: not a model format tilerun loads (.safetensors from tilerun, TorchScript, "
