@@ -98,6 +98,15 @@ def case_i16(tmp):
     return path, np.repeat(g[..., None], 3, 2), np.zeros((H, W), bool)
 
 
+def case_i16_colour_key(tmp):
+    v = noise(H, W, None, dtype=np.uint16, high=65536)
+    v[1, 2] = v[4, 4] = 4242
+    path = save(Image.fromarray(v), tmp / "i16_key.png", transparency=4242)
+    assert Image.open(path).mode == "I;16" and Image.open(path).info["transparency"] == 4242
+    g = np.round(v / 65535 * 255).astype(np.uint8)
+    return path, np.repeat(g[..., None], 3, 2), v == 4242
+
+
 def case_i32(tmp):
     v = noise(H, W, None, dtype=np.int32, high=65536)
     path = save(Image.fromarray(v), tmp / "i32.tif")
@@ -144,7 +153,7 @@ def case_one_pixel(tmp):
 
 
 CASES = [case_rgb, case_l, case_la, case_rgba, case_p, case_p_transparency, case_rgb_colour_key, case_i16,
-         case_i32, case_f, case_cmyk, case_1bit, case_bmp, case_webp_lossless, case_one_pixel]
+         case_i16_colour_key, case_i32, case_f, case_cmyk, case_1bit, case_bmp, case_webp_lossless, case_one_pixel]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
@@ -159,7 +168,7 @@ def test_every_mode_decodes_to_rgb_and_mask(tmp_path, case):
 
 def test_cases_have_holes_where_they_should(tmp_path):
     # The transparency cases must really contain holes, or their mask checks prove nothing.
-    for case in (case_la, case_rgba, case_p_transparency, case_rgb_colour_key):
+    for case in (case_la, case_rgba, case_p_transparency, case_rgb_colour_key, case_i16_colour_key):
         _, _, mask = case(tmp_path)
         assert 0 < mask.sum() < mask.size, case.__name__
 

@@ -189,7 +189,11 @@ def to_rgb_and_alpha_mask(im: Image.Image) -> tuple[np.ndarray, np.ndarray]:
         alpha = np.asarray(im.getchannel("A"))
         im = im.convert("RGB") if im.mode != "LA" else im.convert("L")
     if im.mode.startswith(("I", "F")):
-        gray = _to_uint8(np.asarray(im), im.mode)
+        raw = np.asarray(im)
+        key = im.info.get("transparency")
+        if isinstance(key, int):  # a 16-bit grey PNG's colour key, compared before scaling to 8 bits
+            alpha = np.where(raw == key, 0, 255).astype(np.uint8)
+        gray = _to_uint8(raw, im.mode)
         rgb = np.repeat(gray[..., None], 3, axis=2)
     else:
         # 1, L, P, RGB, CMYK, YCbCr, LAB, HSV: Pillow's own conversion is the sensible one.
