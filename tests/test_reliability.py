@@ -363,6 +363,7 @@ def test_other_settings_refused_until_overwrite(three, tmp_path, run_cli, other_
     # A smaller halo than measured changes outputs: also refused.
     r = run_cli(three, out, "--halo", "4")
     assert r.exit_code == 2 and "--overwrite" in r.output, r.output
+    assert "--halo 4, was exact; --tile 64, was exact" in r.output, r.output
     # Another tile size with the exact halo does not change outputs: resumed.
     r = run_cli(three, out, tile=32)
     assert r.exit_code == 0 and "3 skipped" in r.output, r.output

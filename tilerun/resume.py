@@ -109,8 +109,19 @@ class Fingerprint:
         return hashlib.sha256(json.dumps(dict(self.settings), sort_keys=True).encode()).hexdigest()[:32]
 
     def differences(self, other: Mapping[str, Any]) -> list[str]:
-        keys = sorted(set(self.settings) | set(other))
-        return [k for k in keys if self.settings.get(k) != other.get(k)]
+        """What differs from the recorded ``other``, in words: ``["model differs", "--halo 4, was exact"]``."""
+        out = []
+        for k in sorted(set(self.settings) | set(other)):
+            now, was = self.settings.get(k), other.get(k)
+            if now == was:
+                continue
+            if k == "model":
+                out.append("model differs")
+            elif k == "tilerun":
+                out.append(f"tilerun {now}, was {was}")
+            else:  # halo and tile: recorded only when the halo is below the measured one
+                out.append(f"--{k} {'exact' if now is None else now}, was {'exact' if was is None else was}")
+        return out
 
 
 def fingerprint(*, model, engine, version: str | None = None) -> Fingerprint:
@@ -170,7 +181,7 @@ class Manifest:
         diff = fp.differences(settings)
         if diff:
             raise OutputExistsError(
-                f"{out_dir} holds outputs made with other settings ({', '.join(diff)} {'differs' if len(diff) == 1 else 'differ'}); "
+                f"{out_dir} holds outputs made with other settings ({'; '.join(diff)}); "
                 "rerun with --overwrite to redo them all, or choose another OUTPUT"
             )
         return m
