@@ -120,8 +120,9 @@ def run_job(
                             pixels=sum(p.height * p.width for p in plans))
         on_tiles = on_tiles or progress.on_tiles
     if ctx.rank == 0:
+        paths_by_key = {it.key: it.path for it in items}  # name bad files as the writer does: by path
         for f in failed:
-            log.error("%s: %s", f.input, f.error)
+            log.error("%s: %s", paths_by_key[f.input], f.error)
     results, stats = run_distributed(
         ctx, engine, plans, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles, outputs=out_plan
     )
