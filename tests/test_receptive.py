@@ -162,3 +162,47 @@ def test_measure_stride_rejects_a_position_dependent_model():
 
     with pytest.raises(ValueError, match="translation-equivariant"):
         measure_stride(positional, radius=0)
+
+
+def test_a_path_gated_on_missing_pixels_is_measured(make_image, whole_forward):
+    # TileNet's pre-fill reaches its widest scale only where the finer scales see < 30% known
+    # pixels: a probe with few holes never opens that path and measured 39 here, not the
+    # 2 * 23 + 1 = 47 of the widest tent window plus the last 3x3 conv.
+    from tilerun.model import TileNet, TileNetConfig
+
+    torch.manual_seed(0)
+    model = TileNet(TileNetConfig(classes=4, stem=4, mid=4, width=4, global_dim=4, prefill_radii=(1, 3, 23))).eval()
+    p = probe_model(model)
+    assert (p.radius, p.halo) == (47, 48)
+    # and the measured halo is what makes a large hole tile exactly
+    img, holes = make_image(150, 170, seed=21), np.zeros((150, 170), bool)
+    holes[30:120, 40:140] = True
+    _, ref = whole_forward(model, img, holes)
+    _, rgb = infer_image(Engine(model, tile=32, batch_size=8, probe=p), img, holes)
+    assert np.abs(rgb.astype(int) - ref).max() <= 1
+    _, short = infer_image(Engine(model, tile=32, batch_size=8, halo=40, probe=p), img, holes)
+    assert np.abs(short.astype(int) - ref).max() > 1
+
+
+class GlobalTermsUnbounded(nn.Module):
+    """Has the global hook, but its terms themselves depend on the whole image."""
+
+    def global_terms(self, image, mask):
+        return image.mean(dim=(1, 2, 3), keepdim=True).expand(-1, 1, *image.shape[-2:]) * image[:, :1]
+
+    def forward(self, image, mask, global_sums=None):
+        terms = self.global_terms(image, mask)
+        g = terms.sum((2, 3)) if global_sums is None else global_sums
+        return image[:, :2] + g[:, :, None, None], None
+
+
+def test_hook_with_unbounded_global_terms_runs_whole_images(make_image, whole_forward, monkeypatch):
+    monkeypatch.setattr("tilerun.receptive.MAX_PROBE", 256)  # same verdict, sooner
+    model = GlobalTermsUnbounded()
+    p = probe_model(model)
+    assert p.has_global and p.radius == 0 and p.global_radius is None and not p.tile_exact
+    engine = Engine(model, tile=16, probe=p)
+    assert engine.tile == 0
+    img = make_image(40, 50, seed=22)
+    classes, _ = infer_image(engine, img)
+    assert np.array_equal(classes, whole_forward(model, img)[0])

@@ -29,6 +29,7 @@ __all__ = ["Receptive", "measure_radius", "measure_stride", "probe_model", "Mode
 Fn = Callable[[Tensor, Tensor], Tensor]
 
 MAX_PROBE = 1024  # largest probe side; a radius beyond ~half of it counts as unbounded
+HOLE_DENSITIES = (0.0, 0.3, 0.9)  # share of missing pixels in probe trial t (cycled)
 
 
 @dataclass(frozen=True)
@@ -48,10 +49,12 @@ def _influence(fn: Fn, size: int, cell: int, seed: int, trials: int) -> tuple[in
     box = None
     for t in range(trials):
         image = torch.rand(1, 3, size, size, generator=g, dtype=torch.float64).requires_grad_(True)
-        if t == 0:
-            mask = torch.zeros(1, 1, size, size, dtype=torch.float64)
-        else:  # random holes: the paths through the mask channel count too
-            mask = (torch.rand(1, 1, size, size, generator=g, dtype=torch.float64) > 0.7).double()
+        # Holes at several densities: paths through the mask channel count too, and a model
+        # may gate a path on how much is known nearby (TileNet's pre-fill reaches its widest
+        # scale only where the finer ones see < 30% known pixels): a path no probe input opens
+        # is a receptive field the halo misses.
+        density = HOLE_DENSITIES[t % len(HOLE_DENSITIES)]
+        mask = (torch.rand(1, 1, size, size, generator=g, dtype=torch.float64) < density).double()
         mask.requires_grad_(True)
         out = fn(image, mask)
         outs = [o for o in out if o is not None] if isinstance(out, (tuple, list)) else [out]
