@@ -9,13 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from .engine import Engine, Stitcher
-from .errors import InputImageError
-from .images import InputItem, class_map_image, load_image, output_paths, write_png_atomic
 from PIL import Image
 
-__all__ = ["FileResult", "JobSummary", "process_image", "run_job", "write_outputs"]
+from .engine import Engine
+from .images import InputItem, class_map_image, write_png_atomic
+
+__all__ = ["FileResult", "JobSummary", "run_job", "write_outputs"]
 
 log = logging.getLogger("tilerun")
 
@@ -65,19 +64,6 @@ def write_outputs(
         write_png_atomic(Image.fromarray(rgb), paths["inpainted"], text=text)
         written.append(str(paths["inpainted"]))
     return written
-
-
-def process_image(engine: Engine, item: InputItem, out_dir: Path, *, mask_dir=None, palette=None) -> FileResult:
-    t0 = time.perf_counter()
-    image, mask = load_image(item, mask_dir=mask_dir)
-    h, w = mask.shape
-    tiles = engine.tiles(h, w)
-    sums = engine.reduce_partials(engine.global_partials(image, mask, tiles)) if engine.uses_global else None
-    st = Stitcher(image, mask)
-    for r in engine.compute(image, mask, tiles, sums):
-        st.add(r)
-    outputs = write_outputs(output_paths(item, out_dir), st.classes, st.rgb, palette)
-    return FileResult(item.key, "ok", outputs, (w, h), len(tiles), time.perf_counter() - t0)
 
 
 def run_job(
