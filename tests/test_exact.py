@@ -68,6 +68,22 @@ def test_tiled_equals_whole_image_1000x999(sensitive_model, sensitive_probe, mak
     assert_exact(infer_image(engine, img, holes), whole_forward(sensitive_model, img, holes))
 
 
+def test_tiled_equals_whole_image_with_the_trained_prefill(make_image, make_holes, whole_forward):
+    # The architecture `tilerun train` ships: a local pre-fill of the holes enters the decoder.
+    # Large holes, so that its widest scales are in use.
+    from conftest import build_sensitive_tilenet
+
+    from tilerun.train import DEFAULT_PREFILL
+
+    model = build_sensitive_tilenet(prefill_radii=DEFAULT_PREFILL)
+    probe = probe_model(model)
+    img, holes = make_image(170, 251, seed=16), make_holes(170, 251, seed=17)
+    holes[60:160, 120:240] = True
+    whole = whole_forward(model, img, holes)
+    assert len(np.unique(whole[0])) >= 3 and whole[1][holes].std() > 20  # sensitive here too
+    assert_exact(infer_image(Engine(model, tile=64, batch_size=8, probe=probe), img, holes), whole)
+
+
 def test_no_mask_and_a_fully_missing_image(engine, sensitive_model, make_image, whole_forward):
     img = make_image(150, 97, seed=5)
     classes, rgb = infer_image(engine, img)
