@@ -34,8 +34,9 @@ class ConvStack(nn.Module):
 
 class PoolConvUp(nn.Module):
     """avg-pool 2 -> 3x3 conv -> nearest x2: stride 2. A pooled cell c covers pixels 2c, 2c+1; the
-    conv reaches cells c-1..c+1 = pixels 2c-2..2c+3, so pixel 2c reaches 2 left and 3 right:
-    radius 3, halo 4."""
+    conv reaches cells c-1..c+1 = pixels 2c-2..2c+3: 2 beyond the cell's own pixels on each side.
+    (Pixel 2c+1 alone reaches 3 to its left, but a core starts on the stride grid, so it is
+    never closer than 3 to its window's edge: halo 2.)"""
 
     def __init__(self) -> None:
         super().__init__()
@@ -44,10 +45,40 @@ class PoolConvUp(nn.Module):
 
     def forward(self, image, mask):
         h, w = image.shape[-2:]
-        x = torch.cat([image * (1 - mask), mask], 1)
+        x = torch.cat([image, mask], 1)  # no blanking: tests run it with every pixel "missing"
         x = F.pad(x, (0, w % 2, 0, h % 2))  # any size: pad to the stride, crop back
         y = F.interpolate(self.conv(F.avg_pool2d(x, 2)), scale_factor=2, mode="nearest")
-        return torch.sigmoid(y[..., :h, :w])
+        return torch.sigmoid(4 * y[..., :h, :w])
+
+
+class SameBilinear(nn.Module):
+    """A stride-2 3x3 conv with TF "same" padding (one extra pixel right/bottom only, as ported
+    TF models do) then bilinear x2 upsampling. Cell c sees pixels 2c..2c+2; pixel 2c blends
+    cells c-1, c and pixel 2c+1 cells c, c+1, so the odd pixel reaches 2c+4: 3 past the
+    block's last pixel. A probe of pixel 2c alone sees 2 each side and gives halo 2: too small."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(4, 3, 3, stride=2)
+
+    def forward(self, image, mask):
+        h, w = image.shape[-2:]
+        x = torch.cat([image, mask], 1)
+        x = F.pad(x, (0, w % 2 + 1, 0, h % 2 + 1))  # even size, then the "same" padding
+        y = F.interpolate(self.conv(x), scale_factor=2, mode="bilinear", align_corners=False)
+        return torch.sigmoid(4 * y[..., :h, :w])
+
+
+def _rgb_tiled_vs_whole(model, probe, image, halo=None) -> int:
+    """Max RGB difference, tiled vs whole, with every pixel missing (RGB = the model's)."""
+    everything = np.ones(image.shape[:2], bool)
+    _, rgb = infer_image(Engine(model, tile=8, halo=halo, batch_size=16, probe=probe), image, everything)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        ref = model(x, torch.ones(1, 1, *image.shape[:2]))
+    ref = ref[0].permute(1, 2, 0).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+    return int(np.abs(rgb.astype(int) - ref).max())
 
 
 class GlobalMean(nn.Module):
@@ -77,9 +108,22 @@ def test_dilated_conv_has_radius_dilation():
     assert (p.radius, p.stride) == (4, 1)
 
 
-def test_pool_then_conv_has_stride_2_and_radius_3():
-    p = probe_model(PoolConvUp())
+def test_pool_then_conv_has_stride_2_and_radius_2(make_image):
+    model = PoolConvUp()
+    p = probe_model(model)
+    assert (p.stride, p.radius, p.halo) == (2, 2, 2)
+    img = make_image(37, 61, seed=30)
+    assert _rgb_tiled_vs_whole(model, p, img) <= 1
+    assert _rgb_tiled_vs_whole(model, p, img, halo=0) > 1
+
+
+def test_halo_covers_pixels_that_reach_further_than_the_first_of_their_cell(make_image):
+    model = SameBilinear()
+    p = probe_model(model)
     assert (p.stride, p.radius, p.halo) == (2, 3, 4)
+    img = make_image(37, 61, seed=31)
+    assert _rgb_tiled_vs_whole(model, p, img) <= 1
+    assert _rgb_tiled_vs_whole(model, p, img, halo=2) > 1  # what a one-pixel probe measured
 
 
 def test_global_pooling_model_is_not_tile_exact(make_image, whole_forward, monkeypatch):
@@ -104,8 +148,9 @@ def test_tilenet_stride_4_and_its_receptive_field(sensitive_model, sensitive_pro
     # Counted by hand for the default layer layout (TileNetConfig dilations (1, 2) and (1, 2)):
     # a quarter-res cell c of the encoder sees pixels 4c-3..4c+6 (stem conv, pool, half-res conv,
     # pool); down2a, down2b and the four predictor/generator convs add 1+1+1+2+1+2 = 8 cells;
-    # the decoder's half-res and full-res convs after nearest upsampling add one more cell to
-    # the left for pixel 4c: 4c-39..4c+38. So radius 39, halo 40.
+    # the decoder's half-res and full-res convs after nearest upsampling add one more cell on
+    # the far side of each phase: pixel 4c sees 4c-39..4c+38, pixel 4c+3 sees 4c-35..4c+42.
+    # The cell's block 4c..4c+3 thus reaches 39 on each side: radius 39, halo 40.
     assert (p.radius, p.halo) == (39, 40)
     # The global terms (z after down2a, down2b) of cell c see pixels 4c-11..4c+14: 11 past the
     # cell's 4-pixel footprint on each side.

@@ -43,8 +43,9 @@ class Receptive:
         return None if self.radius is None else round_up(self.radius, self.stride)
 
 
-def _influence(fn: Fn, size: int, cell: int, seed: int, trials: int) -> tuple[int, int, int, int] | None:
-    """Bounding box (y0, y1, x0, x1, inclusive) of inputs influencing output cell (cell, cell)."""
+def _influence(fn: Fn, size: int, cell: int, seed: int, trials: int, block: int = 1) -> tuple[int, int, int, int] | None:
+    """Bounding box (y0, y1, x0, x1, inclusive) of inputs influencing the ``block`` x ``block``
+    output cells from (cell, cell)."""
     g = torch.Generator().manual_seed(seed)
     box = None
     for t in range(trials):
@@ -58,7 +59,8 @@ def _influence(fn: Fn, size: int, cell: int, seed: int, trials: int) -> tuple[in
         mask.requires_grad_(True)
         out = fn(image, mask)
         outs = [o for o in out if o is not None] if isinstance(out, (tuple, list)) else [out]
-        total = sum((o[0, :, cell, cell] * torch.randn(o.shape[1], generator=g, dtype=o.dtype)).sum() for o in outs)
+        sl = slice(cell, cell + block)
+        total = sum((o[0, :, sl, sl] * torch.randn(o.shape[1], block, block, generator=g, dtype=o.dtype)).sum() for o in outs)
         if not isinstance(total, Tensor) or not total.requires_grad:
             continue  # the output does not depend on the input at all (autograd.grad would raise)
         grads = torch.autograd.grad(total, [image, mask], allow_unused=True)
@@ -74,23 +76,26 @@ def _influence(fn: Fn, size: int, cell: int, seed: int, trials: int) -> tuple[in
     return box
 
 
-def measure_radius(fn: Fn, *, stride: int = 1, out_stride: int = 1, trials: int = 3, start: int = 64) -> int | None:
-    """Largest distance (pixels) from an output pixel's footprint to an input that influences it.
+def measure_radius(
+    fn: Fn, *, stride: int = 1, out_stride: int = 1, trials: int = 3, start: int = 64, block: int = 1
+) -> int | None:
+    """Largest distance (pixels) from an output footprint to an input that influences it.
 
     ``fn(image, mask)`` returns a tensor (or tuple of tensors) at ``out_stride``
-    relative to the input. The probe grows until the influence stops short of its
+    relative to the input. The footprint is ``block`` x ``block`` output cells starting
+    on the ``stride`` grid. The probe grows until the influence stops short of its
     border; ``None`` if it never does (unbounded receptive field).
     """
     size = start
     while size <= MAX_PROBE:
         size = round_up(size, 2 * stride * out_stride)
         cell = size // 2 // out_stride  # centre cell in output coordinates
-        box = _influence(fn, size, cell, seed=size, trials=trials)
+        box = _influence(fn, size, cell, seed=size, trials=trials, block=block)
         if box is None:
             return 0
         y0, y1, x0, x1 = box
         if y0 > 0 and x0 > 0 and y1 < size - 1 and x1 < size - 1:
-            lo, hi = cell * out_stride, cell * out_stride + out_stride - 1  # the cell's input footprint
+            lo, hi = cell * out_stride, (cell + block) * out_stride - 1  # the cells' input footprint
             return max(lo - y0, y1 - hi, lo - x0, x1 - hi, 0)
         size *= 2
     return None
@@ -176,4 +181,12 @@ def probe_model(model: torch.nn.Module, *, trials: int = 3) -> ModelProbe:
         with torch.enable_grad():
             global_radius = measure_radius(m.global_terms, stride=stride, out_stride=term_stride, trials=trials)
         stride = max(stride, term_stride)
+    if radius is not None and stride > 1:
+        # The halo must cover every pixel of a core, and a core starts on the stride grid: pixel
+        # y0 + j sits j further from its window's edge than y0, and a model whose pixels reach
+        # differently by phase (bilinear or transposed-conv upsampling after a stride-2 conv
+        # with TF "same" padding) needs more than one pixel shows. So the radius is the reach
+        # of a whole aligned stride x stride block, measured from the block's edges.
+        with torch.enable_grad():
+            radius = measure_radius(fwd, stride=stride, block=stride, trials=trials, start=2 * radius + 4 * stride + 2)
     return ModelProbe(stride=stride, radius=radius, global_radius=global_radius, has_global=hook)
