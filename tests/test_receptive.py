@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tilerun.engine import Engine, infer_image
-from tilerun.receptive import measure_radius, measure_stride, probe_model
+from tilerun.receptive import ModelProbe, measure_radius, measure_stride, probe_model
 
 
 class ConvStack(nn.Module):
@@ -70,6 +70,17 @@ class SameBilinear(nn.Module):
         return torch.sigmoid(4 * y[..., :h, :w])
 
 
+class TopLeftPad(PoolConvUp):
+    """PoolConvUp padding an odd size at the top/left instead: its stride grid moves with the
+    image size, so a tile (of another size than the image) sees another grid."""
+
+    def forward(self, image, mask):
+        h, w = image.shape[-2:]
+        x = F.pad(torch.cat([image, mask], 1), (w % 2, 0, h % 2, 0))
+        y = F.interpolate(self.conv(F.avg_pool2d(x, 2)), scale_factor=2, mode="nearest")
+        return torch.sigmoid(4 * y[..., h % 2 :, w % 2 :])
+
+
 def _rgb_tiled_vs_whole(model, probe, image, halo=None) -> int:
     """Max RGB difference, tiled vs whole, with every pixel missing (RGB = the model's)."""
     everything = np.ones(image.shape[:2], bool)
@@ -124,6 +135,16 @@ def test_halo_covers_pixels_that_reach_further_than_the_first_of_their_cell(make
     img = make_image(37, 61, seed=31)
     assert _rgb_tiled_vs_whole(model, p, img) <= 1
     assert _rgb_tiled_vs_whole(model, p, img, halo=2) > 1  # what a one-pixel probe measured
+
+
+def test_a_grid_that_moves_with_the_image_size_is_not_tile_exact(make_image):
+    model = TopLeftPad()
+    p = probe_model(model)
+    assert p.stride == 2 and p.radius is None and not p.tile_exact
+    img = make_image(37, 61, seed=32)
+    assert _rgb_tiled_vs_whole(model, p, img) <= 1  # the engine runs the whole image
+    forced = ModelProbe(stride=2, radius=2, global_radius=None, has_global=False)  # what tiling would use
+    assert _rgb_tiled_vs_whole(model, forced, img) > 1
 
 
 def test_global_pooling_model_is_not_tile_exact(make_image, whole_forward, monkeypatch):

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .geometry import round_up
 
-__all__ = ["Receptive", "measure_radius", "measure_stride", "probe_model", "ModelProbe"]
+__all__ = ["Receptive", "measure_radius", "measure_stride", "grid_anchored", "probe_model", "ModelProbe"]
 
 Fn = Callable[[Tensor, Tensor], Tensor]
 
@@ -128,6 +128,38 @@ def measure_stride(fn: Fn, *, radius: int, max_stride: int = 32) -> int:
     raise ValueError(f"model is not translation-equivariant for any stride up to {max_stride}")
 
 
+def _first(out):
+    if isinstance(out, (tuple, list)):
+        return next(o for o in out if o is not None)
+    return out
+
+
+def grid_anchored(fn: Fn, *, radius: int, stride: int) -> bool:
+    """Whether ``fn``'s stride grid starts at the top-left pixel whatever the image size.
+
+    Tiles are cut on a grid counted from the image's top-left corner, and a tile on the
+    bottom or right edge ends where the image ends, at any size. A model that pads to
+    its stride at the bottom/right keeps that grid; one that centres its padding (or pads
+    the top/left) moves it with the image size, so a tile, being of another size than
+    the image, would see another grid. Checked by cropping 1 and stride-1 pixels off the
+    bottom/right: the interior must not change.
+    """
+    if stride == 1:
+        return True
+    g = torch.Generator().manual_seed(11)
+    margin = radius + 2 * stride
+    size = round_up(2 * margin + 16, stride)
+    image = torch.rand(1, 3, size, size, generator=g, dtype=torch.float64)
+    mask = (torch.rand(1, 1, size, size, generator=g, dtype=torch.float64) > 0.8).double()
+    with torch.no_grad():
+        ref = _first(fn(image, mask))[..., margin : size - margin, margin : size - margin]
+        for k in sorted({1, stride - 1}):
+            out = _first(fn(image[..., : size - k, : size - k], mask[..., : size - k, : size - k]))
+            if not torch.allclose(out[..., margin : size - margin, margin : size - margin], ref, atol=1e-9, rtol=1e-7):
+                return False
+    return True
+
+
 @dataclass(frozen=True)
 class ModelProbe:
     """What the engine needs to know about a model, all measured."""
@@ -189,4 +221,6 @@ def probe_model(model: torch.nn.Module, *, trials: int = 3) -> ModelProbe:
         # of a whole aligned stride x stride block, measured from the block's edges.
         with torch.enable_grad():
             radius = measure_radius(fwd, stride=stride, block=stride, trials=trials, start=2 * radius + 4 * stride + 2)
+    if radius is not None and not grid_anchored(fwd, radius=radius, stride=stride):
+        radius = None  # not tile-exact: the engine then runs whole images
     return ModelProbe(stride=stride, radius=radius, global_radius=global_radius, has_global=hook)
