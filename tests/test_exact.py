@@ -226,3 +226,26 @@ def test_engine_validation_names_the_flag(sensitive_model, sensitive_probe, kwar
     with pytest.raises(ValueError) as e:
         Engine(sensitive_model, probe=sensitive_probe, **{"tile": 64, **kwargs})
     assert flag in str(e.value) and str(list(kwargs.values())[0]) in str(e.value)
+
+
+def test_fp32_means_fp32_convolutions_on_cuda():
+    # cuDNN's default TF32 (10-bit mantissa) would make tiles drift from the whole image; the
+    # engine turns it off around its forwards and restores the caller's setting.
+    from tilerun.engine import _ieee_fp32_convs
+
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    with _ieee_fp32_convs():
+        assert conv.fp32_precision == "ieee"
+    assert conv.fp32_precision == before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_tiled_equals_whole_image_on_cuda(sensitive_probe, make_image, make_holes, whole_forward):
+    from conftest import build_sensitive_tilenet
+
+    model = build_sensitive_tilenet().cuda()
+    img, holes = make_image(333, 517, seed=18), make_holes(333, 517, seed=19)
+    tiled = infer_image(Engine(model, tile=64, batch_size=8, device="cuda", probe=sensitive_probe), img, holes)
+    whole = whole_forward(model.cpu(), img, holes)  # the reference on the CPU: fp32 for sure
+    assert_exact(tiled, whole)
