@@ -222,12 +222,29 @@ def test_measure_radius_unbounded_and_zero(monkeypatch):
     assert measure_radius(lambda x, m: x * 2) == 0  # pointwise
 
 
-def test_measure_stride_rejects_a_position_dependent_model():
-    def positional(x, m):
-        return x + torch.arange(x.shape[-1], dtype=x.dtype)
+class CoordChannel(nn.Module):
+    """A conv that also sees the column index (CoordConv): no shift leaves it unchanged."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, image, mask):
+        cols = torch.arange(image.shape[-1], dtype=image.dtype).expand(image.shape[0], 1, *image.shape[-2:]) / 64
+        return self.conv(torch.cat([image, cols], 1)), None
+
+
+def test_position_dependent_model_runs_whole_images(make_image, whole_forward):
     with pytest.raises(ValueError, match="translation-equivariant"):
-        measure_stride(positional, radius=0)
+        measure_stride(CoordChannel().double(), radius=1)
+    model = CoordChannel()
+    p = probe_model(model)
+    assert not p.tile_exact
+    engine = Engine(model, tile=16, probe=p)
+    assert engine.tile == 0
+    img = make_image(40, 50, seed=23)
+    assert np.array_equal(infer_image(engine, img)[0], whole_forward(model, img)[0])
 
 
 def test_a_path_gated_on_missing_pixels_is_measured(make_image, whole_forward):

@@ -4,14 +4,19 @@ Nothing here trusts a declared number: the halo the engine uses comes from
 gradients of the model's own outputs, so a model that grows a layer, or one
 brought by the user, still tiles exactly.
 
-* **Radius**: the gradient of a (randomly weighted) output pixel with respect to
-  the input is nonzero exactly on the pixels that influence it. The union over a
-  few random inputs guards against a ReLU that happens to be dead for one input.
+* **Radius**: the gradient of (randomly weighted) output pixels with respect to
+  the input is nonzero exactly on the pixels that influence them. The union over a
+  few random inputs, with holes at several densities, guards against a ReLU that
+  happens to be dead for one input and against paths a model opens only where much
+  is missing. Once the stride s is known, the radius is that of a whole aligned
+  s x s block measured from its edges: every phase of the stride is covered.
 * **Stride**: the smallest shift s (1, 2, 4, ...) under which the model is
   translation-equivariant: ``f(shift(x, s)) == shift(f(x), s)`` away from borders.
   Tile origins must be multiples of it.
-* A model whose output pixel depends on inputs at every distance we try (global
-  pooling, attention) has no finite radius: it is not tile-exact.
+* Not tile-exact (the engine then runs whole images): a model whose output pixel
+  depends on inputs at every distance we try (global pooling, attention), one with
+  no such stride (positional inputs), or one whose stride grid moves with the image
+  size (padding at the top/left).
 """
 
 from __future__ import annotations
@@ -207,7 +212,12 @@ def probe_model(model: torch.nn.Module, *, trials: int = 3) -> ModelProbe:
         fwd = m
     with torch.enable_grad():
         radius = measure_radius(fwd, trials=trials)
-    stride = measure_stride(fwd, radius=radius if radius is not None else 0) if radius is not None else 1
+    try:
+        stride = measure_stride(fwd, radius=radius) if radius is not None else 1
+    except ValueError:
+        # No shift (power of 2 up to 32) leaves it translation-equivariant: positional
+        # encodings, coordinate channels, an odd stride. No tiling reproduces it; whole images do.
+        return ModelProbe(stride=1, radius=None, global_radius=None, has_global=hook)
     global_radius = None
     if hook:
         with torch.enable_grad():
