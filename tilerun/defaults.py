@@ -1,4 +1,27 @@
-"""Defaults shared by the library and the CLI, importable without torch."""
+"""Defaults shared by the library and the CLI, importable without torch.
 
+The tile and batch defaults are measured, per device kind (see BENCHMARKS.md,
+"Performance (issue 5)", and ``bench/tile_sweep.py``, which reproduces the choice).
+"""
+
+# CPU: filled in from the tile sweep below.
 DEFAULT_TILE = 512
 DEFAULT_BATCH = 4
+
+#: GPU defaults. Not measured on a GPU yet (no card was lent when they were set): a
+#: window of ~1k px and 8 of them per forward keep an H100 busy for this model size
+#: while using a few GB; ``bench/tile_sweep.py --device cuda`` measures them.
+DEFAULT_TILE_GPU = 1024
+DEFAULT_BATCH_GPU = 8
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DEFAULT_PRECISION = "fp32"
+
+
+def default_tile(device: str) -> int:
+    """The default tile core side for a device name such as ``cpu``, ``cuda`` or ``cuda:1``."""
+    return DEFAULT_TILE_GPU if str(device).startswith("cuda") else DEFAULT_TILE
+
+
+def default_batch(device: str) -> int:
+    return DEFAULT_BATCH_GPU if str(device).startswith("cuda") else DEFAULT_BATCH

@@ -14,6 +14,7 @@ Memory: only the window being computed is ever float; results leave as uint8.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Iterable, Iterator
@@ -22,12 +23,35 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .defaults import DEFAULT_BATCH, DEFAULT_PRECISION, DEFAULT_TILE, PRECISIONS, default_batch, default_tile
 from .geometry import Tile, grid, round_up
 from .receptive import ModelProbe, probe_model
 
-__all__ = ["Engine", "TileResult", "infer_image", "DEFAULT_TILE", "DEFAULT_BATCH"]
+__all__ = ["Engine", "TileResult", "infer_image", "DEFAULT_TILE", "DEFAULT_BATCH", "PRECISIONS"]
 
-from .defaults import DEFAULT_BATCH, DEFAULT_TILE
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@contextlib.contextmanager
+def _ieee_fp32_convs() -> Iterator[None]:
+    """fp32 convolutions in fp32. cuDNN runs them in TF32 by default (10-bit mantissa), and
+    windows of other shapes pick other algorithms: tiles would drift from the whole-image
+    forward by far more than float rounding."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        before = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = before
+    else:
+        before = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = before
 
 
 @dataclass
@@ -48,31 +72,81 @@ def _split_outputs(out) -> tuple[Tensor | None, Tensor | None]:
     raise TypeError(f"model must return tensors, got {type(out).__name__}")
 
 
+@dataclass
+class _InFlight:
+    """A batch whose forward is queued; its uint8 results land in host memory by ``ready``."""
+
+    batch: list[Tile]
+    classes: Tensor | None  # uint8 [B, h, w] on the host
+    rgb: Tensor | None  # uint8 [B, h, w, 3] on the host
+    ready: "torch.cuda.Event | None"  # None on CPU: the results are already there
+
+    def results(self) -> Iterator[TileResult]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        cls_u8 = None if self.classes is None else self.classes.numpy()
+        rgb_u8 = None if self.rgb is None else self.rgb.numpy()
+        for i, t in enumerate(self.batch):
+            ys, xs = t.core_in_window()
+            yield TileResult(
+                t,
+                None if cls_u8 is None else cls_u8[i, ys, xs],
+                None if rgb_u8 is None else rgb_u8[i, ys, xs],
+            )
+
+
 class Engine:
-    """A model prepared for tiled inference: probed once, reused for every image."""
+    """A model prepared for tiled inference: probed once, reused for every image.
+
+    ``tile`` and ``batch_size`` default to the measured values for the device kind
+    (`tilerun.defaults`). ``precision`` is ``fp32`` (exact), or ``bf16`` / ``fp16``
+    autocast (CUDA; ``bf16`` also on CPU): faster, no longer bit-comparable with an
+    fp32 whole-image forward. ``channels_last`` (default: on) runs convolutions in
+    NHWC, measured ~1.9x faster for TileNet on CPU (BENCHMARKS.md); it converts the
+    model's weights in place, which changes no result beyond float rounding.
+    """
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        tile: int = DEFAULT_TILE,
+        tile: int | None = None,
         halo: int | None = None,
-        batch_size: int = DEFAULT_BATCH,
+        batch_size: int | None = None,
         device: str | torch.device = "cpu",
         probe: ModelProbe | None = None,
+        precision: str = DEFAULT_PRECISION,
+        channels_last: bool = True,
     ) -> None:
+        self.device = torch.device(device)
+        if tile is None:
+            tile = default_tile(self.device.type)
+        if batch_size is None:
+            batch_size = default_batch(self.device.type)
         if batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-        self.device = torch.device(device)
+        if precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision == "fp16" and self.device.type != "cuda":
+            # CPU autocast to float16 exists but runs slower than fp32 on CPUs without
+            # AVX512-FP16 kernels in oneDNN; bf16 is the CPU's reduced precision.
+            raise ValueError(f"--precision fp16 needs a CUDA device (got {self.device}); use bf16 or fp32")
+        self.precision = precision
+        self.channels_last = channels_last
         self.model = model.eval().to(self.device)
+        if channels_last:
+            # Weights in NHWC make every convolution pick NHWC (oneDNN / cuDNN), whatever
+            # the input's layout, and the activations keep it from layer to layer.
+            self.model.to(memory_format=torch.channels_last)
         self.probe = probe or probe_model(model)
         stride = self.probe.stride
         if tile < 0 or tile % stride:
             raise ValueError(f"--tile must be 0 (whole image) or a positive multiple of the model stride {stride}, got {tile}")
         self.tile = tile
         if halo is None:
-            if self.probe.halo is None:
-                # Not tile-exact: only a whole image per forward reproduces it.
+            if not self.probe.tile_exact:
+                # Not tile-exact (unbounded local field, or global terms of unbounded reach):
+                # only a whole image per forward reproduces it.
                 self.tile, halo = 0, 0
             else:
                 halo = self.probe.halo
@@ -95,6 +169,11 @@ class Engine:
         return grid(height, width, tile=self.tile, halo=self.halo if halo is None else halo, stride=self.stride)
 
     # -- tensors ------------------------------------------------------------------
+    def _autocast(self):
+        if self.precision == "fp32":
+            return _ieee_fp32_convs() if self.device.type == "cuda" else contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
+
     def _batches(self, tiles: Iterable[Tile]) -> Iterator[list[Tile]]:
         """Consecutive tiles of one window shape, up to batch_size (no padding: padding would change borders)."""
         for _, same in groupby(tiles, key=lambda t: t.window_shape):
@@ -102,11 +181,36 @@ class Engine:
             for i in range(0, len(same), self.batch_size):
                 yield same[i : i + self.batch_size]
 
-    def _windows(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile], halo_tiles: list[Tile]) -> tuple[Tensor, Tensor]:
-        imgs = np.stack([image[t.wy0 : t.wy1, t.wx0 : t.wx1] for t in halo_tiles])
-        msks = np.stack([mask[t.wy0 : t.wy1, t.wx0 : t.wx1] for t in halo_tiles])
-        x = torch.from_numpy(imgs).to(self.device).permute(0, 3, 1, 2).float().div_(255)
-        m = torch.from_numpy(msks).to(self.device)[:, None].float()
+    def _host(self, shape: tuple[int, ...]) -> Tensor:
+        """A uint8 host buffer; pinned for CUDA so that copies run asynchronously.
+
+        Pinned blocks come from PyTorch's caching host allocator: a freed block is
+        handed out again (reused, no new cudaHostAlloc) once the copies recorded on it
+        have finished, so a buffer is never refilled under an in-flight transfer.
+        """
+        return torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+
+    def _windows(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile]) -> tuple[Tensor, Tensor]:
+        """The batch's windows as float tensors on the device: x [B,3,h,w] in [0,1] (NHWC-strided), m [B,1,h,w].
+
+        Only uint8 / bool crosses to the device (a quarter of float32's bytes); the
+        float conversion happens there.
+        """
+        h, w = batch[0].window_shape
+        imgs = self._host((len(batch), h, w, 3))
+        msks = self._host((len(batch), h, w))
+        imgs_np, msks_np = imgs.numpy(), msks.numpy()
+        for i, t in enumerate(batch):
+            imgs_np[i] = image[t.wy0 : t.wy1, t.wx0 : t.wx1]
+            msks_np[i] = mask[t.wy0 : t.wy1, t.wx0 : t.wx1]
+        cuda = self.device.type == "cuda"
+        imgs = imgs.to(self.device, non_blocking=cuda)
+        msks = msks.to(self.device, non_blocking=cuda)
+        # permute of NHWC data is already channels_last-strided; .float() keeps the strides.
+        x = imgs.permute(0, 3, 1, 2).float().div_(255)
+        if not self.channels_last:
+            x = x.contiguous()
+        m = msks[:, None].float()
         return x, m
 
     # -- pass 1 ---------------------------------------------------------------------
@@ -117,13 +221,18 @@ class Engine:
         out: dict[int, Tensor] = {}
         # Pass 1 needs only the encoder's (smaller) halo.
         gtiles = {t.index: t for t in grid(h, w, tile=self.tile, halo=self.global_halo, stride=self.stride)}
+        s = self.stride
         for batch in self._batches([gtiles[t.index] for t in tiles]):
-            x, m = self._windows(image, mask, batch, batch)
-            terms = self.model.global_terms(x, m)
-            s = self.stride
+            x, m = self._windows(image, mask, batch)
+            with self._autocast():
+                terms = self.model.global_terms(x, m)
+            sums = []
             for i, t in enumerate(batch):
                 ys, xs = t.core_in_window_at(s)
-                out[t.index] = terms[i, :, ys, xs].double().sum(dim=(1, 2)).cpu()
+                sums.append(terms[i, :, ys, xs].double().sum(dim=(1, 2)))
+            # One device->host copy per batch, not one per tile.
+            for t, row in zip(batch, torch.stack(sums).cpu()):
+                out[t.index] = row
         return out
 
     @staticmethod
@@ -132,30 +241,58 @@ class Engine:
         return torch.stack([partials[k] for k in sorted(partials)]).sum(0)
 
     # -- pass 2 ---------------------------------------------------------------------
-    @torch.inference_mode()
-    def compute(
-        self, image: np.ndarray, mask: np.ndarray, tiles: Iterable[Tile], global_sums: Tensor | None = None
-    ) -> Iterator[TileResult]:
-        """Run ``tiles`` and yield their uint8 cores."""
-        if self.uses_global and global_sums is None:
-            raise ValueError("this model needs the whole-image global sums: run global_partials first")
-        for batch in self._batches(tiles):
-            x, m = self._windows(image, mask, batch, batch)
-            if self.uses_global:
+    def _launch(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile], global_sums: Tensor | None) -> _InFlight:
+        """Queue one batch's forward and the copies of its uint8 results to the host."""
+        x, m = self._windows(image, mask, batch)
+        with self._autocast():
+            if global_sums is not None:
                 g = global_sums.to(self.device, torch.float32)[None].expand(len(batch), -1)
                 out = self.model(x, m, global_sums=g)
             else:
                 out = self.model(x, m)
-            logits, rgb = _split_outputs(out)
-            cls_u8 = None if logits is None else logits.argmax(1).to(torch.uint8).cpu().numpy()
-            rgb_u8 = None if rgb is None else rgb.clamp(0, 1).mul(255).round_().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            for i, t in enumerate(batch):
-                ys, xs = t.core_in_window()
-                yield TileResult(
-                    t,
-                    None if cls_u8 is None else cls_u8[i, ys, xs],
-                    None if rgb_u8 is None else rgb_u8[i, ys, xs],
-                )
+        logits, rgb = _split_outputs(out)
+        cuda = self.device.type == "cuda"
+        cls_h = rgb_h = None
+        if logits is not None:
+            cls_d = logits.argmax(1).to(torch.uint8)
+            cls_h = self._host(tuple(cls_d.shape)).copy_(cls_d, non_blocking=cuda)
+        if rgb is not None:
+            rgb_d = rgb.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1)
+            rgb_h = self._host(tuple(rgb_d.shape)).copy_(rgb_d, non_blocking=cuda)
+        ready = None
+        if cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return _InFlight(batch, cls_h, rgb_h, ready)
+
+    def compute(
+        self, image: np.ndarray, mask: np.ndarray, tiles: Iterable[Tile], global_sums: Tensor | None = None
+    ) -> Iterator[TileResult]:
+        """Run ``tiles`` and yield their uint8 cores.
+
+        ``global_sums`` may be omitted for a model with the global hook only when one
+        tile covers the whole image: its forward then sums the whole image itself.
+        On CUDA the next batch is queued before the previous one's results are
+        handed out, so the device keeps working while the caller stitches or encodes.
+        """
+        tiles = list(tiles)
+        h, w = mask.shape
+        whole = len(tiles) == 1 and (tiles[0].y0, tiles[0].y1, tiles[0].x0, tiles[0].x1) == (0, h, 0, w)
+        if self.uses_global and global_sums is None and not whole:
+            raise ValueError("this model needs the whole-image global sums: run global_partials first")
+        pending: _InFlight | None = None
+        for batch in self._batches(tiles):
+            with torch.inference_mode():
+                launched = self._launch(image, mask, batch, global_sums)
+            if pending is not None:
+                yield from pending.results()
+            pending = launched
+        if pending is not None:
+            yield from pending.results()
+
+    def needs_global_pass(self, height: int, width: int) -> bool:
+        """Whether pass 1 is needed: the model has the global hook and the image is more than one tile."""
+        return self.uses_global and len(self.tiles(height, width)) > 1
 
 
 def check_image(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -198,10 +335,11 @@ def infer_image(
     image: np.ndarray,
     mask: np.ndarray | None = None,
     *,
-    tile: int = DEFAULT_TILE,
+    tile: int | None = None,
     halo: int | None = None,
-    batch_size: int = DEFAULT_BATCH,
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
+    precision: str = DEFAULT_PRECISION,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Tiled inference of one image: ``(class_map uint8 [H,W], inpainted uint8 [H,W,3])``.
 
@@ -209,12 +347,13 @@ def infer_image(
     passed instead of a model to reuse its probe across images (then the other
     keyword arguments are ignored). An output the model does not give is None.
     """
-    engine = model if isinstance(model, Engine) else Engine(model, tile=tile, halo=halo, batch_size=batch_size, device=device)
+    engine = model if isinstance(model, Engine) else Engine(model, tile=tile, halo=halo, batch_size=batch_size, device=device, precision=precision)
     mask = check_image(image, mask)
     image = np.ascontiguousarray(image)
     h, w = mask.shape
     tiles = engine.tiles(h, w)
-    sums = engine.reduce_partials(engine.global_partials(image, mask, tiles)) if engine.uses_global else None
+    # One tile is the whole image: its own forward sums the global terms, pass 1 would be wasted.
+    sums = engine.reduce_partials(engine.global_partials(image, mask, tiles)) if engine.needs_global_pass(h, w) else None
     st = Stitcher(image, mask)
     for r in engine.compute(image, mask, tiles, sums):
         st.add(r)

@@ -1,0 +1,70 @@
+"""Shared pieces of the benchmarks: a real photo at any size, holes, timing and machine notes.
+
+Every ratio is measured in one process with its two sides interleaved (A B A B ...) and
+the best of N taken per side: on a shared, noisy machine the minimum is the run that was
+disturbed least, and interleaving exposes both sides to the same background load.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTO = ROOT / "sample_images" / "retina.jpg"
+
+
+def photo(size: int, *, source: Path = PHOTO) -> np.ndarray:
+    """A real photo resized to ``size`` x ``size`` uint8 RGB (Lanczos)."""
+    from PIL import Image
+
+    with Image.open(source) as im:
+        return np.asarray(im.convert("RGB").resize((size, size), Image.LANCZOS)).copy()
+
+
+def holes(size: int, *, seed: int = 0) -> np.ndarray:
+    """bool mask, True = missing: a few large blocks plus scattered pixels, ~8% of the image."""
+    rng = np.random.default_rng(seed)
+    mask = rng.random((size, size)) < 0.02
+    for _ in range(6):
+        h, w = rng.integers(size // 32, size // 8, size=2)
+        y, x = rng.integers(0, size - h), rng.integers(0, size - w)
+        mask[y : y + h, x : x + w] = True
+    return mask
+
+
+def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int) -> dict[str, list[float]]:
+    """Run each function ``repeats`` times, interleaved; seconds per run, per name."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def machine() -> str:
+    """A short description of the machine and its load, for BENCHMARKS.md."""
+    import torch
+
+    lines = []
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+        keep = ("Architecture", "CPU(s):", "Model name", "Thread(s) per core", "Core(s) per socket", "L2 cache", "L3 cache")
+        lines += [" ".join(l.split()) for l in lscpu if l.startswith(keep)]
+    except (OSError, subprocess.CalledProcessError):
+        lines.append(platform.processor() or platform.machine())
+    lines.append(f"python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch threads")
+    lines.append("load average at start: " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
+    return "\n".join(lines)
+
+
+def fmt_times(ts: list[float]) -> str:
+    return f"best {min(ts):.2f} s (runs: {', '.join(f'{t:.2f}' for t in ts)})"

@@ -1,0 +1,86 @@
+"""Choose the default tile (and batch) by measurement: time and peak memory per setting.
+
+    python bench/tile_sweep.py [--size 2048] [--tiles 384,512,768,1024] [--batches 1] [--repeats 3] [--device cpu]
+
+Time: tiled inference of a ``size``^2 photo with holes, all settings interleaved, best of
+``repeats``. Memory: each setting once more in a fresh subprocess, peak RSS above the
+process's RSS just before inference (model loaded, image decoded): the float working
+set that a tile setting adds, which for a big photo sits on top of its uint8 arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import fmt_times, holes, interleaved, machine, photo  # noqa: E402
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def _memory_child(size: int, tile: int, batch: int, device: str) -> None:
+    from tilerun.engine import Engine, infer_image
+    from tilerun.model import load_model
+
+    img, mask = photo(size), holes(size)
+    engine = Engine(load_model(), tile=tile, batch_size=batch, device=device)
+    before = _rss_mb()
+    infer_image(engine, img, mask)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"before_mb": before, "peak_mb": peak}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--tiles", default="384,512,768,1024")
+    ap.add_argument("--batches", default="1")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--memory-child", nargs=3, type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.memory_child:
+        _memory_child(a.size, *a.memory_child[:2], a.device)
+        return
+
+    import torch
+
+    from tilerun.engine import Engine, infer_image
+    from tilerun.model import load_model
+
+    print(machine())
+    img, mask = photo(a.size), holes(a.size)
+    probe = None
+    fns = {}
+    settings = [(t, b) for t in map(int, a.tiles.split(",")) for b in map(int, a.batches.split(","))]
+    for t, b in settings:
+        e = Engine(load_model(), tile=t, batch_size=b, device=a.device, probe=probe)
+        probe = e.probe
+        sync = torch.cuda.synchronize if e.device.type == "cuda" else (lambda: None)
+        fns[f"tile {t} batch {b}"] = lambda e=e, sync=sync: (infer_image(e, img, mask), sync())
+    times = interleaved(fns, repeats=a.repeats)
+    mp = a.size * a.size / 1e6
+    for (t, b), (name, ts) in zip(settings, times.items()):
+        child = subprocess.run(
+            [sys.executable, __file__, "--size", str(a.size), "--device", a.device, "--memory-child", str(t), str(b), "0"],
+            capture_output=True, text=True, check=True,
+        )
+        mem = json.loads(child.stdout.strip().splitlines()[-1])
+        print(f"{name}: {mp / min(ts):.3f} MP/s, {fmt_times(ts)}; float working set "
+              f"{mem['peak_mb'] - mem['before_mb']:.0f} MB (peak RSS {mem['peak_mb']:.0f} MB)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

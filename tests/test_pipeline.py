@@ -1,0 +1,249 @@
+"""Read-ahead / write-behind helpers, the engine's performance options, and its memory bound.
+
+No timings here (the machine is shared; speed lives in bench/ and BENCHMARKS.md): only
+properties that fail when the code is wrong.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tilerun.engine import Engine, infer_image
+from tilerun.pipeline import BackgroundWriter, prefetch
+
+from test_exact import assert_exact
+
+# -- prefetch -----------------------------------------------------------------------------
+
+
+def _wait_until(cond, timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        time.sleep(0.01)
+
+
+def test_prefetch_keeps_order_and_runs_in_another_thread():
+    threads = []
+
+    def produce():
+        for i in range(50):
+            threads.append(threading.get_ident())
+            yield i
+
+    assert list(prefetch(produce(), depth=3)) == list(range(50))
+    assert set(threads) == {threads[0]} and threads[0] != threading.get_ident()
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_prefetch_is_bounded(depth):
+    produced = []
+
+    def produce():
+        for i in range(100):
+            produced.append(i)
+            yield i
+
+    it = prefetch(produce(), depth=depth)
+    assert next(it) == 0
+    # The producer fills the queue, makes one more item and blocks on it.
+    _wait_until(lambda: len(produced) >= depth + 2)
+    time.sleep(0.3)  # give an unbounded producer the time to run away
+    assert len(produced) == depth + 2
+    it.close()
+
+
+def test_prefetch_reraises_where_the_error_happened_and_stops_early():
+    def failing():
+        yield 1
+        yield 2
+        raise KeyError("bad item")
+
+    got = []
+    with pytest.raises(KeyError, match="bad item"):
+        for x in prefetch(failing()):
+            got.append(x)
+    assert got == [1, 2]
+
+    produced = []
+
+    def endless():
+        while True:
+            produced.append(None)
+            yield len(produced)
+
+    for x in prefetch(endless(), depth=2):
+        if x == 3:
+            break
+    n = len(produced)  # the generator's close() joined the producer: nothing more is made
+    time.sleep(0.2)
+    assert len(produced) == n <= 3 + 2 + 1
+
+
+def test_prefetch_rejects_a_bad_depth_and_starts_nothing_until_iterated():
+    with pytest.raises(ValueError, match="depth must be >= 1, got 0"):
+        prefetch([], depth=0)
+    started = []
+    prefetch((started.append(i) for i in range(3)), depth=1)  # never iterated
+    time.sleep(0.1)
+    assert started == []
+
+
+# -- BackgroundWriter -----------------------------------------------------------------------
+
+
+def test_writer_runs_jobs_in_order_off_the_calling_thread(tmp_path: Path):
+    seen = []
+
+    def write(i):
+        seen.append((i, threading.get_ident()))
+        (tmp_path / f"{i}.txt").write_text(str(i))
+        return i * 10
+
+    with BackgroundWriter(depth=2) as w:
+        futures = [w.submit(write, i) for i in range(20)]
+    assert [i for i, _ in seen] == list(range(20))
+    assert all(t != threading.get_ident() for _, t in seen)
+    assert [f.result() for f in futures] == [i * 10 for i in range(20)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.txt" for i in range(20))
+
+
+def test_writer_surfaces_a_job_error_at_the_next_submit_and_at_close():
+    def boom():
+        raise OSError(28, "No space left on device")
+
+    w = BackgroundWriter(depth=1)
+    f = w.submit(boom)
+    _wait_until(f.done)
+    with pytest.raises(OSError, match="No space left"):
+        w.submit(lambda: None)
+    w.close()  # the error was raised once already
+
+    w = BackgroundWriter(depth=1)
+    w.submit(boom)
+    with pytest.raises(OSError, match="No space left"):
+        w.close()
+
+
+def test_writer_submit_blocks_while_depth_jobs_wait():
+    release = threading.Event()
+    w = BackgroundWriter(depth=1)
+    w.submit(release.wait)  # running, blocked
+    _wait_until(lambda: w._q.qsize() == 0)
+    w.submit(lambda: None)  # waits in the queue: depth reached
+    third_in = threading.Event()
+
+    def submit_third():
+        w.submit(lambda: None)
+        third_in.set()
+
+    t = threading.Thread(target=submit_third)
+    t.start()
+    assert not third_in.wait(0.3), "submit did not block with the queue full"
+    release.set()
+    assert third_in.wait(5)
+    t.join()
+    w.close()
+
+
+def test_writer_exit_by_exception_cancels_waiting_jobs_and_keeps_the_body_error():
+    release = threading.Event()
+    ran = []
+    with pytest.raises(RuntimeError, match="compute failed"):
+        with BackgroundWriter(depth=3) as w:
+            w.submit(release.wait)
+            waiting = [w.submit(ran.append, i) for i in range(3)]
+            release.set()  # the running job may finish; the waiting ones must not all run
+            raise RuntimeError("compute failed")
+    assert all(f.cancelled() or f.done() for f in waiting)
+    assert len(ran) < 3 or all(f.done() for f in waiting)
+
+
+# -- engine options --------------------------------------------------------------------------
+
+
+def test_precision_is_validated(sensitive_model, sensitive_probe):
+    with pytest.raises(ValueError, match=r"--precision must be one of fp32, bf16, fp16, got 'fp64'"):
+        Engine(sensitive_model, precision="fp64", probe=sensitive_probe)
+    with pytest.raises(ValueError, match="--precision fp16 needs a CUDA device"):
+        Engine(sensitive_model, precision="fp16", device="cpu", probe=sensitive_probe)
+    with pytest.raises(ValueError, match="--batch-size must be >= 1, got 0"):
+        Engine(sensitive_model, batch_size=0, probe=sensitive_probe)
+
+
+def test_bf16_on_cpu_runs_and_stays_close(sensitive_model, sensitive_probe, make_image, make_holes, whole_forward):
+    img, holes = make_image(96, 80, seed=3), make_holes(96, 80, seed=4)
+    engine = Engine(sensitive_model, tile=32, batch_size=2, precision="bf16", probe=sensitive_probe)
+    classes, rgb = infer_image(engine, img, holes)
+    ref_classes, ref_rgb = whole_forward(sensitive_model, img, holes)
+    assert classes.dtype == np.uint8 and rgb.dtype == np.uint8
+    assert np.array_equal(rgb[~holes], img[~holes])  # known pixels: the input, in any precision
+    # bf16 has 8 mantissa bits: close to the fp32 forward, not equal to it.
+    assert (classes == ref_classes).mean() > 0.8
+    assert np.abs(rgb.astype(int) - ref_rgb.astype(int))[holes].mean() < 8
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_batches_of_mixed_window_shapes_stay_exact(
+    sensitive_model, sensitive_probe, make_image, make_holes, whole_forward, batch, channels_last
+):
+    # 100x77 with tile 32: windows of several shapes (edges, corners), and batches that end mid-shape.
+    img, holes = make_image(100, 77, seed=batch), make_holes(100, 77, seed=5)
+    engine = Engine(sensitive_model, tile=32, batch_size=batch, probe=sensitive_probe, channels_last=channels_last)
+    shapes = {t.window_shape for t in engine.tiles(100, 77)}
+    assert len(shapes) >= 4
+    assert_exact(infer_image(engine, img, holes), whole_forward(sensitive_model, img, holes))
+
+
+def test_one_tile_skips_pass_one_and_stays_exact(sensitive_model, sensitive_probe, make_image, make_holes, whole_forward):
+    img, holes = make_image(60, 90, seed=8), make_holes(60, 90, seed=9)
+    engine = Engine(sensitive_model, tile=128, probe=sensitive_probe)
+    assert engine.uses_global and not engine.needs_global_pass(60, 90)
+    called = []
+    engine.global_partials = lambda *a, **k: called.append(1)  # must not run
+    assert_exact(infer_image(engine, img, holes), whole_forward(sensitive_model, img, holes))
+    assert not called
+    several = Engine(sensitive_model, tile=32, probe=sensitive_probe)
+    with pytest.raises(ValueError, match="needs the whole-image global sums"):
+        list(several.compute(img, holes, several.tiles(60, 90)))
+
+
+def _vm(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+def test_memory_grows_with_the_image_by_uint8_only(sensitive_model, sensitive_probe, make_image):
+    # Peak RSS growth of one image, for a small and a big image: the difference is what
+    # scales with the image. uint8 outputs are 4 bytes a pixel; any full-size float32
+    # buffer (RGB accumulator: 12, logits: 24, weights for blending: 4 more) would at
+    # least double it. The constant part (windows, allocator slack) cancels out.
+    engine = Engine(sensitive_model, tile=128, batch_size=2, probe=sensitive_probe)
+    infer_image(engine, make_image(300, 300, seed=1))  # allocator pools and kernels warmed up
+
+    def peak_growth(side: int) -> tuple[int, int]:
+        img = make_image(side, side, seed=side)
+        holes = np.zeros((side, side), bool)
+        holes[side // 3 : side // 2, side // 5 : side // 2] = True
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS to the current RSS
+        before = _vm("VmRSS:")
+        classes, rgb = infer_image(engine, img, holes)
+        return _vm("VmHWM:") - before, classes.nbytes + rgb.nbytes
+
+    small, small_out = peak_growth(1024)
+    big, big_out = peak_growth(2560)
+    scaling, outputs = big - small, big_out - small_out
+    assert scaling < 1.5 * outputs, f"grew {scaling / 2**20:.1f} MB more for {outputs / 2**20:.1f} MB more uint8 output"
