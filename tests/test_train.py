@@ -1,0 +1,238 @@
+"""Training: masks, palette, loss goes down, exact resume, safe checkpoints, DDP under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from tilerun.masks import random_mask
+from tilerun.model import TileNetConfig, default_palette, load_tilenet, read_metadata
+from tilerun.train import (
+    TrainConfig,
+    TrainingError,
+    compute_loss,
+    kmeans_palette,
+    make_batch,
+    nearest_class,
+    optimizer_path,
+    train,
+)
+
+# Small enough that a step takes milliseconds; the same architecture as the shipped one.
+TINY = TileNetConfig(classes=4, stem=4, mid=4, width=8, global_dim=8, prefill_radii=(1, 3))
+
+
+def tiny_cfg(**kw) -> TrainConfig:
+    base = dict(steps=4, crop=32, batch_size=2, classes=4, checkpoint_every=2, kmeans_samples=2000, warmup=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def images_dir(tmp_path_factory) -> Path:
+    """Two 53x71 photos-ish: smooth gradients with blocks of four colours (odd sizes on purpose)."""
+    d = tmp_path_factory.mktemp("train_images")
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        yy, xx = np.mgrid[0:53, 0:71]
+        im = np.stack([xx * 3, yy * 4, (xx + yy) * 2], -1).astype(np.float64)
+        im[10:30, 20 + 10 * i : 45 + 10 * i] = (220, 30, 40)
+        im[35:50, 5:25] = (20, 200, 60)
+        im += rng.normal(0, 4, im.shape)
+        Image.fromarray(np.clip(im, 0, 255).astype(np.uint8)).save(d / f"img{i}.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "too_small.png")  # skipped: under the crop
+    return d
+
+
+# -- masks ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", [None, "thick", "thin", "box"])
+def test_masks_bounded_nonempty_deterministic(kind):
+    covs = []
+    for seed in range(30):
+        m = random_mask(np.random.default_rng(seed), 37, 64, kind=kind, max_coverage=0.5)
+        assert m.shape == (37, 64) and m.dtype == bool
+        assert 0 < m.mean() <= 0.5
+        again = random_mask(np.random.default_rng(seed), 37, 64, kind=kind, max_coverage=0.5)
+        assert np.array_equal(m, again)
+        covs.append(m.mean())
+    assert max(covs) > 0.1  # not degenerate: some masks are big
+    assert len({round(c, 4) for c in covs}) > 15  # and they vary
+
+
+def test_mask_kinds_differ_and_scale_keeps_coverage():
+    def mean_cov(kind, size, scale=None):
+        return np.mean([random_mask(np.random.default_rng(s), size, size, kind=kind, scale=scale).mean()
+                        for s in range(40)])
+
+    assert mean_cov("thin", 128) < 0.6 * mean_cov("thick", 128)
+    # Holes sized for a 128 crop on a 512 image: 16x the holes, about the same coverage, smaller holes.
+    assert abs(mean_cov("thick", 512, 128) - mean_cov("thick", 128)) < 0.08
+    big = random_mask(np.random.default_rng(1), 512, 512, kind="box")
+    small = random_mask(np.random.default_rng(1), 512, 512, kind="box", scale=128)
+    from scipy.ndimage import label
+
+    assert label(small)[1] > label(big)[1]
+    with pytest.raises(ValueError, match="kind"):
+        random_mask(np.random.default_rng(0), 8, 8, kind="circle")
+
+
+def test_mask_coverage_cap_is_enforced():
+    for seed in range(30):
+        m = random_mask(np.random.default_rng(seed), 40, 40, kind="thick", max_coverage=0.05)
+        assert m.mean() <= 0.05
+
+
+# -- classes --------------------------------------------------------------------------------------
+def test_kmeans_palette_recovers_colours():
+    rng = np.random.default_rng(0)
+    colours = np.array([[200, 20, 30], [10, 10, 10], [40, 220, 90]])
+    im = colours[rng.integers(0, 3, (60, 60))] + rng.integers(-3, 4, (60, 60, 3))
+    pal = kmeans_palette([np.clip(im, 0, 255).astype(np.uint8)], 3, seed=1, samples=5000)
+    assert pal.dtype == np.uint8 and pal.shape == (3, 3)
+    lum = pal.astype(float) @ [0.299, 0.587, 0.114]
+    assert np.all(np.diff(lum) >= 0)  # sorted dark to light
+    for c in colours:
+        assert np.abs(pal.astype(int) - c).sum(1).min() <= 4
+    with pytest.raises(TrainingError, match="distinct"):
+        kmeans_palette([np.zeros((4, 4, 3), np.uint8)], 2)
+
+
+def test_nearest_class():
+    pal = torch.tensor([[0.0, 0, 0], [1, 1, 1], [1, 0, 0]])
+    rgb = torch.tensor([[0.1, 0.9, 0.8], [0.1, 0.9, 0.1], [0.1, 0.9, 0.1]])[None, :, :, None]  # 3 pixels
+    assert nearest_class(rgb, pal)[0, :, 0].tolist() == [0, 1, 2]
+
+
+def test_batches_are_a_function_of_seed_step_rank():
+    ims = [np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)]
+    cfg = tiny_cfg()
+    a = make_batch(ims, step=3, rank=0, cfg=cfg)
+    assert all(np.array_equal(x, y) for x, y in zip(a, make_batch(ims, step=3, rank=0, cfg=cfg)))
+    assert not np.array_equal(a[1], make_batch(ims, step=3, rank=1, cfg=cfg)[1])
+    assert not np.array_equal(a[1], make_batch(ims, step=4, rank=0, cfg=cfg)[1])
+
+
+# -- training ------------------------------------------------------------------------------------
+def _fixed_loss(model, images_dir: Path, cfg: TrainConfig) -> float:
+    ims = [np.asarray(Image.open(images_dir / f"img{i}.png")) for i in range(2)]
+    pal = torch.tensor(model.palette, dtype=torch.float32) / 255
+    total = 0.0
+    with torch.no_grad():
+        for step in range(1000, 1004):  # batches the run never saw
+            x, m = make_batch(ims, step=step, rank=0, cfg=cfg)
+            x = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
+            total += compute_loss(model, x, torch.from_numpy(m)[:, None].float(), pal, cfg)[1]["loss"]
+    return total / 4
+
+
+def test_training_lowers_the_loss(images_dir, tmp_path):
+    cfg = tiny_cfg(steps=25, checkpoint_every=25, lr=1e-2)
+    train([images_dir], out=tmp_path / "a.safetensors", cfg=cfg, net_cfg=TINY, stop_at=1, progress=False)
+    train([images_dir], out=tmp_path / "b.safetensors", cfg=cfg, net_cfg=TINY, progress=False)
+    before = _fixed_loss(load_tilenet(tmp_path / "a.safetensors"), images_dir, cfg)
+    after = _fixed_loss(load_tilenet(tmp_path / "b.safetensors"), images_dir, cfg)
+    assert after < 0.85 * before, (before, after)
+
+
+def test_resume_continues_exactly(images_dir, tmp_path):
+    cfg = tiny_cfg(steps=4, checkpoint_every=2)
+    full, split = tmp_path / "full.safetensors", tmp_path / "split.safetensors"
+    train([images_dir], out=full, cfg=cfg, net_cfg=TINY, progress=False)
+    train([images_dir], out=split, cfg=cfg, net_cfg=TINY, stop_at=2, progress=False)
+    assert json.loads(read_metadata(split)["training"])["step"] == 2
+    mid = load_file(str(split))
+    train([images_dir], out=split, cfg=cfg, net_cfg=TINY, resume=True, progress=False)
+    a, b = load_file(str(full)), load_file(str(split))
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(mid[k], b[k]) for k in a)  # the resumed run did train
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    oa, ob = load_file(str(optimizer_path(full))), load_file(str(optimizer_path(split)))
+    assert oa.keys() == ob.keys() and all(torch.equal(oa[k], ob[k]) for k in oa)
+
+    with pytest.raises(TrainingError, match="lr"):
+        train([images_dir], out=split, cfg=tiny_cfg(steps=4, lr=0.5), net_cfg=TINY, resume=True, progress=False)
+    with pytest.raises(TrainingError, match="--resume"):
+        train([images_dir], out=split, cfg=cfg, net_cfg=TINY, progress=False)  # would overwrite
+
+
+def test_checkpoint_is_safetensors_with_metadata(images_dir, tmp_path):
+    out = tmp_path / "m.safetensors"
+    train([images_dir], out=out, cfg=tiny_cfg(steps=2), net_cfg=TINY, exclude=["img1.*"], progress=False)
+    raw = out.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])  # a plain JSON header, then raw tensor bytes: nothing to unpickle
+    meta = header["__metadata__"]
+    training = json.loads(meta["training"])
+    assert training["images"] == ["img0.png"] and training["excluded"] == ["img1.*"]
+    assert training["recipe"]["crop"] == 32 and training["recipe"]["classes"] == 4
+    rf = json.loads(meta["receptive_field"])
+    assert rf["stride"] == 4 and 0 < rf["radius"] <= rf["halo"] < 64
+    model = load_tilenet(out)
+    assert model.cfg == TINY and len(model.palette) == 4
+    assert model.palette != default_palette(4)  # the k-means colours, not the untrained ones
+    saved = load_file(str(out))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, saved[k])
+    x = torch.rand(1, 3, 20, 24)
+    m = torch.zeros(1, 1, 20, 24)
+    m[..., 5:12, 6:15] = 1
+    logits, rgb = model(x, m)
+    assert logits.shape == (1, 4, 20, 24)
+    assert torch.equal(rgb[m.expand_as(rgb) == 0], x[m.expand_as(x) == 0])  # known pixels pass through
+
+
+def test_no_images_large_enough(tmp_path):
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(TrainingError, match="no training images"):
+        train([tmp_path], out=tmp_path / "m.safetensors", cfg=tiny_cfg(), net_cfg=TINY, progress=False)
+
+
+def test_ddp_two_processes(images_dir, tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys
+        from tilerun.model import TileNetConfig, read_metadata
+        from tilerun.train import TrainConfig, train
+        cfg = TrainConfig(steps=2, crop=32, batch_size=2, classes=4, checkpoint_every=1, kmeans_samples=2000)
+        net = TileNetConfig(**json.loads({json.dumps(json.dumps(TINY.to_dict()))}))
+        train([sys.argv[1]], out=sys.argv[2], cfg=cfg, net_cfg=net, progress=False)
+    """))
+    out = tmp_path / "ddp.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), str(images_dir), str(out)],
+        capture_output=True, text=True, timeout=180, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    training = json.loads(read_metadata(out)["training"])
+    assert training["world_size"] == 2 and training["step"] == 2
+
+
+def test_prefill_model_tiles_exactly():
+    """The trained architecture (local pre-fill + residual RGB) keeps tiled == whole-image output."""
+    from tilerun import infer_image
+    from tilerun.model import TileNet
+
+    torch.manual_seed(3)
+    model = TileNet(TINY).eval()
+    with torch.no_grad():  # the zero-init residual head would hide the network: make it sensitive
+        model.decoder.rgb.weight.normal_(0, 2.0)
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (45, 61, 3), dtype=np.uint8)
+    mask = random_mask(rng, 45, 61, kind="box", max_coverage=0.4)
+    whole = infer_image(model, image, mask, tile=0)
+    tiled = infer_image(model, image, mask, tile=16)
+    assert np.array_equal(whole[0], tiled[0]) and np.array_equal(whole[1], tiled[1])
+    assert (tiled[1][mask] != image[mask]).any()

@@ -1,0 +1,418 @@
+"""Self-supervised training of TileNet: random crops, random holes, colour classes.
+
+The model learns two things from unlabelled photos:
+
+* **classes**: K colour classes found by k-means over the training pixels; the truth of
+  a pixel is the palette colour nearest its true colour, everywhere (holes included),
+  so the class map is a posterised picture of the image with the holes predicted;
+* **inpainting**: L1 between the filled and the true pixels, on the holes only
+  (known pixels pass through the model unchanged, so an L1 on them is identically 0).
+
+Under torchrun each process trains a replica on its own batches and
+DistributedDataParallel averages the gradients (the design document's "one replica per
+server, merged into one model"); without torchrun it is one process.
+
+Exact resume: a batch is a pure function of ``(seed, step, rank)`` and the learning
+rate a pure function of ``step``, so a checkpoint needs only the weights, the
+optimizer state and the step; there is no data-loader RNG state to carry. Both files
+are safetensors (plain tensors + a JSON header): loading them never unpickles code.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from .errors import TilerunError
+from .masks import random_mask
+from .model import TileNet, TileNetConfig, read_metadata, save_tilenet
+from .model.weights import INIT_SEED
+
+__all__ = [
+    "DEFAULT_PREFILL",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
+    "load_training_images",
+    "kmeans_palette",
+    "make_batch",
+    "nearest_class",
+    "compute_loss",
+    "optimizer_path",
+    "train",
+]
+
+log = logging.getLogger("tilerun")
+
+
+# The pre-fill radii of trained models: a tent of radius 30 at the coarsest scale reaches
+# the middle of the biggest training box (45% of a 128 crop, 58 px) while, entering only
+# the last decoder layer, it leaves the network's 39-pixel receptive field as it is.
+DEFAULT_PREFILL = (1, 3, 7, 15)
+
+
+class TrainingError(TilerunError, ValueError):
+    """Bad training input, or a checkpoint that cannot be resumed with these settings."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The recipe. Everything here except ``checkpoint_every`` changes the result."""
+
+    steps: int = 2000
+    crop: int = 128
+    batch_size: int = 8  # per process
+    classes: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup: int = 50
+    seed: int = 0
+    l1_weight: float = 5.0  # hole L1 (in [0,1] units) against the class cross-entropy
+    grad_weight: float = 0.0  # L1 of the horizontal/vertical gradients on holes
+    max_hole: float = 0.5
+    kmeans_samples: int = 100_000
+    checkpoint_every: int = 100
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "crop", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise TrainingError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.crop % TileNet.stride:
+            raise TrainingError(f"--crop must be a multiple of the model stride {TileNet.stride}, got {self.crop}")
+        if not 2 <= self.classes <= 256:
+            raise TrainingError(f"--classes must be in 2..256 (an 8-bit palette), got {self.classes}")
+        if self.lr <= 0:
+            raise TrainingError(f"--lr must be > 0, got {self.lr}")
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up, then cosine decay to a tenth: a function of the step alone (exact resume)."""
+        warm = min(1.0, (step + 1) / max(1, self.warmup))
+        return self.lr * warm * (0.1 + 0.45 * (1 + math.cos(math.pi * min(step, self.steps) / self.steps)))
+
+    def recipe(self) -> dict:
+        d = asdict(self)
+        d.pop("checkpoint_every")
+        return d
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    path: Path
+    steps: int
+    last_loss: float
+    seconds: float
+
+
+# -- data ---------------------------------------------------------------------------------
+def load_training_images(paths: Sequence[str | os.PathLike], *, exclude: Sequence[str] = (),
+                         min_side: int = 1) -> list[tuple[str, np.ndarray]]:
+    """``(name, uint8 HxWx3)`` for every image under ``paths`` whose name matches no ``exclude`` glob.
+
+    Images whose short side is under ``min_side`` (the crop) are skipped with a warning.
+    """
+    from .images import find_inputs, load_image
+
+    out = []
+    for root in paths:
+        for item in find_inputs(root):
+            name = item.path.name
+            if any(fnmatch.fnmatch(name, pat) or fnmatch.fnmatch(item.key, pat) for pat in exclude):
+                continue
+            rgb, _ = load_image(item)
+            if min(rgb.shape[:2]) < min_side:
+                log.warning("skipping %s: %dx%d is smaller than the %d-pixel crop", item.path, rgb.shape[1],
+                            rgb.shape[0], min_side)
+                continue
+            out.append((item.key, rgb))
+    if not out:
+        raise TrainingError(f"no training images of at least {min_side}x{min_side} pixels in {', '.join(map(str, paths))}")
+    return out
+
+
+def _with_half_scales(images: list[np.ndarray], crop: int) -> list[np.ndarray]:
+    """Add a half-size copy of every image that still holds two crops across: scale augmentation."""
+    from PIL import Image
+
+    out = list(images)
+    for im in images:
+        h, w = im.shape[:2]
+        if min(h, w) >= 2 * crop:
+            out.append(np.asarray(Image.fromarray(im).resize((w // 2, h // 2), Image.Resampling.BOX)))
+    return out
+
+
+def kmeans_palette(images: Sequence[np.ndarray], k: int, *, seed: int = 0, samples: int = 100_000,
+                   iterations: int = 30) -> np.ndarray:
+    """K colours (uint8 [k,3], sorted dark to light) by k-means++ and Lloyd over sampled pixels.
+
+    Every image contributes the same number of pixels, so one big photo does not own the palette.
+    """
+    rng = np.random.default_rng(seed)
+    per = max(1, samples // len(images))
+    pix = np.concatenate([im.reshape(-1, 3)[rng.integers(0, im.shape[0] * im.shape[1], per)] for im in images])
+    pix = pix.astype(np.float32)
+    if len(np.unique(pix, axis=0)) < k:
+        raise TrainingError(f"--classes {k} is more than the {len(np.unique(pix, axis=0))} distinct training colours")
+    centres = [pix[rng.integers(len(pix))]]
+    d2 = ((pix - centres[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        centres.append(pix[rng.choice(len(pix), p=d2 / d2.sum())])
+        d2 = np.minimum(d2, ((pix - centres[-1]) ** 2).sum(1))
+    c = np.stack(centres)
+    for _ in range(iterations):
+        lab = _nearest(pix, c)
+        for j in range(k):
+            sel = pix[lab == j]
+            if len(sel):
+                c[j] = sel.mean(0)
+    c = np.clip(np.round(c), 0, 255).astype(np.uint8)
+    return c[np.argsort(c.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32), kind="stable")]
+
+
+def _nearest(pix: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    d = (pix**2).sum(1)[:, None] - 2 * pix @ centres.T + (centres**2).sum(1)[None]
+    return d.argmin(1)
+
+
+def nearest_class(rgb: Tensor, palette: Tensor) -> Tensor:
+    """Class index [N,H,W] of the palette colour nearest each pixel; rgb [N,3,H,W] and palette [K,3] in [0,1]."""
+    d = ((rgb[:, None] - palette[None, :, :, None, None]) ** 2).sum(2)
+    return d.argmin(1)
+
+
+def make_batch(images: Sequence[np.ndarray], *, step: int, rank: int, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Crops uint8 [B,crop,crop,3] and holes bool [B,crop,crop]: a pure function of (seed, step, rank)."""
+    rng = np.random.default_rng([cfg.seed, step, rank])
+    c = cfg.crop
+    imgs = np.empty((cfg.batch_size, c, c, 3), np.uint8)
+    masks = np.empty((cfg.batch_size, c, c), bool)
+    for b in range(cfg.batch_size):
+        im = images[int(rng.integers(len(images)))]
+        y = int(rng.integers(0, im.shape[0] - c + 1))
+        x = int(rng.integers(0, im.shape[1] - c + 1))
+        crop = im[y : y + c, x : x + c]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        imgs[b] = crop
+        masks[b] = random_mask(rng, c, c, max_coverage=cfg.max_hole)
+    return imgs, masks
+
+
+def compute_loss(model, image: Tensor, mask: Tensor, palette: Tensor, cfg: TrainConfig) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy on the colour classes everywhere + weighted L1 on the holes."""
+    logits, rgb = model(image, mask)
+    ce = F.cross_entropy(logits, nearest_class(image, palette))
+    holes = mask.expand_as(rgb)
+    n = holes.sum().clamp_min(1)
+    l1 = ((rgb - image).abs() * holes).sum() / n
+    loss = ce + cfg.l1_weight * l1
+    parts = {"ce": ce.item(), "l1": l1.item()}
+    if cfg.grad_weight:
+        # Gradients of the error, counted where either pixel of the pair is a hole.
+        err = rgb - image
+        gx = (err[..., :, 1:] - err[..., :, :-1]).abs() * torch.maximum(holes[..., :, 1:], holes[..., :, :-1])
+        gy = (err[..., 1:, :] - err[..., :-1, :]).abs() * torch.maximum(holes[..., 1:, :], holes[..., :-1, :])
+        grad = (gx.sum() + gy.sum()) / (2 * n)
+        loss = loss + cfg.grad_weight * grad
+        parts["grad"] = grad.item()
+    parts["loss"] = loss.item()
+    return loss, parts
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+def optimizer_path(out: str | os.PathLike) -> Path:
+    """The optimizer state beside ``out``: model.safetensors -> model.optim.safetensors."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".safetensors") + ".optim.safetensors")
+
+
+def _save_optimizer(opt: torch.optim.Optimizer, path: Path, step: int) -> None:
+    sd = opt.state_dict()
+    tensors = {}
+    for idx, st in sd["state"].items():
+        for key, value in st.items():
+            t = value if isinstance(value, Tensor) else torch.tensor(value)
+            tensors[f"{idx}.{key}"] = t.detach().contiguous().cpu()
+    groups = [{k: v for k, v in g.items()} for g in sd["param_groups"]]
+    meta = {"format": "tilerun.optimizer/1", "step": str(step), "param_groups": json.dumps(groups)}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, path: Path, step: int, device: torch.device) -> None:
+    try:
+        meta = read_metadata(path)
+        tensors = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, TilerunError) as e:
+        raise TrainingError(f"{path}: cannot read the optimizer state to resume ({e})") from e
+    if meta.get("format") != "tilerun.optimizer/1" or meta.get("step") != str(step):
+        raise TrainingError(f"{path}: optimizer state is for step {meta.get('step')}, the weights for step {step}; "
+                            "the checkpoint pair is inconsistent (rerun without --resume)")
+    state: dict[int, dict[str, Tensor]] = {}
+    for key, t in tensors.items():
+        idx, name = key.split(".", 1)
+        # Adam keeps `step` on the CPU (torch's default for capturable=False).
+        state.setdefault(int(idx), {})[name] = t.cpu() if name == "step" else t
+    opt.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+
+
+def _resume_state(out: Path, cfg: TrainConfig, net_cfg: TileNetConfig) -> tuple[int, dict]:
+    """(step, metadata) of the checkpoint at ``out``, checked against this run's recipe."""
+    meta = read_metadata(out)
+    try:
+        train_meta = json.loads(meta["training"])
+        step = int(train_meta["step"])
+        saved_cfg = TileNetConfig.from_dict(json.loads(meta["config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise TrainingError(f"{out}: not a tilerun training checkpoint ({e})") from e
+    if saved_cfg != net_cfg:
+        raise TrainingError(f"{out}: checkpoint architecture {saved_cfg} differs from {net_cfg}")
+    diff = {k: (v, cfg.recipe()[k]) for k, v in train_meta["recipe"].items() if cfg.recipe().get(k) != v}
+    if diff:
+        pretty = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise TrainingError(f"{out}: --resume needs the checkpoint's recipe; differs in {pretty}")
+    return step, train_meta
+
+
+_RECEPTIVE: dict[TileNetConfig, dict] = {}
+
+
+def _receptive_field(net: TileNet) -> dict:
+    """The measured receptive field of ``net``'s architecture (probed once per config and process:
+    the probe costs seconds and the radius is a property of the layers, not of the weights)."""
+    if net.cfg not in _RECEPTIVE:
+        from .receptive import probe_model
+
+        p = probe_model(net)
+        _RECEPTIVE[net.cfg] = {"radius": p.radius, "halo": p.halo, "global_radius": p.global_radius, "stride": p.stride}
+    return _RECEPTIVE[net.cfg]
+
+
+# -- the loop -------------------------------------------------------------------------------
+def train(
+    image_paths: Sequence[str | os.PathLike],
+    *,
+    out: str | os.PathLike,
+    cfg: TrainConfig = TrainConfig(),
+    net_cfg: TileNetConfig | None = None,
+    exclude: Sequence[str] = (),
+    resume: bool = False,
+    stop_at: int | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> TrainResult:
+    """Train a TileNet on the images under ``image_paths`` into ``out`` (.safetensors).
+
+    ``stop_at`` ends this run after that step (checkpointed) without changing the
+    recipe, e.g. to split training over sessions; ``resume`` continues from ``out``.
+    """
+    from .dist import session
+
+    out = Path(out)
+    net_cfg = net_cfg or TileNetConfig(classes=cfg.classes, prefill_radii=DEFAULT_PREFILL)
+    if net_cfg.classes != cfg.classes:
+        raise TrainingError(f"--classes {cfg.classes} but the architecture has {net_cfg.classes} classes")
+    if resume and not out.is_file():
+        raise TrainingError(f"--resume: no checkpoint at {out}")
+    if not resume and out.exists():
+        raise TrainingError(f"{out} exists; pass --resume to continue it, or choose another --out")
+    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    t_start = time.perf_counter()
+    with session(device=device) as ctx:
+        named = load_training_images(image_paths, exclude=exclude, min_side=cfg.crop)
+        images = _with_half_scales([im for _, im in named], cfg.crop)
+        palette_u8 = kmeans_palette([im for _, im in named], cfg.classes, seed=cfg.seed, samples=cfg.kmeans_samples)
+        # Every rank computes the same palette and work list from the same inputs; check it.
+        ctx.agree(json.dumps([n for n, _ in named]) + palette_u8.tobytes().hex(), "the training images and palette")
+        palette = [tuple(int(v) for v in c) for c in palette_u8]
+
+        # The same init on every rank (DDP also broadcasts rank 0's weights).
+        torch.manual_seed(INIT_SEED + cfg.seed)
+        net = TileNet(net_cfg, palette)
+        start, seconds_before = 0, 0.0
+        if resume:
+            start, train_meta = _resume_state(out, cfg, net_cfg)
+            seconds_before = float(train_meta.get("seconds", 0.0))
+            net.load_state_dict(load_file(str(out)))
+        net.to(ctx.device)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if resume:
+            _load_optimizer(opt, optimizer_path(out), start, ctx.device)
+        model = net
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(net, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        pal_t = torch.tensor(palette_u8, dtype=torch.float32, device=ctx.device) / 255
+
+        receptive = _receptive_field(net) if ctx.is_writer else None
+
+        def checkpoint(step: int, seconds: float) -> None:
+            if ctx.is_writer:
+                _save_optimizer(opt, optimizer_path(out), step)
+                save_tilenet(net, out, extra={
+                    "classes": cfg.classes,
+                    "receptive_field": receptive,
+                    "training": {
+                        "step": step,
+                        "recipe": cfg.recipe(),
+                        "images": [n for n, _ in named],
+                        "excluded": list(exclude),
+                        "world_size": ctx.world_size,
+                        "device": ctx.device.type,
+                        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",
+                        "seconds": round(seconds, 1),
+                    },
+                })
+            if ctx.distributed:
+                torch.distributed.barrier()
+
+        bar = None
+        if progress and ctx.is_writer:
+            from tqdm import tqdm
+
+            bar = tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
+        parts = {"loss": float("nan")}
+        t_run = time.perf_counter()
+        model.train()
+        try:
+            for step in range(start, end):
+                for g in opt.param_groups:
+                    g["lr"] = cfg.lr_at(step)
+                imgs, masks = make_batch(images, step=step, rank=ctx.rank, cfg=cfg)
+                x = torch.from_numpy(imgs).to(ctx.device).permute(0, 3, 1, 2).float().div_(255)
+                m = torch.from_numpy(masks).to(ctx.device)[:, None].float()
+                loss, parts = compute_loss(model, x, m, pal_t, cfg)
+                if not math.isfinite(parts["loss"]):
+                    raise TrainingError(f"loss became {parts['loss']} at step {step}; lower --lr")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in parts.items()}, refresh=False)
+                done = step + 1
+                if done % cfg.checkpoint_every == 0 or done == end:
+                    checkpoint(done, seconds_before + time.perf_counter() - t_run)
+                    if ctx.is_writer:
+                        log.info("step %d: %s (checkpoint %s)", done, " ".join(f"{k} {v:.4f}" for k, v in parts.items()), out)
+        finally:
+            if bar is not None:
+                bar.close()
+        return TrainResult(out, end, parts["loss"], time.perf_counter() - t_start)
