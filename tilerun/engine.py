@@ -222,17 +222,22 @@ class Engine:
         # Pass 1 needs only the encoder's (smaller) halo.
         gtiles = {t.index: t for t in grid(h, w, tile=self.tile, halo=self.global_halo, stride=self.stride)}
         s = self.stride
+        done: list[int] = []
+        sums: list[Tensor] = []
         for batch in self._batches([gtiles[t.index] for t in tiles]):
             x, m = self._windows(image, mask, batch)
             with self._autocast():
                 terms = self.model.global_terms(x, m)
-            sums = []
             for i, t in enumerate(batch):
                 ys, xs = t.core_in_window_at(s)
+                done.append(t.index)
                 sums.append(terms[i, :, ys, xs].double().sum(dim=(1, 2)))
-            # One device->host copy per batch, not one per tile.
-            for t, row in zip(batch, torch.stack(sums).cpu()):
-                out[t.index] = row
+        if not sums:
+            return out
+        # One device->host copy at the end: a copy per batch would make the host wait
+        # for every batch before queueing the next.
+        for index, row in zip(done, torch.stack(sums).cpu()):
+            out[index] = row
         return out
 
     @staticmethod
@@ -242,12 +247,15 @@ class Engine:
 
     # -- pass 2 ---------------------------------------------------------------------
     def _launch(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile], global_sums: Tensor | None) -> _InFlight:
-        """Queue one batch's forward and the copies of its uint8 results to the host."""
+        """Queue one batch's forward and the copies of its uint8 results to the host.
+
+        ``global_sums`` is already float32 on the device: a blocking copy here would
+        synchronise the stream once a batch and empty the pipeline.
+        """
         x, m = self._windows(image, mask, batch)
         with self._autocast():
             if global_sums is not None:
-                g = global_sums.to(self.device, torch.float32)[None].expand(len(batch), -1)
-                out = self.model(x, m, global_sums=g)
+                out = self.model(x, m, global_sums=global_sums[None].expand(len(batch), -1))
             else:
                 out = self.model(x, m)
         logits, rgb = _split_outputs(out)
@@ -280,6 +288,8 @@ class Engine:
         whole = len(tiles) == 1 and (tiles[0].y0, tiles[0].y1, tiles[0].x0, tiles[0].x1) == (0, h, 0, w)
         if self.uses_global and global_sums is None and not whole:
             raise ValueError("this model needs the whole-image global sums: run global_partials first")
+        if global_sums is not None:
+            global_sums = global_sums.to(self.device, torch.float32)
         pending: _InFlight | None = None
         for batch in self._batches(tiles):
             with torch.inference_mode():
