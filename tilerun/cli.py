@@ -196,8 +196,10 @@ def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, chec
 
 @main.command("inspect")
 @click.argument("model_path", metavar="[MODEL]", required=False, type=o.ModelSpec())
-@o.tile_opt
-@o.batch_opt
+# Not o.tile_opt/o.batch_opt: inspect reports for tilerun's default on the chosen device unless told otherwise.
+@click.option("--tile", type=int, default=None, help="Tile core side to measure memory for. "
+              "Default: tilerun's default for the device.")
+@click.option("--batch-size", type=int, default=None, help="Tiles per forward. Default: tilerun's default.")
 @o.device_opt
 @click.option("--no-memory", is_flag=True, help="Skip the full-size forward that measures memory per tile.")
 @o.verbose_opt
