@@ -65,6 +65,7 @@ class InspectReport:
     memory_bytes: int | None  # peak activation memory of one window, batch 1
     memory_method: str
     exact: ExactCheck
+    default_tile: int = DEFAULT_TILE  # tilerun's default for the device measured on
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -167,21 +168,27 @@ def inspect_model(
     model: nn.Module,
     *,
     source: str = "",
-    tile: int = DEFAULT_TILE,
-    batch_size: int = DEFAULT_BATCH,
+    tile: int | None = None,
+    batch_size: int | None = None,
     device: str | torch.device = "cpu",
     memory: bool = True,
 ) -> InspectReport:
     """Measure everything `format_report` prints. Takes seconds (the probes and one
-    full-size forward); ``memory=False`` skips the full-size forward."""
+    full-size forward); ``memory=False`` skips the full-size forward. ``tile`` and
+    ``batch_size`` default to tilerun's defaults for ``device``."""
+    from .defaults import default_batch, default_tile
     from .model.loading import check_contract
 
+    kind = torch.device(device).type
+    default = default_tile(kind)
+    tile = default if tile is None else tile
+    batch_size = default_batch(kind) if batch_size is None else batch_size
     t0 = time.perf_counter()
     outputs = check_contract(model)
     probe = probe_model(model)
     params = list(model.parameters())
     notes = []
-    if probe.halo is None:
+    if not probe.tile_exact:
         tile_used = 0
         window = tile  # whole-image model: report memory for an image of the default tile's size
         notes.append(f"not tile-exact: each image runs whole; memory below is for one {tile}x{tile} image")
@@ -212,6 +219,7 @@ def inspect_model(
         memory_bytes=mem,
         memory_method=how,
         exact=exact,
+        default_tile=default,
         seconds=time.perf_counter() - t0,
         notes=notes,
     )
@@ -265,7 +273,7 @@ def format_report(r: InspectReport, *, color: bool = False) -> str:
     else:
         lines.append(f"{_label('global branch')}no (one pass)")
     if r.tile:
-        which = "the default, tilerun/defaults.py" if r.tile == DEFAULT_TILE else f"--tile; the default is {DEFAULT_TILE}"
+        which = "the default, tilerun/defaults.py" if r.tile == r.default_tile else f"--tile; the default is {r.default_tile}"
         lines.append(f"{_label('tile')}{r.tile} px ({which}) -> window {r.window}x{r.window} px, "
                      f"{r.batch_size} tiles per forward")
     else:

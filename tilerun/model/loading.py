@@ -360,21 +360,23 @@ def load_model(spec: str | os.PathLike | None = None, *, check: bool = True) -> 
     return model
 
 
-def tile_exact_warning(probe, *, tile: int, halo: int | None) -> str | None:
+def tile_exact_warning(probe, *, tile: int | None, halo: int | None) -> str | None:
     """A warning for a model that tiles are not exact for, naming the options that help; else None.
 
     ``tile``/``halo`` are what the user asked for (``halo`` None = measured).
     """
     if probe.tile_exact:
         return None
-    what = "global pooling, attention or another whole-image operation"
-    if halo is None and probe.halo is None:
+    what = (
+        "the probe found no bounded receptive field or no translation stride: global pooling, attention, "
+        "positional inputs or another whole-image operation"
+    )
+    if halo is None:
         # The engine falls back to one whole-image forward: exact, but unbounded memory.
         return (
-            f"this model is not tile-exact: its measured receptive field is unbounded ({what}). "
-            "tilerun runs each whole image in one forward (as with --tile 0), so memory grows with the image. "
-            "To tile anyway, pass --halo N with a big --tile (results then differ from a whole-image "
-            "forward near tile seams)."
+            f"this model is not tile-exact ({what}). tilerun runs each whole image in one forward "
+            "(as with --tile 0), so memory grows with the image. To tile anyway, pass --halo N with a big "
+            "--tile (results then differ from a whole-image forward near tile seams)."
         )
     return (
         f"this model is not tile-exact ({what}): with --tile {tile} results differ from a whole-image "
