@@ -84,7 +84,7 @@ def test_preview_written_with_panels_and_legend(monkeypatch, tmp_path, make_imag
     from PIL import Image
 
     from tilerun.cli import main
-    from tilerun.preview import HOLE_COLOURS
+    from tilerun.preview import GAP, HOLE_COLOURS, TITLE
 
     monkeypatch.syspath_prepend(str(EXAMPLES))
     h, w = 47, 61
@@ -101,7 +101,7 @@ def test_preview_written_with_panels_and_legend(monkeypatch, tmp_path, make_imag
         classes, palette = np.asarray(im), im.getpalette()
     with Image.open(tmp_path / "out" / "a.inpainted.png") as im:
         inpainted = np.asarray(im)
-    gap, title = 8, 14
+    gap, title = GAP, TITLE
     assert preview.shape[1] == 3 * w + 4 * gap  # three panels, full size (small image: no downscale)
     assert preview.shape[0] > gap + title + h + gap  # the legend under the panels
     top = gap + title
@@ -123,7 +123,7 @@ def test_preview_written_with_panels_and_legend(monkeypatch, tmp_path, make_imag
 
 
 def test_preview_of_a_big_image_stays_bounded():
-    from tilerun.preview import make_preview
+    from tilerun.preview import GAP, TITLE, make_preview
 
     h, w = 2600, 700
     rng = np.random.default_rng(0)
@@ -134,10 +134,10 @@ def test_preview_of_a_big_image_stays_bounded():
     palette = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (9, 9, 9)]
     im = make_preview(image, mask, classes, None, palette, max_side=512)
     side_w = round(w * 512 / h)
-    assert im.width == 2 * side_w + 3 * 8  # input and classes only: the model gave no rgb
+    assert im.width == 2 * side_w + 3 * GAP  # input and classes only: the model gave no rgb
     assert 512 < im.height < 512 + 100
-    row = round(1000 * 512 / h) + 8 + 14
-    band = np.asarray(im)[row - 1 : row + 2, 8 : 8 + side_w]
+    row = round(1000 * 512 / h) + GAP + TITLE
+    band = np.asarray(im)[row - 1 : row + 2, GAP : GAP + side_w]
     assert (band == (255, 0, 255)).all(axis=2).any()
 
 

@@ -18,16 +18,24 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .images import write_png_atomic
 
-__all__ = ["make_preview", "write_preview", "write_previews", "preview_path", "HOLE_COLOURS", "MAX_SIDE"]
+__all__ = ["make_preview", "write_preview", "write_previews", "preview_path", "HOLE_COLOURS", "MAX_SIDE", "GAP", "TITLE"]
 
 log = logging.getLogger("tilerun")
 
 MAX_SIDE = 1024
 # Holes as magenta/black diagonal stripes: visible on any photo and unlike any flat class colour.
 HOLE_COLOURS = ((255, 0, 255), (0, 0, 0))
-_GAP = 8
-_TITLE = 14  # a line of Pillow's default font
+GAP = 8  # pixels between and around the panels
+TITLE = 18  # the panel titles' line
 _BACKGROUND = (255, 255, 255)
+
+
+def _font(size: int = 13):
+    """Pillow's bundled FreeType font (Pillow >= 10.1), else its small bitmap font."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow 10.0: no size argument
+        return ImageFont.load_default()
 
 
 def _fit(h: int, w: int, max_side: int) -> tuple[int, int]:
@@ -56,7 +64,7 @@ def _class_panel(classes: np.ndarray, palette, size: tuple[int, int]) -> Image.I
 
 def _legend(palette, width: int) -> Image.Image:
     """Swatches with class numbers, wrapped to ``width``."""
-    font = ImageFont.load_default()
+    font = _font(12)
     sw, pad = 14, 6
     items = [(str(i), tuple(c)) for i, c in enumerate(palette)]
     label_w = max((int(font.getlength(t)) for t, _ in items), default=0)
@@ -93,20 +101,20 @@ def make_preview(
         panels.append(("class map", _class_panel(classes, palette, size)))
     if rgb is not None:
         panels.append(("inpainted", Image.fromarray(rgb).resize((size[1], size[0]), Image.BOX)))
-    width = sum(p.width for _, p in panels) + _GAP * (len(panels) + 1)
+    width = sum(p.width for _, p in panels) + GAP * (len(panels) + 1)
     legend = _legend(palette, width) if classes is not None and palette else None
-    top = _GAP + _TITLE
-    height = top + size[0] + _GAP + (legend.height if legend else 0)
+    top = GAP + TITLE
+    height = top + size[0] + GAP + (legend.height if legend else 0)
     out = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
-    x = _GAP
+    font = _font(13)
+    x = GAP
     for title, p in panels:
-        draw.text((x, _GAP // 2), title, fill=(0, 0, 0), font=font)
+        draw.text((x, GAP // 2 + 1), title, fill=(0, 0, 0), font=font)
         out.paste(p, (x, top))
-        x += p.width + _GAP
+        x += p.width + GAP
     if legend:
-        out.paste(legend, (0, top + size[0] + _GAP // 2))
+        out.paste(legend, (0, top + size[0] + GAP // 2))
     return out
 
 
