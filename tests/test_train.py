@@ -205,7 +205,7 @@ def test_ddp_two_processes(images_dir, tmp_path):
         from tilerun.model import TileNetConfig, read_metadata
         from tilerun.train import TrainConfig, train
         cfg = TrainConfig(steps=2, crop=32, batch_size=2, classes=4, checkpoint_every=1, kmeans_samples=2000)
-        net = TileNetConfig(**json.loads({json.dumps(json.dumps(TINY.to_dict()))}))
+        net = TileNetConfig.from_dict(json.loads({json.dumps(json.dumps(TINY.to_dict()))}))
         train([sys.argv[1]], out=sys.argv[2], cfg=cfg, net_cfg=net, progress=False)
     """))
     out = tmp_path / "ddp.safetensors"
@@ -215,7 +215,7 @@ def test_ddp_two_processes(images_dir, tmp_path):
          str(script), str(images_dir), str(out)],
         capture_output=True, text=True, timeout=180, env=env,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-6000:]
     training = json.loads(read_metadata(out)["training"])
     assert training["world_size"] == 2 and training["step"] == 2
 
@@ -236,3 +236,41 @@ def test_prefill_model_tiles_exactly():
     tiled = infer_image(model, image, mask, tile=16)
     assert np.array_equal(whole[0], tiled[0]) and np.array_equal(whole[1], tiled[1])
     assert (tiled[1][mask] != image[mask]).any()
+
+
+def test_init_from_an_earlier_stage(images_dir, tmp_path):
+    stage1, stage2 = tmp_path / "s1.safetensors", tmp_path / "s2.safetensors"
+    train([images_dir], out=stage1, cfg=tiny_cfg(steps=2), net_cfg=TINY, progress=False)
+    with_prior = TileNetConfig.from_dict({**TINY.to_dict(), "class_prior": True})
+    cfg2 = tiny_cfg(steps=2, lr=1e-9, l2_weight=10.0)  # a negligible step: stage 2 starts where stage 1 ended
+    train([images_dir], out=stage2, cfg=cfg2, net_cfg=with_prior, init_from=stage1, progress=False)
+    a, b = load_file(str(stage1)), load_file(str(stage2))
+    assert set(b) - set(a) == {"decoder.prior_scale"}
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    meta = json.loads(read_metadata(stage2)["training"])
+    assert meta["init_from"]["file"] == "s1.safetensors" and meta["init_from"]["step"] == 2
+    assert meta["recipe"]["l2_weight"] == 10.0
+    # Back to the smaller architecture: stage 2 has a parameter it lacks.
+    with pytest.raises(TrainingError, match="prior_scale"):
+        train([images_dir], out=tmp_path / "s3.safetensors", cfg=tiny_cfg(steps=2), net_cfg=TINY, init_from=stage2,
+              progress=False)
+    # Another palette (another seed): refused, the classes would mean other colours.
+    with pytest.raises(TrainingError, match="palette"):
+        train([images_dir], out=tmp_path / "s4.safetensors", cfg=tiny_cfg(steps=2, seed=7), net_cfg=with_prior,
+              init_from=stage1, progress=False)
+
+
+def test_class_prior_keeps_known_pixels_class():
+    from tilerun.model import TileNet
+
+    torch.manual_seed(0)
+    model = TileNet(TileNetConfig.from_dict({**TINY.to_dict(), "class_prior": True}),
+                    [(0, 0, 0), (255, 255, 255), (255, 0, 0), (0, 0, 255)]).eval()
+    x = torch.rand(1, 3, 24, 28)
+    m = torch.zeros(1, 1, 24, 28)
+    m[..., 4:12, 6:20] = 1
+    with torch.no_grad():
+        logits, _ = model(x, m)
+    truth = nearest_class(x, torch.tensor(model.palette, dtype=torch.float32) / 255)
+    known = m[:, 0] == 0
+    assert torch.equal(logits.argmax(1)[known], truth[known])

@@ -169,11 +169,17 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
 @click.option("--checkpoint-every", type=int, default=100, show_default=True, help="Steps between checkpoints.")
 @click.option("--stop-at", type=int, default=None, help="End this run after this step (the recipe stays --steps).")
 @click.option("--resume", is_flag=True, help="Continue the checkpoint at --out exactly where it stopped.")
+@click.option("--init-from", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Start from these weights (e.g. an earlier stage) instead of a fresh init.")
+@click.option("--class-prior/--no-class-prior", default=True, show_default=True,
+              help="Add the local class pre-fill of the known pixels to the class logits.")
+@click.option("--l1-weight", type=float, default=5.0, show_default=True, help="Weight of the hole L1 loss.")
+@click.option("--l2-weight", type=float, default=0.0, show_default=True, help="Weight of the hole MSE loss.")
 @o.device_opt
 @o.verbose_opt
 @o.quiet_opt
 def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, checkpoint_every, stop_at, resume,
-          device, verbose, quiet):
+          init_from, class_prior, l1_weight, l2_weight, device, verbose, quiet):
     """Self-supervised training on the images in IMAGES (files or folders) into --out.
 
     Random crops with random holes; the model learns K colour classes and to fill the
@@ -181,17 +187,23 @@ def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, chec
     """
     _setup_logging(verbose, quiet)
     from .errors import DistributedError
-    from .train import TrainConfig, TrainingError
+    from .model import TileNetConfig
+    from .train import DEFAULT_PREFILL, TrainConfig, TrainingError
     from .train import train as run_training
 
     try:
         cfg = TrainConfig(steps=steps, crop=crop, batch_size=batch_size, classes=classes, lr=lr, seed=seed,
-                          checkpoint_every=checkpoint_every)
-        result = run_training(images, out=out, cfg=cfg, exclude=exclude, resume=resume, stop_at=stop_at,
-                              device=device, progress=not quiet)
+                          checkpoint_every=checkpoint_every, l1_weight=l1_weight, l2_weight=l2_weight)
+        net_cfg = TileNetConfig(classes=classes, prefill_radii=DEFAULT_PREFILL, class_prior=class_prior)
+        result = run_training(images, out=out, cfg=cfg, net_cfg=net_cfg, exclude=exclude, resume=resume,
+                              init_from=init_from, stop_at=stop_at, device=device, progress=not quiet)
     except (TrainingError, DistributedError) as e:
         raise click.ClickException(str(e)) from e
-    log.info("trained to step %d in %.0fs, loss %.4f -> %s", result.steps, result.seconds, result.last_loss, result.path)
+    if result.last_loss != result.last_loss:  # NaN: --resume found the run already finished
+        log.info("already at step %d -> %s", result.steps, result.path)
+    else:
+        log.info("trained to step %d in %.0fs, loss %.4f -> %s", result.steps, result.seconds, result.last_loss,
+                 result.path)
 
 
 @main.command("inspect")

@@ -31,6 +31,9 @@ class TileNetConfig:
     generator_dilations: tuple[int, ...] = (1, 2)
     # Radii of the local pre-fill (see `local_fill`); () = no pre-fill, RGB from a sigmoid head.
     prefill_radii: tuple[int, ...] = ()
+    # Add log of the local pre-fill of the known pixels' palette classes to the class logits
+    # (needs prefill_radii): known pixels keep their own class, holes start from their surroundings'.
+    class_prior: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -145,6 +148,10 @@ class Decoder(nn.Module):
         self.up0 = _conv(cfg.mid + cfg.stem + (3 if self.residual else 0), cfg.stem)
         self.rgb = nn.Conv2d(cfg.stem, 3, 1)
         self.cls = nn.Conv2d(cfg.stem, cfg.classes, 1)
+        if cfg.class_prior:
+            if not self.residual:
+                raise ValueError("class_prior needs prefill_radii")
+            self.prior_scale = nn.Parameter(torch.ones(()))
         if self.residual:
             # Zero-init (as torchvision's zero_init_residual): an untrained model outputs
             # the pre-fill itself, and training learns corrections to it.
@@ -201,6 +208,18 @@ class TileNet(nn.Module):
         known = 1 - F.avg_pool2d(mask, self.stride)
         return torch.cat([z * known, known], 1)
 
+    def _class_prior(self, image: Tensor, known: Tensor) -> Tensor:
+        """log P(class) from the palette classes of the known pixels nearby (a local pre-fill of one-hots).
+
+        The nearest-known-pixel class is a strong guess inside a hole, but it has an
+        unbounded reach; this local version stays within the pre-fill's radius.
+        """
+        pal = torch.tensor(self.palette, dtype=image.dtype, device=image.device) / 255
+        cls = ((image[:, None] - pal[None, :, :, None, None]) ** 2).sum(2).argmin(1)
+        onehot = F.one_hot(cls, len(self.palette)).permute(0, 3, 1, 2).to(image.dtype)
+        # Floor 1e-4: a class absent nearby is unlikely, not impossible (log stays finite).
+        return local_fill(onehot, known, self.cfg.prefill_radii).clamp_min(1e-4).log()
+
     # -- the global hook used by the tiling engine --------------------------------
     def global_terms(self, image: Tensor, mask: Tensor) -> Tensor:
         """Per feature cell (stride ``self.stride``), additive terms of the global summary."""
@@ -221,6 +240,8 @@ class TileNet(nn.Module):
         detail = self.generator(z, hfeat, coarse)
         fill = local_fill(x[:, :3], 1 - m, self.cfg.prefill_radii) if self.cfg.prefill_radii else None
         logits, rgb = self.decoder(detail, s1, s0, coarse, fill)
+        if self.cfg.class_prior:
+            logits = logits + self.decoder.prior_scale * self._class_prior(x[:, :3], 1 - m)
         logits, rgb = logits[..., :h, :w], rgb[..., :h, :w]
         known = 1 - m[..., :h, :w]
         rgb = image * known + rgb * (1 - known)  # known pixels pass through unchanged
