@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from test_dist import TIMEOUT, _env, outputs, run_tilerun
+from test_dist import TIMEOUT, _env, assert_same_outputs, outputs, run_tilerun
 
 N_IMAGES = 8
 
@@ -73,7 +73,7 @@ def test_killed_worker_is_restarted_and_outputs_are_identical(many, tmp_path):
     assert killed is not None, "the job ended before a worker could be killed: make it longer"
     assert done_at_kill < N_IMAGES, "the kill came after the last output: it proved nothing"
     assert agent.returncode == 0, err
-    assert outputs(out) == reference
+    assert_same_outputs(out, reference)
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")], "temporary files left behind"
     report = json.loads((out / "tilerun-report.json").read_text())
     # The restarted attempt resumed: finished images were skipped, not redone.
