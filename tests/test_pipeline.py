@@ -190,17 +190,25 @@ def test_bf16_on_cpu_runs_and_stays_close(sensitive_model, sensitive_probe, make
     assert np.abs(rgb.astype(int) - ref_rgb.astype(int))[holes].mean() < 8
 
 
-@pytest.mark.parametrize("batch", [1, 3, 7])
+@pytest.mark.parametrize("batch,workers", [(1, 1), (3, 1), (1, 3), (7, 2)])
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_batches_of_mixed_window_shapes_stay_exact(
-    sensitive_model, sensitive_probe, make_image, make_holes, whole_forward, batch, channels_last
+    sensitive_model, sensitive_probe, make_image, make_holes, whole_forward, batch, workers, channels_last
 ):
-    # 100x77 with tile 32: windows of several shapes (edges, corners), and batches that end mid-shape.
+    # 100x77 with tile 32: windows of several shapes (edges, corners), and batches that end mid-shape;
+    # one worker (the GPU's look-ahead path) and several (CPU threads, results back in order).
     img, holes = make_image(100, 77, seed=batch), make_holes(100, 77, seed=5)
-    engine = Engine(sensitive_model, tile=32, batch_size=batch, probe=sensitive_probe, channels_last=channels_last)
-    shapes = {t.window_shape for t in engine.tiles(100, 77)}
-    assert len(shapes) >= 4
+    engine = Engine(sensitive_model, tile=32, batch_size=batch, probe=sensitive_probe, channels_last=channels_last,
+                    workers=workers)
+    tiles = engine.tiles(100, 77)
+    assert len({t.window_shape for t in tiles}) >= 4
+    threads = torch.get_num_threads()
+    assert [r.tile for r in engine.compute(img, holes, tiles, engine.reduce_partials(
+        engine.global_partials(img, holes, tiles)))] == tiles  # in order, each once
+    assert torch.get_num_threads() == threads  # the workers' one-thread setting does not leak
     assert_exact(infer_image(engine, img, holes), whole_forward(sensitive_model, img, holes))
+    with pytest.raises(ValueError, match="workers must be >= 1, got 0"):
+        Engine(sensitive_model, probe=sensitive_probe, workers=0)
 
 
 def test_one_tile_skips_pass_one_and_stays_exact(sensitive_model, sensitive_probe, make_image, make_holes, whole_forward):

@@ -4,9 +4,13 @@ The tile and batch defaults are measured, per device kind (see BENCHMARKS.md,
 "Performance (issue 5)", and ``bench/tile_sweep.py``, which reproduces the choice).
 """
 
-# CPU: filled in from the tile sweep below.
+# CPU (2-core Xeon, TileNet, 2048^2 photo; BENCHMARKS.md): with one single-threaded
+# worker per core, tiles of 512, 768 and 1024 ran within noise of each other (0.82, 0.84,
+# 0.78 x a whole-image forward), and 512 keeps two windows in flight at ~0.7 GB, which
+# an 8192^2 photo's 1.5 GB limit needs. Batches > 1 were slower on CPU (no idle units to
+# fill, more memory): 1.
 DEFAULT_TILE = 512
-DEFAULT_BATCH = 4
+DEFAULT_BATCH = 1
 
 #: GPU defaults. Not measured on a GPU yet (no card was lent when they were set): a
 #: window of ~1k px and 8 of them per forward keep an H100 busy for this model size

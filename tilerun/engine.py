@@ -15,9 +15,11 @@ Memory: only the window being computed is ever float; results leave as uint8.
 from __future__ import annotations
 
 import contextlib
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import groupby
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -28,6 +30,8 @@ from .geometry import Tile, grid, round_up
 from .receptive import ModelProbe, probe_model
 
 __all__ = ["Engine", "TileResult", "infer_image", "DEFAULT_TILE", "DEFAULT_BATCH", "PRECISIONS"]
+
+R = TypeVar("R")
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,6 +56,20 @@ def _ieee_fp32_convs() -> Iterator[None]:
             yield
         finally:
             torch.backends.cudnn.allow_tf32 = before
+
+
+def _release_free_heap() -> None:
+    """Hand memory that glibc keeps after the probe's float64 tensors back to the OS.
+
+    Measured: RSS 343 -> 247 MB after probing TileNet. The probe's peak has passed by
+    then, but RSS that stays counts against a big image's memory budget.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl, Windows): nothing to do
+        pass
 
 
 @dataclass
@@ -104,6 +122,8 @@ class Engine:
     fp32 whole-image forward. ``channels_last`` (default: on) runs convolutions in
     NHWC, measured ~1.9x faster for TileNet on CPU (BENCHMARKS.md); it converts the
     model's weights in place, which changes no result beyond float rounding.
+    ``workers`` (CPU) forwards run at once, each on one thread; ``workers`` windows
+    are in memory at once (default: torch's intra-op thread count; GPU: 1).
     """
 
     def __init__(
@@ -117,6 +137,7 @@ class Engine:
         probe: ModelProbe | None = None,
         precision: str = DEFAULT_PRECISION,
         channels_last: bool = True,
+        workers: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         if tile is None:
@@ -133,12 +154,23 @@ class Engine:
             raise ValueError(f"--precision fp16 needs a CUDA device (got {self.device}); use bf16 or fp32")
         self.precision = precision
         self.channels_last = channels_last
+        if workers is None:
+            # CPU: one single-threaded forward per core beats one forward on all cores,
+            # ~1.3x for TileNet on 2 cores (BENCHMARKS.md): a layer's ops are too small to
+            # split well, independent tiles are not. The device queue is the GPU's parallelism.
+            workers = torch.get_num_threads() if self.device.type == "cpu" else 1
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        self.workers = workers
         self.model = model.eval().to(self.device)
         if channels_last:
             # Weights in NHWC make every convolution pick NHWC (oneDNN / cuDNN), whatever
             # the input's layout, and the activations keep it from layer to layer.
             self.model.to(memory_format=torch.channels_last)
-        self.probe = probe or probe_model(model)
+        if probe is None:
+            probe = probe_model(model)
+            _release_free_heap()
+        self.probe = probe
         stride = self.probe.stride
         if tile < 0 or tile % stride:
             raise ValueError(f"--tile must be 0 (whole image) or a positive multiple of the model stride {stride}, got {tile}")
@@ -214,7 +246,6 @@ class Engine:
         return x, m
 
     # -- pass 1 ---------------------------------------------------------------------
-    @torch.inference_mode()
     def global_partials(self, image: np.ndarray, mask: np.ndarray, tiles: Iterable[Tile]) -> dict[int, Tensor]:
         """Per tile index, the float64 sum of the global terms over that tile's core."""
         h, w = mask.shape
@@ -222,22 +253,23 @@ class Engine:
         # Pass 1 needs only the encoder's (smaller) halo.
         gtiles = {t.index: t for t in grid(h, w, tile=self.tile, halo=self.global_halo, stride=self.stride)}
         s = self.stride
-        done: list[int] = []
-        sums: list[Tensor] = []
-        for batch in self._batches([gtiles[t.index] for t in tiles]):
+
+        def run(batch: list[Tile]) -> list[tuple[int, Tensor]]:
             x, m = self._windows(image, mask, batch)
             with self._autocast():
                 terms = self.model.global_terms(x, m)
+            rows = []
             for i, t in enumerate(batch):
                 ys, xs = t.core_in_window_at(s)
-                done.append(t.index)
-                sums.append(terms[i, :, ys, xs].double().sum(dim=(1, 2)))
-        if not sums:
-            return out
-        # One device->host copy at the end: a copy per batch would make the host wait
-        # for every batch before queueing the next.
-        for index, row in zip(done, torch.stack(sums).cpu()):
-            out[index] = row
+                rows.append((t.index, terms[i, :, ys, xs].double().sum(dim=(1, 2))))
+            return rows
+
+        rows = [row for done in self._map_batches(run, self._batches([gtiles[t.index] for t in tiles])) for row in done]
+        if rows:
+            # One device->host copy at the end: a copy per batch would make the host wait
+            # for every batch before queueing the next.
+            for (index, _), row in zip(rows, torch.stack([r for _, r in rows]).cpu()):
+                out[index] = row
         return out
 
     @staticmethod
@@ -280,8 +312,9 @@ class Engine:
 
         ``global_sums`` may be omitted for a model with the global hook only when one
         tile covers the whole image: its forward then sums the whole image itself.
-        On CUDA the next batch is queued before the previous one's results are
-        handed out, so the device keeps working while the caller stitches or encodes.
+        Batches run ahead of the caller (see `_map_batches`): on CUDA the next batch
+        is queued before this one's results are handed out, so the device keeps
+        working while the caller stitches or encodes.
         """
         tiles = list(tiles)
         h, w = mask.shape
@@ -290,15 +323,46 @@ class Engine:
             raise ValueError("this model needs the whole-image global sums: run global_partials first")
         if global_sums is not None:
             global_sums = global_sums.to(self.device, torch.float32)
-        pending: _InFlight | None = None
-        for batch in self._batches(tiles):
-            with torch.inference_mode():
-                launched = self._launch(image, mask, batch, global_sums)
-            if pending is not None:
-                yield from pending.results()
-            pending = launched
-        if pending is not None:
-            yield from pending.results()
+        for launched in self._map_batches(lambda b: self._launch(image, mask, b, global_sums), self._batches(tiles)):
+            yield from launched.results()
+
+    def _map_batches(self, fn: Callable[[list[Tile]], R], batches: Iterable[list[Tile]]) -> Iterator[R]:
+        """``fn`` over ``batches``, results in order, a bounded number of batches ahead.
+
+        One worker (GPU): ``fn`` queues device work, so running the next batch's ``fn``
+        before handing out this one's result keeps the device busy while the caller
+        stitches. Several (CPU): ``workers`` threads, one intra-op thread each, at most
+        ``workers`` batches in flight (memory: that many windows).
+        """
+        if self.workers == 1:
+            pending: list[R] = []
+            for batch in batches:
+                with torch.inference_mode():
+                    pending.append(fn(batch))
+                if len(pending) > 1:
+                    yield pending.pop(0)
+            yield from pending
+            return
+
+        def run(batch: list[Tile]) -> R:
+            with torch.inference_mode():  # thread-local, like autocast: entered in the worker
+                return fn(batch)
+
+        threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tilerun-cpu", initializer=torch.set_num_threads, initargs=(1,))
+        inflight: deque[Future] = deque()
+        try:
+            for batch in batches:
+                if len(inflight) >= self.workers:
+                    yield inflight.popleft().result()
+                inflight.append(pool.submit(run, batch))
+            while inflight:
+                yield inflight.popleft().result()
+        finally:
+            for f in inflight:
+                f.cancel()
+            pool.shutdown(wait=True)
+            torch.set_num_threads(threads)  # the workers' setting is process-wide; give the caller its own back
 
     def needs_global_pass(self, height: int, width: int) -> bool:
         """Whether pass 1 is needed: the model has the global hook and the image is more than one tile."""
