@@ -44,3 +44,19 @@ weights:
 bench-quality:
 	$(PY) -c "import cv2, skimage" 2>/dev/null || $(PY) -m pip install opencv-python-headless scikit-image
 	$(PY) bench/quality.py --write BENCHMARKS.md --figure docs/quality.png
+
+# Issue 5: performance benchmarks (bench/*.py; results, commands and machine in BENCHMARKS.md).
+# monai is installed with torch pinned to the version already here, so pip cannot swap torch.
+BENCH_OUT ?= build/bench
+.PHONY: bench
+bench:
+	mkdir -p $(BENCH_OUT)
+	$(PY) -c "import monai" 2>/dev/null || { \
+		$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(BENCH_OUT)/torch-pin.txt && \
+		$(PY) -m pip install "monai>=1.3" -c $(BENCH_OUT)/torch-pin.txt; }
+	$(PY) bench/engine_vs_whole.py > $(BENCH_OUT)/engine_vs_whole.txt && cat $(BENCH_OUT)/engine_vs_whole.txt
+	$(PY) bench/monai_compare.py > $(BENCH_OUT)/monai_compare.txt && cat $(BENCH_OUT)/monai_compare.txt
+	$(PY) bench/end_to_end.py > $(BENCH_OUT)/end_to_end.txt && cat $(BENCH_OUT)/end_to_end.txt
+	$(PY) bench/flops.py > $(BENCH_OUT)/flops.txt && cat $(BENCH_OUT)/flops.txt
+	$(PY) bench/memory.py > $(BENCH_OUT)/memory.txt && cat $(BENCH_OUT)/memory.txt
+	$(PY) bench/tile_sweep.py > $(BENCH_OUT)/tile_sweep.txt && cat $(BENCH_OUT)/tile_sweep.txt

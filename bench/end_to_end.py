@@ -1,0 +1,89 @@
+"""Benchmark 3: the CLI over a folder vs the engine's compute alone on the same images.
+
+    python bench/end_to_end.py [--repeats 2] [--big 2] [--size 2048]
+
+The folder: sample_images/ plus ``big`` real photos resized to ``size``^2 with sidecar
+hole masks. Interleaved, best of ``repeats``:
+
+* ``cli``: ``python -m tilerun run FOLDER OUT --overwrite`` in a subprocess; its job time
+  from OUT/tilerun-report.json (listing, decoding, both passes, PNG encoding, atomic
+  writes; not Python start-up, model load or the one-off receptive-field probe, which
+  the process wall time below includes);
+* ``compute``: the same images already decoded in memory, `infer_image` on each with the
+  same engine settings, nothing read or written.
+
+RATIO = compute / cli job time: 1.0 would mean I/O costs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import ROOT, fmt_times, holes, machine, photo  # noqa: E402
+
+
+def make_folder(dest: Path, *, big: int, size: int) -> None:
+    from PIL import Image
+
+    shutil.copytree(ROOT / "sample_images", dest)
+    sources = sorted((ROOT / "sample_images").glob("*.jpg"))
+    for i in range(big):
+        Image.fromarray(photo(size, source=sources[i % len(sources)])).save(dest / f"big{i}.jpg", quality=92)
+        Image.fromarray(holes(size, seed=i).astype("uint8") * 255).save(dest / f"big{i}.mask.png")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--big", type=int, default=2)
+    ap.add_argument("--size", type=int, default=2048)
+    a = ap.parse_args()
+
+    from tilerun.engine import Engine, infer_image
+    from tilerun.images import find_inputs, load_image
+    from tilerun.model import load_model
+
+    print(machine())
+    with tempfile.TemporaryDirectory(prefix="tilerun-bench-") as tmp:
+        folder, out = Path(tmp) / "in", Path(tmp) / "out"
+        make_folder(folder, big=a.big, size=a.size)
+        items = find_inputs(folder)
+        decoded = [load_image(it) for it in items]
+        mp = sum(m.size for _, m in decoded) / 1e6
+        print(f"folder: {len(items)} images, {mp:.1f} MP")
+        # The CLI's defaults: the engine's own (tilerun.defaults) for the device.
+        engine = Engine(load_model(), device="cpu")
+        cmd = [sys.executable, "-m", "tilerun", "run", str(folder), str(out), "--overwrite", "--device", "cpu", "-q"]
+        cli_job, cli_wall, compute, rank_compute = [], [], [], []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True)
+            cli_wall.append(time.perf_counter() - t0)
+            report = json.loads((out / "tilerun-report.json").read_text())
+            assert report["counts"]["ok"] == len(items), report["counts"]
+            cli_job.append(report["seconds"])
+            rank_compute.append(sum(r.get("compute_s", 0.0) for r in report.get("ranks", [])))
+            t0 = time.perf_counter()
+            for image, mask in decoded:
+                infer_image(engine, image, mask)
+            compute.append(time.perf_counter() - t0)
+        print(f"engine tile {engine.tile}, batch {engine.batch_size}")
+        print(f"cli job (report): {fmt_times(cli_job)}")
+        print(f"cli process wall (incl. start-up, model load, probe): {fmt_times(cli_wall)}")
+        print(f"cli's own compute seconds (report, ranks): {fmt_times(rank_compute)}")
+        print(f"compute alone: {fmt_times(compute)}")
+        print(f"RATIO compute alone / cli job = {min(compute) / min(cli_job):.3f}  (target >= 0.9)")
+        print(f"      compute alone / cli process wall = {min(compute) / min(cli_wall):.3f}")
+
+
+if __name__ == "__main__":
+    main()
