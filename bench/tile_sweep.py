@@ -4,8 +4,9 @@
 
 Time: tiled inference of a ``size``^2 photo with holes, all settings interleaved, best of
 ``repeats``. Memory: each setting once more in a fresh subprocess, peak RSS above the
-process's RSS just before inference (Linux: peak reset through /proc/self/clear_refs) (model loaded, image decoded): the float working
-set that a tile setting adds, which for a big photo sits on top of its uint8 arrays.
+process's RSS just before inference (model loaded, image decoded; the peak is reset
+through Linux's /proc/self/clear_refs so that the probe's own peak is left out): the
+float working set a setting adds, which for a big photo sits on top of its uint8 arrays.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ def _vm_mb(field: str) -> float:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def _memory_child(size: int, tile: int, batch: int, device: str) -> None:
+def _memory_child(size: int, tile: int, batch: int, workers: int, device: str) -> None:
     from tilerun.engine import Engine, infer_image
     from tilerun.model import load_model
 
     img, mask = photo(size), holes(size)
-    engine = Engine(load_model(), tile=tile, batch_size=batch, device=device)
+    engine = Engine(load_model(), tile=tile, batch_size=batch, device=device, workers=workers or None)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS: the model probe's own peak is not the tile's doing
     before = _vm_mb("VmRSS:")
@@ -48,12 +49,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--tiles", default="384,512,768,1024")
     ap.add_argument("--batches", default="1")
+    ap.add_argument("--workers", type=int, default=None, help="CPU workers (default: the engine's)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--memory-child", nargs=3, type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.memory_child:
-        _memory_child(a.size, *a.memory_child[:2], a.device)
+        _memory_child(a.size, *a.memory_child, a.device)
         return
 
     import torch
@@ -67,7 +69,7 @@ def main() -> None:
     fns = {}
     settings = [(t, b) for t in map(int, a.tiles.split(",")) for b in map(int, a.batches.split(","))]
     for t, b in settings:
-        e = Engine(load_model(), tile=t, batch_size=b, device=a.device, probe=probe)
+        e = Engine(load_model(), tile=t, batch_size=b, device=a.device, probe=probe, workers=a.workers)
         probe = e.probe
         sync = torch.cuda.synchronize if e.device.type == "cuda" else (lambda: None)
         fns[f"tile {t} batch {b}"] = lambda e=e, sync=sync: (infer_image(e, img, mask), sync())
@@ -75,7 +77,7 @@ def main() -> None:
     mp = a.size * a.size / 1e6
     for (t, b), (name, ts) in zip(settings, times.items()):
         child = subprocess.run(
-            [sys.executable, __file__, "--size", str(a.size), "--device", a.device, "--memory-child", str(t), str(b), "0"],
+            [sys.executable, __file__, "--size", str(a.size), "--device", a.device, "--memory-child", str(t), str(b), str(a.workers or 0)],
             capture_output=True, text=True, check=True,
         )
         mem = json.loads(child.stdout.strip().splitlines()[-1])
