@@ -116,10 +116,12 @@ def plan_images(engine: Engine, items: list[InputItem]) -> tuple[list[ImagePlan]
             failed.append(FileResult(item.key, "failed", error=str(e)))
             continue
         tiles = engine.tiles(h, w)
-        # At least ~4 claims per image and pass, so that an image of a few tiles still spreads
-        # over processes. Not a function of the world size: chunks are batches, and the same
-        # batches on 1 or N processes keep the outputs byte-identical.
-        size = min(engine.batch_size, max(1, -(-len(tiles) // 4)))
+        # A claim is up to one batch per engine worker (CPU: one per core this process
+        # owns), so a claim keeps the process busy; but at least ~4 claims per image and
+        # pass, so an image of a few tiles still spreads over processes. Always a whole
+        # number of batches: the batches, hence the bits, are the same on 1 or N processes.
+        b = engine.batch_size
+        size = b * max(1, min(getattr(engine, "workers", 1), -(-len(tiles) // (4 * b))))
         chunks = {PASS_MAIN: _chunks(tiles, size)}
         if engine.uses_global:
             chunks[PASS_GLOBAL] = _chunks(tiles, size)
