@@ -127,6 +127,19 @@ def _training(model) -> dict:
     return json.loads(meta["training"]) if "training" in meta else {}
 
 
+def _stages(training: dict) -> str:
+    """ "after stage 1 (...)": the chain of --init-from runs and their training time."""
+    chain, t = [], training
+    while t:
+        chain.append(t)
+        t = t.get("init_from") or {}
+    if not chain:
+        return ""
+    total = sum(float(t.get("seconds") or 0) for t in chain)
+    return (f" of the last of {len(chain)} training stages, {total / 60:.0f} min of training in all "
+            "(a shared 2-core CPU; see README, Training)")
+
+
 def _table(rows: dict, model, *, crop: int, model_name: str) -> str:
     import platform
 
@@ -143,8 +156,7 @@ def _table(rows: dict, model, *, crop: int, model_name: str) -> str:
         "runtime in seconds per photo.",
         "",
         f"Weights: `{model_name}`, step {training.get('step', '?')} of "
-        f"{training.get('recipe', {}).get('steps', '?')} ({training.get('seconds', 0) / 60:.0f} min of training "
-        f"on a shared 2-core CPU).",
+        f"{training.get('recipe', {}).get('steps', '?')}{_stages(training)}.",
         "",
         "| holes | hole ratio | tilerun PSNR | Telea PSNR | biharmonic PSNR | tilerun − best classical | "
         "tilerun class acc. | nearest-known acc. | tilerun s | Telea s | biharmonic s |",

@@ -332,7 +332,7 @@ def _init_from(net: TileNet, path: Path) -> dict:
     if missing:
         log.info("--init-from %s: new parameters keep their init: %s", path, ", ".join(missing))
     return {"file": path.name, "step": training.get("step"), "recipe": training.get("recipe"),
-            "seconds": training.get("seconds")}
+            "seconds": training.get("seconds"), "init_from": training.get("init_from")}
 
 
 # -- the loop -------------------------------------------------------------------------------
