@@ -100,7 +100,7 @@ def run_job(
         skipped = [FileResult(it.key, "skipped", **out_plan.done_info(it)) for it in out_plan.done]
         todo_keys = json.dumps([it.key for it in out_plan.todo])
     todo = set(json.loads(ctx.share_from_rank0("todo", todo_keys)))
-    plans, failed = plan_images(engine, [it for it in items if it.key in todo])
+    plans, failed = plan_images(engine, [it for it in items if it.key in todo], world_size=ctx.world_size)
     if progress is not None:  # `progress.Progress`: rank 0's writer sees every process's tiles
         progress.set_totals(tiles=sum(len(p.tiles) for p in plans), images=len(plans),
                             pixels=sum(p.height * p.width for p in plans))

@@ -107,7 +107,9 @@ def _chunks(tiles: list[Tile], size: int) -> list[list[int]]:
     return out
 
 
-def plan_images(engine: Engine, items: list[InputItem]) -> tuple[list[ImagePlan], list[FileResult]]:
+def plan_images(
+    engine: Engine, items: list[InputItem], *, world_size: int = 1
+) -> tuple[list[ImagePlan], list[FileResult]]:
     plans, failed = [], []
     for item in items:
         try:
@@ -116,12 +118,15 @@ def plan_images(engine: Engine, items: list[InputItem]) -> tuple[list[ImagePlan]
             failed.append(FileResult(item.key, "failed", error=str(e)))
             continue
         tiles = engine.tiles(h, w)
-        # A claim is up to one batch per engine worker (CPU: one per core this process
-        # owns), so a claim keeps the process busy; but at least ~4 claims per image and
-        # pass, so an image of a few tiles still spreads over processes. Always a whole
-        # number of batches: the batches, hence the bits, are the same on 1 or N processes.
+        # A claim is one batch per engine worker (CPU: one per core this process owns),
+        # so that it keeps the process busy; with several processes, fewer if that leaves
+        # an image under ~4 claims a pass, so a small image still spreads over them.
+        # Always whole batches: the batches, hence the bits, are the same for any world size.
         b = engine.batch_size
-        size = b * max(1, min(getattr(engine, "workers", 1), -(-len(tiles) // (4 * b))))
+        per_claim = getattr(engine, "workers", 1)
+        if world_size > 1:
+            per_claim = min(per_claim, -(-len(tiles) // (4 * b)))
+        size = b * max(1, per_claim)
         chunks = {PASS_MAIN: _chunks(tiles, size)}
         if engine.uses_global:
             chunks[PASS_GLOBAL] = _chunks(tiles, size)
