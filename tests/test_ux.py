@@ -18,6 +18,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 def test_inspect_prints_measured_receptive_field(monkeypatch):
     from tilerun.cli import main
+    from tilerun.defaults import DEFAULT_TILE
 
     monkeypatch.syspath_prepend(str(EXAMPLES))
     res = CliRunner().invoke(main, ["inspect", "own_model:make_model", "--tile", "64", "--device", "cpu"])
@@ -28,7 +29,7 @@ def test_inspect_prints_measured_receptive_field(monkeypatch):
     assert re.search(r"stride\s+1 px", out)
     assert "class map, K = 6, inpainted RGB" in out
     assert re.search(r"parameters\s+10,009", out)
-    assert re.search(r"tile\s+64 px \(--tile; the default is 512\) -> window 80x80 px", out)
+    assert re.search(rf"tile\s+64 px \(--tile; the default is {DEFAULT_TILE}\) -> window 80x80 px", out), out
     mem = re.search(r"memory per tile\s+([\d.]+) MiB per 80x80 window", out)
     # At least the 16-channel float32 feature maps of one 80x80 window are alive at once.
     assert mem and float(mem.group(1)) > 2 * 16 * 80 * 80 * 4 / 2**20, out

@@ -275,7 +275,7 @@ def format_report(r: InspectReport, *, color: bool = False) -> str:
     if r.tile:
         which = "the default, tilerun/defaults.py" if r.tile == r.default_tile else f"--tile; the default is {r.default_tile}"
         lines.append(f"{_label('tile')}{r.tile} px ({which}) -> window {r.window}x{r.window} px, "
-                     f"{r.batch_size} tiles per forward")
+                     f"{r.batch_size} tile{'s' if r.batch_size != 1 else ''} per forward")
     else:
         lines.append(f"{_label('tile')}whole image (model not tile-exact; the default --tile would be {r.window})")
     if r.memory_bytes is not None:
