@@ -4,12 +4,13 @@ The tile and batch defaults are measured, per device kind (see BENCHMARKS.md,
 "Performance (issue 5)", and ``bench/tile_sweep.py``, which reproduces the choice).
 """
 
-# CPU (2-core Xeon, TileNet, 2048^2 photo; BENCHMARKS.md): with one single-threaded
-# worker per core, tiles of 512, 768 and 1024 ran within noise of each other (0.82, 0.84,
-# 0.78 x a whole-image forward), and 512 keeps two windows in flight at ~0.7 GB, which
-# an 8192^2 photo's 1.5 GB limit needs. Batches > 1 were slower on CPU (no idle units to
-# fill, more memory): 1.
-DEFAULT_TILE = 512
+# CPU (2-core Xeon, TileNet; BENCHMARKS.md, "Performance (issue 5)"). With one
+# single-threaded worker per core, tiles of 512, 768 and 1024 ran a 2048^2 photo within
+# noise of each other (0.82, 0.84, 0.78 x a whole-image forward), but each window in
+# flight costs ~1.5 KB a window pixel: two 592^2 windows (tile 512) took an 8192^2 photo
+# past its 1.5 GB limit (4096^2 already peaked at 1.6 GB). 384 (windows <= 464^2) keeps
+# it under, for ~10% more halo work. Batches > 1 were slower on CPU and cost memory: 1.
+DEFAULT_TILE = 384
 DEFAULT_BATCH = 1
 
 #: GPU defaults. Not measured on a GPU yet (no card was lent when they were set): a
