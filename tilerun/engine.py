@@ -334,7 +334,9 @@ class Engine:
         stitches. Several (CPU): ``workers`` threads, one intra-op thread each, at most
         ``workers`` batches in flight (memory: that many windows).
         """
-        if self.workers == 1:
+        batches = list(batches)  # a few Tile lists: cheap, and the count decides the path
+        if self.workers == 1 or len(batches) == 1:
+            # One batch (a caller handing out work a chunk at a time): all intra-op threads on it.
             pending: list[R] = []
             for batch in batches:
                 with torch.inference_mode():
@@ -363,6 +365,15 @@ class Engine:
                 f.cancel()
             pool.shutdown(wait=True)
             torch.set_num_threads(threads)  # the workers' setting is process-wide; give the caller its own back
+
+    @property
+    def tiles_per_call(self) -> int:
+        """Tiles a `compute` / `global_partials` call should get to keep every worker busy.
+
+        A call with a single batch runs it on all intra-op threads instead; a
+        distributed driver that hands out chunks should make them this size.
+        """
+        return self.batch_size * self.workers
 
     def needs_global_pass(self, height: int, width: int) -> bool:
         """Whether pass 1 is needed: the model has the global hook and the image is more than one tile."""
