@@ -169,6 +169,19 @@ def _table(rows: dict, model, *, crop: int, model_name: str) -> str:
             f"{r['tilerun'] - best:+.2f} | {100 * r['cls']:.1f}% | {100 * r['cls_base']:.1f}% | "
             f"{r['t_tilerun']:.2f} | {r['t_telea']:.3f} | {r['t_biharmonic']:.2f} |"
         )
+    verdicts = []
+    for label in ("strokes", "boxes"):
+        r = rows.get(label)
+        if r is None:
+            continue
+        gap = r["tilerun"] - max(r["telea"], r["biharmonic"])
+        verdicts.append(f"{label}: PSNR {'met' if gap >= 0.5 else 'missed'} ({gap:+.2f} dB vs +0.50 needed), "
+                        f"class accuracy {'met' if r['cls'] >= r['cls_base'] else 'missed'} "
+                        f"({100 * (r['cls'] - r['cls_base']):+.1f} points)")
+    lines += [
+        "",
+        "**Result:** " + "; ".join(verdicts) + ".",
+    ]
     lines += [
         "",
         "Targets (issue 4): tilerun ≥ the better classical method + 0.5 dB on strokes and on boxes, and class "
