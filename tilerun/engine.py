@@ -303,6 +303,11 @@ class Engine:
         if cuda:
             ready = torch.cuda.Event()
             ready.record()
+        else:
+            # The window's activations are free now; without this glibc keeps them in the
+            # worker threads' arenas: a 2048^2 photo peaked at 1083 MB, with it 858 MB.
+            del x, m, out, logits, rgb
+            _release_free_heap()
         return _InFlight(batch, cls_h, rgb_h, ready)
 
     def compute(
