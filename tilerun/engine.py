@@ -119,8 +119,8 @@ class Engine:
     ``tile`` and ``batch_size`` default to the measured values for the device kind
     (`tilerun.defaults`). ``precision`` is ``fp32`` (exact), or ``bf16`` / ``fp16``
     autocast (CUDA; ``bf16`` also on CPU): faster, no longer bit-comparable with an
-    fp32 whole-image forward. ``channels_last`` (default: on) runs convolutions in
-    NHWC, measured ~1.9x faster for TileNet on CPU (BENCHMARKS.md); it converts the
+    fp32 whole-image forward. ``channels_last`` (default: on for CPU and for CUDA in
+    bf16/fp16) runs convolutions in NHWC, ~1.9x faster for TileNet on CPU; it converts the
     model's weights in place, which changes no result beyond float rounding.
     ``workers`` (CPU) forwards run at once, each on one thread; ``workers`` windows
     are in memory at once (default: torch's intra-op thread count; GPU: 1).
@@ -136,7 +136,7 @@ class Engine:
         device: str | torch.device = "cpu",
         probe: ModelProbe | None = None,
         precision: str = DEFAULT_PRECISION,
-        channels_last: bool = True,
+        channels_last: bool | None = None,
         workers: int | None = None,
     ) -> None:
         self.device = torch.device(device)
@@ -153,6 +153,10 @@ class Engine:
             # AVX512-FP16 kernels in oneDNN; bf16 is the CPU's reduced precision.
             raise ValueError(f"--precision fp16 needs a CUDA device (got {self.device}); use bf16 or fp32")
         self.precision = precision
+        if channels_last is None:
+            # Measured on CPU (~1.9x). On CUDA unmeasured so far (bench/gpu.sh): NHWC only
+            # where cuDNN's tensor-core kernels want it, i.e. for half precisions.
+            channels_last = self.device.type == "cpu" or precision != "fp32"
         self.channels_last = channels_last
         if workers is None:
             # CPU: one single-threaded forward per core beats one forward on all cores,
