@@ -64,3 +64,10 @@ bench:
 	$(PY) bench/flops.py > $(BENCH_OUT)/flops.txt && cat $(BENCH_OUT)/flops.txt
 	$(PY) bench/memory.py > $(BENCH_OUT)/memory.txt && cat $(BENCH_OUT)/memory.txt
 	$(PY) bench/tile_sweep.py > $(BENCH_OUT)/tile_sweep.txt && cat $(BENCH_OUT)/tile_sweep.txt
+	$(MAKE) bench-dist
+
+# Issue 3: torchrun 2 processes x 1 thread vs 1 process x 1 thread.
+.PHONY: bench-dist
+bench-dist:
+	mkdir -p $(BENCH_OUT)
+	$(PY) bench/dist_scaling.py --repeats 2 > $(BENCH_OUT)/dist_scaling.txt && cat $(BENCH_OUT)/dist_scaling.txt

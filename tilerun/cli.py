@@ -65,6 +65,7 @@ def main() -> None:
 @o.tile_opt
 @o.halo_opt
 @o.batch_opt
+@o.precision_opt
 @o.device_opt
 @o.backend_opt
 @click.option("--mask-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -75,8 +76,8 @@ def main() -> None:
               "inpainted, with a legend (at most 1024 px a side).")
 @o.verbose_opt
 @o.quiet_opt
-def run(input_path, output, model_path, tile, halo, batch_size, device, backend, mask_dir, max_pixels, overwrite,
-        preview, verbose, quiet):
+def run(input_path, output, model_path, tile, halo, batch_size, precision, device, backend, mask_dir, max_pixels,
+        overwrite, preview, verbose, quiet):
     """Run the model over INPUT (an image or a folder, recursive) into the folder OUTPUT.
 
     For a/b/NAME.ext writes OUTPUT/a/b/NAME.pred.png (class map, palette PNG) and
@@ -101,7 +102,7 @@ def run(input_path, output, model_path, tile, halo, batch_size, device, backend,
         try:
             with session(backend=backend, device=device) as ctx:
                 summary = _run(ctx, input_path, output, model_path=model_path, tile=tile, halo=halo,
-                               batch_size=batch_size, mask_dir=mask_dir, overwrite=overwrite,
+                               batch_size=batch_size, precision=precision, mask_dir=mask_dir, overwrite=overwrite,
                                preview=preview, verbose=verbose, quiet=quiet)
         except DistributedError as e:
             raise click.ClickException(str(e)) from e
@@ -112,7 +113,7 @@ def run(input_path, output, model_path, tile, halo, batch_size, device, backend,
     sys.exit(1 if summary.failed else 0)
 
 
-def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_dir, overwrite=False,
+def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_dir, precision="fp32", overwrite=False,
          preview=False, verbose=0, quiet=False):
     from .engine import Engine
     from .images import find_inputs
@@ -134,7 +135,8 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
         mine = json.dumps(dataclasses.asdict(probe_model(model))) if ctx.rank == 0 else None
         probe = ModelProbe(**json.loads(ctx.share_from_rank0("probe", mine)))
     try:
-        engine = Engine(model, tile=tile, halo=halo, batch_size=batch_size, device=ctx.device, probe=probe)
+        engine = Engine(model, tile=tile, halo=halo, batch_size=batch_size, device=ctx.device, probe=probe,
+                        precision=precision)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     from .model import tile_exact_warning

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from .defaults import DEFAULT_BATCH, DEFAULT_TILE
+from .defaults import (
+    DEFAULT_BATCH,
+    DEFAULT_BATCH_GPU,
+    DEFAULT_PRECISION,
+    DEFAULT_TILE,
+    DEFAULT_TILE_GPU,
+    PRECISIONS,
+)
 
 
 class ModelSpec(click.ParamType):
@@ -38,9 +45,9 @@ model_opt = click.option(
 tile_opt = click.option(
     "--tile",
     type=int,
-    default=DEFAULT_TILE,
-    show_default=True,
-    help="Core side of a tile in pixels, a multiple of the model stride; 0 = whole image.",
+    default=None,
+    help=f"Core side of a tile in pixels, a multiple of the model stride; 0 = whole image. "
+    f"Default (measured): {DEFAULT_TILE} on CPU, {DEFAULT_TILE_GPU} on CUDA.",
 )
 halo_opt = click.option(
     "--halo",
@@ -48,7 +55,20 @@ halo_opt = click.option(
     default=None,
     help="Context around each tile core. Default: the model's measured receptive field (exact).",
 )
-batch_opt = click.option("--batch-size", type=int, default=DEFAULT_BATCH, show_default=True, help="Tiles per forward.")
+batch_opt = click.option(
+    "--batch-size",
+    type=int,
+    default=None,
+    help=f"Tiles per forward. Default (measured): {DEFAULT_BATCH} on CPU, {DEFAULT_BATCH_GPU} on CUDA.",
+)
+precision_opt = click.option(
+    "--precision",
+    type=click.Choice(list(PRECISIONS)),
+    default=DEFAULT_PRECISION,
+    show_default=True,
+    help="fp32 is exact (equals a whole-image forward); bf16 (CPU, CUDA) and fp16 (CUDA) autocast are "
+    "faster and approximate.",
+)
 device_opt = click.option(
     "--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda, cuda:N."
 )

@@ -135,6 +135,8 @@ def fingerprint(*, model, engine, version: str | None = None) -> Fingerprint:
     if not exact:
         settings["halo"] = engine.halo
         settings["tile"] = engine.tile
+    if getattr(engine, "precision", "fp32") != "fp32":  # reduced precision moves more than float ties
+        settings["precision"] = engine.precision
     return Fingerprint(settings)
 
 
