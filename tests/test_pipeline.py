@@ -254,4 +254,6 @@ def test_memory_grows_with_the_image_by_uint8_only(sensitive_model, sensitive_pr
     small, small_out = peak_growth(1024)
     big, big_out = peak_growth(2560)
     scaling, outputs = big - small, big_out - small_out
-    assert scaling < 1.5 * outputs, f"grew {scaling / 2**20:.1f} MB more for {outputs / 2**20:.1f} MB more uint8 output"
+    # 1.9, not 1.5: allocator slack was seen at 1.54x on the shared machine; one float32
+    # plane (4 bytes a pixel) would already make it 2x.
+    assert scaling < 1.9 * outputs, f"grew {scaling / 2**20:.1f} MB more for {outputs / 2**20:.1f} MB more uint8 output"
