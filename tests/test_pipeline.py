@@ -1,4 +1,4 @@
-"""Read-ahead / write-behind helpers, the engine's performance options, and its memory bound.
+"""The engine's performance options (precision, workers, batching) and its memory bound.
 
 No timings here (the machine is shared; speed lives in bench/ and BENCHMARKS.md): only
 properties that fail when the code is wrong.
@@ -6,8 +6,6 @@ properties that fail when the code is wrong.
 
 from __future__ import annotations
 
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,156 +13,8 @@ import pytest
 import torch
 
 from tilerun.engine import Engine, infer_image
-from tilerun.pipeline import BackgroundWriter, prefetch
 
 from test_exact import assert_exact
-
-# -- prefetch -----------------------------------------------------------------------------
-
-
-def _wait_until(cond, timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached")
-        time.sleep(0.01)
-
-
-def test_prefetch_keeps_order_and_runs_in_another_thread():
-    threads = []
-
-    def produce():
-        for i in range(50):
-            threads.append(threading.get_ident())
-            yield i
-
-    assert list(prefetch(produce(), depth=3)) == list(range(50))
-    assert set(threads) == {threads[0]} and threads[0] != threading.get_ident()
-
-
-@pytest.mark.parametrize("depth", [1, 3])
-def test_prefetch_is_bounded(depth):
-    produced = []
-
-    def produce():
-        for i in range(100):
-            produced.append(i)
-            yield i
-
-    it = prefetch(produce(), depth=depth)
-    assert next(it) == 0
-    # The producer fills the queue, makes one more item and blocks on it.
-    _wait_until(lambda: len(produced) >= depth + 2)
-    time.sleep(0.3)  # give an unbounded producer the time to run away
-    assert len(produced) == depth + 2
-    it.close()
-
-
-def test_prefetch_reraises_where_the_error_happened_and_stops_early():
-    def failing():
-        yield 1
-        yield 2
-        raise KeyError("bad item")
-
-    got = []
-    with pytest.raises(KeyError, match="bad item"):
-        for x in prefetch(failing()):
-            got.append(x)
-    assert got == [1, 2]
-
-    produced = []
-
-    def endless():
-        while True:
-            produced.append(None)
-            yield len(produced)
-
-    for x in prefetch(endless(), depth=2):
-        if x == 3:
-            break
-    n = len(produced)  # the generator's close() joined the producer: nothing more is made
-    time.sleep(0.2)
-    assert len(produced) == n <= 3 + 2 + 1
-
-
-def test_prefetch_rejects_a_bad_depth_and_starts_nothing_until_iterated():
-    with pytest.raises(ValueError, match="depth must be >= 1, got 0"):
-        prefetch([], depth=0)
-    started = []
-    prefetch((started.append(i) for i in range(3)), depth=1)  # never iterated
-    time.sleep(0.1)
-    assert started == []
-
-
-# -- BackgroundWriter -----------------------------------------------------------------------
-
-
-def test_writer_runs_jobs_in_order_off_the_calling_thread(tmp_path: Path):
-    seen = []
-
-    def write(i):
-        seen.append((i, threading.get_ident()))
-        (tmp_path / f"{i}.txt").write_text(str(i))
-        return i * 10
-
-    with BackgroundWriter(depth=2) as w:
-        futures = [w.submit(write, i) for i in range(20)]
-    assert [i for i, _ in seen] == list(range(20))
-    assert all(t != threading.get_ident() for _, t in seen)
-    assert [f.result() for f in futures] == [i * 10 for i in range(20)]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.txt" for i in range(20))
-
-
-def test_writer_surfaces_a_job_error_at_the_next_submit_and_at_close():
-    def boom():
-        raise OSError(28, "No space left on device")
-
-    w = BackgroundWriter(depth=1)
-    f = w.submit(boom)
-    _wait_until(f.done)
-    with pytest.raises(OSError, match="No space left"):
-        w.submit(lambda: None)
-    w.close()  # the error was raised once already
-
-    w = BackgroundWriter(depth=1)
-    w.submit(boom)
-    with pytest.raises(OSError, match="No space left"):
-        w.close()
-
-
-def test_writer_submit_blocks_while_depth_jobs_wait():
-    release = threading.Event()
-    w = BackgroundWriter(depth=1)
-    w.submit(release.wait)  # running, blocked
-    _wait_until(lambda: w._q.qsize() == 0)
-    w.submit(lambda: None)  # waits in the queue: depth reached
-    third_in = threading.Event()
-
-    def submit_third():
-        w.submit(lambda: None)
-        third_in.set()
-
-    t = threading.Thread(target=submit_third)
-    t.start()
-    assert not third_in.wait(0.3), "submit did not block with the queue full"
-    release.set()
-    assert third_in.wait(5)
-    t.join()
-    w.close()
-
-
-def test_writer_exit_by_exception_cancels_waiting_jobs_and_keeps_the_body_error():
-    release = threading.Event()
-    ran = []
-    with pytest.raises(RuntimeError, match="compute failed"):
-        with BackgroundWriter(depth=3) as w:
-            w.submit(release.wait)
-            waiting = [w.submit(ran.append, i) for i in range(3)]
-            release.set()  # the running job may finish; the waiting ones must not all run
-            raise RuntimeError("compute failed")
-    assert all(f.cancelled() or f.done() for f in waiting)
-    assert len(ran) < 3 or all(f.done() for f in waiting)
-
 
 # -- engine options --------------------------------------------------------------------------
 
