@@ -90,11 +90,6 @@ class RankStats:
     bytes_sent: int = 0
 
 
-def _header_size(item: InputItem) -> tuple[int, int]:
-    """(height, width) after EXIF rotation, from the header alone (images.image_size: one reason per bad file)."""
-    return image_size(item)
-
-
 def _chunks(tiles: list[Tile], size: int) -> list[list[int]]:
     """Tiles grouped by window shape (so a chunk is one batch), then cut to ``size``."""
     order = sorted(tiles, key=lambda t: (t.window_shape, t.index))
@@ -113,7 +108,7 @@ def plan_images(
     plans, failed = [], []
     for item in items:
         try:
-            h, w = _header_size(item)
+            h, w = image_size(item)  # header only, EXIF rotation applied
         except InputImageError as e:
             failed.append(FileResult(item.key, "failed", error=str(e)))
             continue
