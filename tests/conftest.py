@@ -62,14 +62,15 @@ def make_holes() -> Callable[..., np.ndarray]:
 SENSITIVE_SCALE = 4.0
 
 
-def build_sensitive_tilenet(palette=None, prefill_radii: tuple[int, ...] = ()):
+def build_sensitive_tilenet(palette=None, prefill_radii: tuple[int, ...] = (), prefill_iterations: int = 0):
     """A small TileNet (same layer layout as the shipped one, so the same receptive field) with
     weights scaled up; a plain function so that tests can build it outside fixtures."""
     import torch
 
     from tilerun.model import TileNet, TileNetConfig
 
-    cfg = TileNetConfig(classes=6, stem=8, mid=8, width=8, global_dim=8, prefill_radii=prefill_radii)
+    cfg = TileNetConfig(classes=6, stem=8, mid=8, width=8, global_dim=8, prefill_radii=prefill_radii,
+                        prefill_iterations=prefill_iterations)
     state = torch.random.get_rng_state()
     torch.manual_seed(0)  # checked in test_exact: several classes, RGB spread
     try:

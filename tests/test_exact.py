@@ -69,13 +69,13 @@ def test_tiled_equals_whole_image_1000x999(sensitive_model, sensitive_probe, mak
 
 
 def test_tiled_equals_whole_image_with_the_trained_prefill(make_image, make_holes, whole_forward):
-    # The architecture `tilerun train` ships: a local pre-fill of the holes enters the decoder.
-    # Large holes, so that its widest scales are in use.
+    # The architecture `tilerun train` ships: a local pre-fill of the holes, relaxed by harmonic
+    # sweeps, enters the decoder. Large holes, so that its widest scales are in use.
     from conftest import build_sensitive_tilenet
 
-    from tilerun.train import DEFAULT_PREFILL
+    from tilerun.train import DEFAULT_PREFILL, DEFAULT_PREFILL_ITERATIONS
 
-    model = build_sensitive_tilenet(prefill_radii=DEFAULT_PREFILL)
+    model = build_sensitive_tilenet(prefill_radii=DEFAULT_PREFILL, prefill_iterations=DEFAULT_PREFILL_ITERATIONS)
     probe = probe_model(model)
     img, holes = make_image(170, 251, seed=16), make_holes(170, 251, seed=17)
     holes[60:160, 120:240] = True

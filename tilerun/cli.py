@@ -174,14 +174,16 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
 @click.option("--init-from", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Start from these weights (e.g. an earlier stage) instead of a fresh init.")
 @click.option("--class-prior/--no-class-prior", default=True, show_default=True,
-              help="Add the local class pre-fill of the known pixels to the class logits.")
+              help="Add the classes of the pre-filled colours to the class logits.")
 @click.option("--l1-weight", type=float, default=5.0, show_default=True, help="Weight of the hole L1 loss.")
 @click.option("--l2-weight", type=float, default=0.0, show_default=True, help="Weight of the hole MSE loss.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: autocast (fast on CPUs with AMX and on GPUs); weights stay fp32.")
 @o.device_opt
 @o.verbose_opt
 @o.quiet_opt
 def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, checkpoint_every, stop_at, resume,
-          init_from, class_prior, l1_weight, l2_weight, device, verbose, quiet):
+          init_from, class_prior, l1_weight, l2_weight, precision, device, verbose, quiet):
     """Self-supervised training on the images in IMAGES (files or folders) into --out.
 
     Random crops with random holes; the model learns K colour classes and to fill the
@@ -190,13 +192,15 @@ def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, chec
     _setup_logging(verbose, quiet)
     from .errors import DistributedError
     from .model import TileNetConfig
-    from .train import DEFAULT_PREFILL, TrainConfig, TrainingError
+    from .train import DEFAULT_PREFILL, DEFAULT_PREFILL_ITERATIONS, TrainConfig, TrainingError
     from .train import train as run_training
 
     try:
         cfg = TrainConfig(steps=steps, crop=crop, batch_size=batch_size, classes=classes, lr=lr, seed=seed,
-                          checkpoint_every=checkpoint_every, l1_weight=l1_weight, l2_weight=l2_weight)
-        net_cfg = TileNetConfig(classes=classes, prefill_radii=DEFAULT_PREFILL, class_prior=class_prior)
+                          checkpoint_every=checkpoint_every, l1_weight=l1_weight, l2_weight=l2_weight,
+                          precision=precision)
+        net_cfg = TileNetConfig(classes=classes, prefill_radii=DEFAULT_PREFILL,
+                                prefill_iterations=DEFAULT_PREFILL_ITERATIONS, class_prior=class_prior)
         result = run_training(images, out=out, cfg=cfg, net_cfg=net_cfg, exclude=exclude, resume=resume,
                               init_from=init_from, stop_at=stop_at, device=device, progress=not quiet)
     except (TrainingError, DistributedError) as e:

