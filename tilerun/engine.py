@@ -317,7 +317,7 @@ class Engine:
     def compute(
         self, image: np.ndarray, mask: np.ndarray, tiles: Iterable[Tile], global_sums: Tensor | None = None
     ) -> Iterator[TileResult]:
-        """Run ``tiles`` and yield their uint8 cores.
+        """Run ``tiles`` and yield their uint8 cores (known pixels of the RGB copied from ``image``).
 
         ``global_sums`` may be omitted for a model with the global hook only when one
         tile covers the whole image: its forward then sums the whole image itself.
@@ -333,7 +333,14 @@ class Engine:
         if global_sums is not None:
             global_sums = global_sums.to(self.device, torch.float32)
         for launched in self._map_batches(lambda b: self._launch(image, mask, b, global_sums), self._batches(tiles)):
-            yield from launched.results()
+            for r in launched.results():
+                if r.rgb is not None:
+                    t = r.tile
+                    known = ~mask[t.y0 : t.y1, t.x0 : t.x1]
+                    # Known pixels are the input's, exactly (whatever the model's float round trip
+                    # did to them); only holes take the model's colours.
+                    r.rgb[known] = image[t.y0 : t.y1, t.x0 : t.x1][known]
+                yield r
 
     def _map_batches(self, fn: Callable[[list[Tile]], R], batches: Iterable[list[Tile]]) -> Iterator[R]:
         """``fn`` over ``batches``, results in order, a bounded number of batches ahead.
@@ -401,14 +408,12 @@ def check_image(image: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
 
 
 class Stitcher:
-    """uint8 output arrays filled core by core; known pixels copied from the input."""
+    """uint8 output arrays filled core by core (the cores tile the image, so every pixel is written)."""
 
-    def __init__(self, image: np.ndarray, mask: np.ndarray) -> None:
-        self.image, self.mask = image, mask
-        h, w = mask.shape
+    def __init__(self, height: int, width: int) -> None:
         self.classes: np.ndarray | None = None
         self.rgb: np.ndarray | None = None
-        self._shape = (h, w)
+        self._shape = (height, width)
 
     def add(self, r: TileResult) -> None:
         t = r.tile
@@ -418,10 +423,8 @@ class Stitcher:
             self.classes[t.y0 : t.y1, t.x0 : t.x1] = r.classes
         if r.rgb is not None:
             if self.rgb is None:
-                self.rgb = self.image.copy()
-            core = self.rgb[t.y0 : t.y1, t.x0 : t.x1]
-            hole = self.mask[t.y0 : t.y1, t.x0 : t.x1]
-            core[hole] = r.rgb[hole]  # known pixels stay exactly the input
+                self.rgb = np.empty((*self._shape, 3), np.uint8)
+            self.rgb[t.y0 : t.y1, t.x0 : t.x1] = r.rgb
 
 
 def infer_image(
@@ -448,7 +451,7 @@ def infer_image(
     tiles = engine.tiles(h, w)
     # One tile is the whole image: its own forward sums the global terms, pass 1 would be wasted.
     sums = engine.reduce_partials(engine.global_partials(image, mask, tiles)) if engine.needs_global_pass(h, w) else None
-    st = Stitcher(image, mask)
+    st = Stitcher(h, w)
     for r in engine.compute(image, mask, tiles, sums):
         st.add(r)
     return st.classes, st.rgb

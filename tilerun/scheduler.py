@@ -309,12 +309,7 @@ def _compute(engine: Engine, plan: ImagePlan, task: Task, image, mask, sums) -> 
         return {"tiles": [t.index for t in tiles]}, [rows], len(tiles)
     header_tiles, arrays = [], []
     for r in engine.compute(image, mask, tiles, sums):
-        t = r.tile
-        if r.rgb is not None:
-            hole = mask[t.y0 : t.y1, t.x0 : t.x1]
-            # Known pixels are the input's, exactly; only holes take the model's colours.
-            r.rgb[~hole] = image[t.y0 : t.y1, t.x0 : t.x1][~hole]
-        header_tiles.append([t.index, r.classes is not None, r.rgb is not None])
+        header_tiles.append([r.tile.index, r.classes is not None, r.rgb is not None])
         arrays += [a for a in (r.classes, r.rgb) if a is not None]
     return {"tiles": header_tiles}, arrays, len(tiles)
 
