@@ -392,6 +392,26 @@ def test_interrupted_overwrite_resumes_with_the_new_settings(three, tmp_path, ru
     assert r.exit_code == 0 and "2 ok, 0 failed, 1 skipped" in r.output, r.output
 
 
+def test_another_folders_same_named_input_is_refused_and_a_moved_folder_resumes(three, tmp_path, run_cli):
+    out = tmp_path / "out"
+    assert run_cli(three, out).exit_code == 0
+    first = mtimes(out)
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.fromarray(noise(7, 9)).save(other / "a.png")  # another photo, the same name
+    r = run_cli(other, out)
+    assert r.exit_code == 2, r.output
+    assert f"made from another file, {three / 'a.png'}" in r.output and "--overwrite" in r.output, r.output
+    assert mtimes(out) == first
+    # The same files in a moved folder are the same inputs: resumed, nothing redone.
+    moved = tmp_path / "moved"
+    three.rename(moved)
+    r = run_cli(moved, out)
+    assert r.exit_code == 0 and "3 skipped" in r.output, r.output
+    r = run_cli(other, out, "--overwrite")
+    assert r.exit_code == 0 and "1 ok" in r.output, r.output
+
+
 def test_outputs_of_unknown_origin_are_not_replaced(three, tmp_path, run_cli):
     out = tmp_path / "out"
     out.mkdir()

@@ -6,12 +6,15 @@ Two records, each written atomically:
   output bytes. It claims the folder: a run with another fingerprint refuses
   (`OutputExistsError`, exit 2) unless ``--overwrite``, which rewrites it first.
 * A ``tilerun`` text chunk in every output PNG — the fingerprint digest, the input's
-  size and mtime, its sidecar mask's, and the list of outputs written for that input.
+  size and mtime, its sidecar mask's, the input's path, and the list of outputs written
+  for that input.
   An input is done when every listed output exists and carries the current digest and
   the input (and mask) are unchanged since. Outputs are renamed into place whole, so an
   output that exists is complete; a job killed between an input's two outputs redoes
   that input. No shared file is updated per input, so any number of processes can
-  write outputs without coordinating.
+  write outputs without coordinating. An output made from *another* file at another path
+  (a second job's same-named input aimed at this OUTPUT) is refused, not replaced; a
+  moved input folder (same files) resumes.
 
 What the fingerprint holds, and why:
 
@@ -148,8 +151,15 @@ def _file_id(path: Path | None) -> list[int] | None:
 
 
 def identity(item: InputItem, *, mask_dir: str | os.PathLike | None = None) -> dict[str, Any]:
-    """What an output was made from: the input's and its sidecar mask's size and mtime (OSError if gone)."""
-    return {"input": _file_id(item.path), "mask": _file_id(sidecar_mask_path(item, mask_dir))}
+    """What an output was made from: the input's and its sidecar mask's size and mtime (OSError if gone),
+    and where the input was (``source``: to tell another folder's same-named input from an edit)."""
+    return {"input": _file_id(item.path), "mask": _file_id(sidecar_mask_path(item, mask_dir)),
+            "source": os.path.abspath(item.path)}
+
+
+# Identity fields that decide whether an output is current; ``source`` does not: a moved
+# input folder (same files, same sizes and mtimes) resumes.
+_CURRENT_KEYS = ("input", "mask")
 
 
 class Manifest:
@@ -207,10 +217,9 @@ class Manifest:
         """The text chunk for one input's outputs: digest, what they were made from, which outputs were written."""
         return json.dumps({"digest": self.fp.digest, **ident, "outputs": sorted(kinds)}, sort_keys=True)
 
-    def needs_run(self, ident: Mapping[str, Any], paths: Mapping[str, Path]) -> bool:
-        """False when the outputs at ``paths`` are complete, made with this fingerprint from the input ``ident`` names."""
-        if self.overwrite:
-            return True
+    @staticmethod
+    def _stamps(paths: Mapping[str, Path]) -> dict[str, Any] | None:
+        """The parsed stamps of the outputs at ``paths`` (None if one is unreadable)."""
         stamps = {}
         for kind, path in paths.items():
             raw = read_png_text(path, STAMP_KEY)
@@ -218,10 +227,32 @@ class Manifest:
                 try:
                     stamps[kind] = json.loads(raw)
                 except ValueError:
-                    return True
+                    return None
+        return stamps
+
+    def made_from_elsewhere(self, ident: Mapping[str, Any], paths: Mapping[str, Path]) -> str | None:
+        """The other input an existing output at ``paths`` was made from, if it was not this one.
+
+        Another file (size or mtime differ) at another path: a second job's same-named input
+        writing into this OUTPUT, which would silently replace the first job's results.
+        """
+        if self.overwrite:
+            return None
+        for got in (self._stamps(paths) or {}).values():
+            if not isinstance(got, dict) or not got.get("source"):
+                continue
+            if got["source"] != ident.get("source") and got.get("input") != ident.get("input"):
+                return str(got["source"])
+        return None
+
+    def needs_run(self, ident: Mapping[str, Any], paths: Mapping[str, Path]) -> bool:
+        """False when the outputs at ``paths`` are complete, made with this fingerprint from the input ``ident`` names."""
+        if self.overwrite:
+            return True
+        stamps = self._stamps(paths)
         if not stamps:
             return True
-        want = {"digest": self.fp.digest, **ident}
+        want = {"digest": self.fp.digest, **{k: ident.get(k) for k in _CURRENT_KEYS}}
         for got in stamps.values():
             if not isinstance(got, dict) or any(got.get(k) != v for k, v in want.items()):
                 return True
@@ -285,14 +316,24 @@ def prepare_outputs(
     paths = plan_outputs(items, out_dir)
     manifest = Manifest.load(out_dir, fp, overwrite=overwrite)
     manifest.check_unclaimed(p for kinds in paths.values() for p in kinds.values())
-    if claim:
-        manifest.claim()
-    todo, done, identities = [], [], {}
+    todo, done, identities, foreign = [], [], {}, []
     for item in items:
         try:
             identities[item.key] = identity(item, mask_dir=mask_dir)
         except OSError:  # unreadable input or mask: the run reports why
             todo.append(item)
             continue
+        other = manifest.made_from_elsewhere(identities[item.key], paths[item.key])
+        if other is not None:
+            foreign.append((item, other))
         (todo if manifest.needs_run(identities[item.key], paths[item.key]) else done).append(item)
+    if foreign:
+        item, other = foreign[0]
+        more = f" (and {len(foreign) - 1} more inputs)" if len(foreign) > 1 else ""
+        raise OutputExistsError(
+            f"{item.path}: its outputs in {out_dir} were made from another file, {other}{more}; "
+            "rerun with --overwrite to replace them, or choose another OUTPUT"
+        )
+    if claim:
+        manifest.claim()
     return OutputPlan(manifest, paths, todo, done, identities)
