@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -54,16 +56,56 @@ def _conv(cin: int, cout: int, dilation: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation)
 
 
+def _conv_of_cat(conv: nn.Conv2d, parts: list[Tensor]) -> Tensor:
+    """``conv(torch.cat(parts, 1))`` without building the concatenation.
+
+    A convolution is linear in its input channels, so it is the sum of one convolution
+    per part with that part's slice of the weights. At full resolution the concatenated
+    tensor would be written and read once more than the parts (memory-bound work that
+    cost as much as the convolution itself on CPU).
+    """
+    out, start = None, 0
+    for i, x in enumerate(parts):
+        w = conv.weight[:, start : start + x.shape[1]]
+        start += x.shape[1]
+        y = F.conv2d(x, w, conv.bias if i == 0 else None, conv.stride, conv.padding, conv.dilation)
+        out = y if out is None else out.add_(y)
+    return out
+
+
 # Below this share of known pixels in its window a scale defers to the next coarser one
 # (measured on held-out photos: 0.3 beat 0.1 and 0.5 by ~0.2 dB hole PSNR).
 PREFILL_MIN_KNOWN = 0.3
 
 
+def _window_sum(x: Tensor, r: int, dim: int) -> Tensor:
+    """Sums over windows of 2r+1 along ``dim`` (zero padding), in O(log r) passes.
+
+    Sums over windows of 1, 2, 4, ... elements are built by doubling, and the 2r+1
+    window is assembled from them: ~5x faster than avg_pool2d's O(r) per element on CPU,
+    with no cancellation (unlike a running sum's differences).
+    """
+    n = x.shape[dim]
+    pad = (r, r, 0, 0) if dim == -1 else (0, 0, r, r)
+    sums = {1: F.pad(x, pad)}
+    size = 1
+    while 2 * size <= 2 * r + 1:
+        a = sums[size]
+        length = a.shape[dim] - size
+        sums[2 * size] = a.narrow(dim, 0, length) + a.narrow(dim, size, length)
+        size *= 2
+    out, offset = None, 0
+    for size in sorted(sums, reverse=True):
+        if 2 * r + 1 - offset >= size:
+            part = sums[size].narrow(dim, offset, n)
+            out = part.clone() if out is None else out.add_(part)
+            offset += size
+    return out
+
+
 def _box(x: Tensor, r: int) -> Tensor:
     """Mean over a (2r+1)^2 window, separable; zero padding = "unknown" outside the image."""
-    k = 2 * r + 1
-    x = F.avg_pool2d(x, (1, k), stride=1, padding=(0, r))
-    return F.avg_pool2d(x, (k, 1), stride=1, padding=(r, 0))
+    return _window_sum(_window_sum(x, r, -1), r, -2).div_((2 * r + 1) ** 2)
 
 
 def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
@@ -75,10 +117,13 @@ def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
     whole hole, its receptive field is finite (2 * max(radii)), so tiling stays exact.
     Pixels with no known pixel within reach get grey.
     """
+    # Numerator and denominator filtered together, as contiguous NCHW planes.
+    c = image.shape[1]
+    both = torch.cat([image * known, known], 1).contiguous()
     fill = None
     for r in sorted(radii, reverse=True):
-        num = _box(_box(image * known, r), r)
-        den = _box(_box(known, r), r)
+        pooled = _box(_box(both, r), r)
+        num, den = pooled[:, :c], pooled[:, c:]
         mean = num / den.clamp_min(1e-6)
         if fill is None:
             fill = torch.where(den > 1e-6, mean, torch.full_like(mean, 0.5))
@@ -204,11 +249,11 @@ class Decoder(nn.Module):
     def forward(self, x: Tensor, s1: Tensor, s0: Tensor, coarse_logits: Tensor,
                 fill: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x = F.interpolate(x, size=s1.shape[-2:], mode="nearest")
-        x = F.relu(self.up1(torch.cat([x, s1], 1)))
+        x = F.relu(_conv_of_cat(self.up1, [x, s1]))
         x = F.interpolate(x, size=s0.shape[-2:], mode="nearest")
         # The pre-fill enters only this last 3x3 layer, so its radius adds just 1 pixel
         # to its own and stays inside the network's receptive field.
-        x = F.relu(self.up0(torch.cat([x, s0, fill], 1) if self.residual else torch.cat([x, s0], 1)))
+        x = F.relu(_conv_of_cat(self.up0, [x, s0, fill] if self.residual else [x, s0]))
         logits = self.cls(x) + F.interpolate(coarse_logits, size=s0.shape[-2:], mode="nearest")
         rgb = (fill + self.rgb(x)).clamp(0, 1) if self.residual else torch.sigmoid(self.rgb(x))
         return logits, rgb
@@ -270,8 +315,10 @@ class TileNet(nn.Module):
             d2 = ((fill**2).sum(1, keepdim=True) - 2 * F.conv2d(fill, pal[:, :, None, None])
                   + (pal**2).sum(1)[None, :, None, None])
         soft = F.log_softmax(-d2 / CLASS_PRIOR_TEMPERATURE, 1)
-        own = F.one_hot(d2.argmin(1), len(self.palette)).permute(0, 3, 1, 2).to(fill.dtype)
-        return known * own.clamp_min(1e-4).log() + (1 - known) * soft
+        # argmin over channels is ~3x faster on channels_last planes.
+        own = d2.contiguous(memory_format=torch.channels_last).argmin(1, keepdim=True)
+        own_log = torch.full_like(soft, math.log(1e-4)).scatter_(1, own, 0.0)
+        return torch.where(known > 0.5, own_log, soft)
 
     # -- the global hook used by the tiling engine --------------------------------
     def global_terms(self, image: Tensor, mask: Tensor) -> Tensor:
