@@ -137,9 +137,6 @@ def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
 # 40 pixels across (the biggest training boxes). Measured on held-out photos, 0.99 and
 # 0.995 are within 0.04 dB of each other.
 HARMONIC_RHO = 0.995
-# Squared colour distance (RGB in [0,1]) that costs one nat in the class prior: about the
-# square of the spacing of a 16-colour k-means palette (0.1).
-CLASS_PRIOR_TEMPERATURE = 0.01
 
 
 def _neighbour_mean(u: Tensor) -> Tensor:
@@ -301,24 +298,24 @@ class TileNet(nn.Module):
         fill = local_fill(x, known, self.cfg.prefill_radii)
         return harmonic_fill(fill, known, self.cfg.prefill_iterations) if self.cfg.prefill_iterations else fill
 
-    def _class_prior(self, fill: Tensor, known: Tensor) -> Tensor:
-        """log P(class) from the colour of the pre-fill.
+    def _class_prior(self, fill: Tensor) -> Tensor:
+        """log P(class): the palette class of each pre-filled colour, one-hot with a floor of 1e-4.
 
-        A known pixel's own palette class (floor 1e-4: another class is unlikely, not
-        impossible); in a hole, a soft class of its harmonic fill colour. The decoder's
-        ``prior_scale`` learns how far to trust it.
+        A known pixel keeps its own class; a hole starts from the class of its harmonic
+        fill colour (on held-out photos as accurate as the class of the nearest known
+        pixel, or better). Hard like the one-hot it replaces: a soft version (log-softmax
+        of colour distances) let training shrink ``prior_scale`` and the network's own
+        guesses in holes, which did not carry over to unseen photos, fell below both.
         """
         pal = torch.tensor(self.palette, dtype=fill.dtype, device=fill.device) / 255
         # fp32 even under autocast: in bf16 the cancellation in |f|^2 - 2 f.p + |p|^2 would
-        # move known pixels to a neighbouring class.
+        # move pixels to a neighbouring class.
         with torch.autocast(fill.device.type, enabled=False):
             d2 = ((fill**2).sum(1, keepdim=True) - 2 * F.conv2d(fill, pal[:, :, None, None])
                   + (pal**2).sum(1)[None, :, None, None])
-        soft = F.log_softmax(-d2 / CLASS_PRIOR_TEMPERATURE, 1)
         # argmin over channels is ~3x faster on channels_last planes.
         own = d2.contiguous(memory_format=torch.channels_last).argmin(1, keepdim=True)
-        own_log = torch.full_like(soft, math.log(1e-4)).scatter_(1, own, 0.0)
-        return torch.where(known > 0.5, own_log, soft)
+        return torch.full_like(d2, math.log(1e-4)).scatter_(1, own, 0.0)
 
     # -- the global hook used by the tiling engine --------------------------------
     def global_terms(self, image: Tensor, mask: Tensor) -> Tensor:
@@ -341,7 +338,7 @@ class TileNet(nn.Module):
         fill = self._prefill(x[:, :3], 1 - m) if self.cfg.prefill_radii else None
         logits, rgb = self.decoder(detail, s1, s0, coarse, fill)
         if self.cfg.class_prior:
-            logits = logits + self.decoder.prior_scale * self._class_prior(fill, 1 - m)
+            logits = logits + self.decoder.prior_scale * self._class_prior(fill)
         logits, rgb = logits[..., :h, :w], rgb[..., :h, :w]
         known = 1 - m[..., :h, :w]
         rgb = image * known + rgb * (1 - known)  # known pixels pass through unchanged
