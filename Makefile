@@ -27,7 +27,8 @@ clean:
 # Four stages: stage 1 without the class prior (1500 steps, batch 4); stage 2 adds the
 # class prior and a hole MSE term and continues from stage 1 (800 steps, batch 8, lower
 # peak rate); stage 3 continues at half that rate (400 steps); stage 4 is the long run
-# (16000 steps in bf16 autocast, which AMX makes ~1.5x faster per step on this CPU). Each
+# (16000 steps in bf16 autocast, which AMX makes ~1.5x faster per step on this CPU, with
+# rotations and channel permutations of the crops: --augment). Each
 # stage resumes its own checkpoint if one exists, so an interrupted `make weights` picks up
 # where it was.
 WEIGHTS_DIR ?= build/weights
@@ -47,7 +48,7 @@ weights:
 		--init-from $(WEIGHTS_DIR)/stage2.safetensors \
 		--out $(WEIGHTS_DIR)/stage3.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage3.safetensors),--resume)
 	$(PY) -m tilerun train $(TRAIN_ARGS) --class-prior --steps $(STAGE4_STEPS) --batch-size 8 --lr 1e-3 --l2-weight 50 \
-		--precision bf16 --checkpoint-every 250 --init-from $(WEIGHTS_DIR)/stage3.safetensors \
+		--precision bf16 --augment --checkpoint-every 250 --init-from $(WEIGHTS_DIR)/stage3.safetensors \
 		--out $(WEIGHTS_DIR)/stage4.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage4.safetensors),--resume)
 	install -m 644 $(WEIGHTS_DIR)/stage4.safetensors tilerun/weights/default.safetensors
 

@@ -122,6 +122,23 @@ def test_batches_are_a_function_of_seed_step_rank():
     assert not np.array_equal(a[1], make_batch(ims, step=4, rank=0, cfg=cfg)[1])
 
 
+def test_augmented_crops_are_rotations_and_channel_orders_of_a_crop():
+    im = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    cfg = tiny_cfg(crop=8, batch_size=64, augment=True)
+    crops, _ = make_batch([im], step=0, rank=0, cfg=cfg)
+    assert all(np.array_equal(x, y) for x, y in zip(crops, make_batch([im], step=0, rank=0, cfg=cfg)[0]))
+    windows = {im[y : y + 8, x : x + 8].tobytes() for y in range(33) for x in range(43)}
+    kinds = set()
+    for c in crops:
+        found = [(k, f, tuple(p)) for k in range(4) for f in (False, True)
+                 for p in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+                 if np.ascontiguousarray(np.rot90(c, -k)[:, ::-1][..., np.argsort(p)] if f
+                                         else np.rot90(c, -k)[..., np.argsort(p)]).tobytes() in windows]
+        assert found, "an augmented crop is no rotation/flip/channel order of any window of the image"
+        kinds.add(found[0][0])
+    assert kinds == {0, 1, 2, 3}  # every rotation occurs in 64 crops
+
+
 # -- training ------------------------------------------------------------------------------------
 def _fixed_loss(model, images_dir: Path, cfg: TrainConfig) -> float:
     ims = [np.asarray(Image.open(images_dir / f"img{i}.png")) for i in range(2)]

@@ -179,11 +179,13 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
 @click.option("--l2-weight", type=float, default=0.0, show_default=True, help="Weight of the hole MSE loss.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: autocast (fast on CPUs with AMX and on GPUs); weights stay fp32.")
+@click.option("--augment", is_flag=True, help="Also rotate crops by multiples of 90 degrees and permute "
+              "their RGB channels (more variety from few photos).")
 @o.device_opt
 @o.verbose_opt
 @o.quiet_opt
 def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, checkpoint_every, stop_at, resume,
-          init_from, class_prior, l1_weight, l2_weight, precision, device, verbose, quiet):
+          init_from, class_prior, l1_weight, l2_weight, precision, augment, device, verbose, quiet):
     """Self-supervised training on the images in IMAGES (files or folders) into --out.
 
     Random crops with random holes; the model learns K colour classes and to fill the
@@ -198,7 +200,7 @@ def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, chec
     try:
         cfg = TrainConfig(steps=steps, crop=crop, batch_size=batch_size, classes=classes, lr=lr, seed=seed,
                           checkpoint_every=checkpoint_every, l1_weight=l1_weight, l2_weight=l2_weight,
-                          precision=precision)
+                          precision=precision, augment=augment)
         net_cfg = TileNetConfig(classes=classes, prefill_radii=DEFAULT_PREFILL,
                                 prefill_iterations=DEFAULT_PREFILL_ITERATIONS, class_prior=class_prior)
         result = run_training(images, out=out, cfg=cfg, net_cfg=net_cfg, exclude=exclude, resume=resume,

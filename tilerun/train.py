@@ -91,6 +91,11 @@ class TrainConfig:
     l2_weight: float = 0.0
     grad_weight: float = 0.0  # L1 of the horizontal/vertical gradients on holes
     max_hole: float = 0.5
+    # Beyond the horizontal flip: the 8 rotations/flips of the square crop and, for half the
+    # crops, a random order of the RGB channels. On held-out photos the network's gain over its
+    # pre-fill was ~0 dB while it was +0.4 dB on new crops of the training photos: it learned
+    # the nine training photos, not inpainting.
+    augment: bool = False
     kmeans_samples: int = 100_000
     # "bf16": autocast on CPU (AMX) or CUDA; the weights and the optimizer stay fp32.
     precision: str = "fp32"
@@ -218,6 +223,10 @@ def make_batch(images: Sequence[np.ndarray], *, step: int, rank: int, cfg: Train
         crop = im[y : y + c, x : x + c]
         if rng.random() < 0.5:
             crop = crop[:, ::-1]
+        if cfg.augment:
+            crop = np.rot90(crop, int(rng.integers(4)))
+            if rng.random() < 0.5:
+                crop = crop[..., rng.permutation(3)]
         imgs[b] = crop
         masks[b] = random_mask(rng, c, c, max_coverage=cfg.max_hole)
     return imgs, masks
