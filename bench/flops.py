@@ -32,6 +32,27 @@ def model_flops_per_pixel(model, side: int = 512) -> float:
     return counter.get_total_flops() / (side * side)
 
 
+def conv_share(model, side: int, threads: int) -> tuple[float, float]:
+    """(share of one window forward's CPU time spent in convolutions, their FLOP/s): where the rest goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.rand(1, 3, side, side).contiguous(memory_format=torch.channels_last)
+    m = torch.zeros(1, 1, side, side)
+    m[..., side // 3 : side // 2, side // 3 : side // 2] = 1
+    net = model.to(memory_format=torch.channels_last)
+    torch.set_num_threads(threads)
+    with torch.inference_mode():
+        net(x, m)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            net(x, m)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    conv = sum(e.self_cpu_time_total for e in events if "conv" in e.key)
+    flops = model_flops_per_pixel(model, side) * side * side
+    return conv / total, flops / (conv / 1e6)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=2048)
@@ -61,6 +82,11 @@ def main() -> None:
     print(f"tiled {a.size}^2 (tile {engine.tile}, batch {engine.batch_size}): {fmt_times(times['tiled'])} -> "
           f"{mps / 1e6:.3f} MP/s -> {achieved / 1e9:.1f} GFLOP/s")
     print(f"RATIO achieved / matmul = {achieved / mm_flops:.1%}  (target >= 70%)")
+    window = engine.tile + 2 * engine.halo
+    share, conv_flops = conv_share(model, window, torch.get_num_threads())
+    print(f"one {window}^2 window forward ({torch.get_num_threads()} threads): convolutions {share:.0%} of its CPU time, "
+          f"at {conv_flops / 1e9:.1f} GFLOP/s = {conv_flops / mm_flops:.0%} of the matmul; "
+          f"halo overhead {(window / engine.tile) ** 2:.2f}x pixels per core pixel")
 
 
 if __name__ == "__main__":
