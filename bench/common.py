@@ -20,6 +20,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "sample_images" / "retina.jpg"
 
 
+def vm_mb(field: str) -> float:
+    """A /proc/self/status memory field in MB, e.g. ``VmHWM:`` (this process's peak RSS; Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
 def photo(size: int, *, source: Path = PHOTO) -> np.ndarray:
     """A real photo resized to ``size`` x ``size`` uint8 RGB (Lanczos)."""
     from PIL import Image

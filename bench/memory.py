@@ -26,17 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import holes, machine, photo  # noqa: E402
+from bench.common import holes, machine, photo, vm_mb  # noqa: E402
 
 LIMIT_MB = 1536
-
-
-def _vm_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def child(path: Path, out: Path) -> None:
@@ -48,7 +40,7 @@ def child(path: Path, out: Path) -> None:
 
     model = load_model()
     engine = Engine(model)
-    after_probe = _vm_mb("VmHWM:")
+    after_probe = vm_mb("VmHWM:")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # from here on: the image's share
     image, mask = load_image(InputItem(path, Path(path.name)))
@@ -60,7 +52,7 @@ def child(path: Path, out: Path) -> None:
     print(json.dumps({
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "probe_peak_mb": after_probe,
-        "image_phase_peak_mb": _vm_mb("VmHWM:"),
+        "image_phase_peak_mb": vm_mb("VmHWM:"),
         "uint8_arrays_mb": arrays / 2**20,
         "tile": engine.tile, "batch": engine.batch_size,
     }))

@@ -19,15 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import fmt_times, holes, interleaved, machine, photo  # noqa: E402
-
-
-def _vm_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
+from bench.common import fmt_times, holes, interleaved, machine, photo, vm_mb  # noqa: E402
 
 
 def _memory_child(size: int, tile: int, batch: int, workers: int, device: str) -> None:
@@ -38,9 +30,9 @@ def _memory_child(size: int, tile: int, batch: int, workers: int, device: str) -
     engine = Engine(load_model(), tile=tile, batch_size=batch, device=device, workers=workers or None)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak RSS: the model probe's own peak is not the tile's doing
-    before = _vm_mb("VmRSS:")
+    before = vm_mb("VmRSS:")
     infer_image(engine, img, mask)
-    peak = _vm_mb("VmHWM:")
+    peak = vm_mb("VmHWM:")
     print(json.dumps({"before_mb": before, "peak_mb": peak}))
 
 
