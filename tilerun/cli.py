@@ -193,16 +193,14 @@ def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, chec
     """
     _setup_logging(verbose, quiet)
     from .errors import DistributedError
-    from .model import TileNetConfig
-    from .train import DEFAULT_PREFILL, DEFAULT_PREFILL_ITERATIONS, TrainConfig, TrainingError
+    from .train import TrainConfig, TrainingError, default_net_config
     from .train import train as run_training
 
     try:
         cfg = TrainConfig(steps=steps, crop=crop, batch_size=batch_size, classes=classes, lr=lr, seed=seed,
                           checkpoint_every=checkpoint_every, l1_weight=l1_weight, l2_weight=l2_weight,
                           precision=precision, augment=augment)
-        net_cfg = TileNetConfig(classes=classes, prefill_radii=DEFAULT_PREFILL,
-                                prefill_iterations=DEFAULT_PREFILL_ITERATIONS, class_prior=class_prior)
+        net_cfg = default_net_config(classes, class_prior=class_prior)
         result = run_training(images, out=out, cfg=cfg, net_cfg=net_cfg, exclude=exclude, resume=resume,
                               init_from=init_from, stop_at=stop_at, device=device, progress=not quiet)
     except (TrainingError, DistributedError) as e:

@@ -46,6 +46,7 @@ from .model.weights import INIT_SEED
 __all__ = [
     "DEFAULT_PREFILL",
     "DEFAULT_PREFILL_ITERATIONS",
+    "default_net_config",
     "TrainConfig",
     "TrainResult",
     "TrainingError",
@@ -67,6 +68,12 @@ log = logging.getLogger("tilerun")
 # this pre-fill alone beats biharmonic inpainting (bench/quality.py, BENCHMARKS.md).
 DEFAULT_PREFILL = (1, 3, 7)
 DEFAULT_PREFILL_ITERATIONS = 22
+
+
+def default_net_config(classes: int, *, class_prior: bool = True) -> TileNetConfig:
+    """The architecture `tilerun train` trains (and the shipped weights have), for ``classes`` classes."""
+    return TileNetConfig(classes=classes, prefill_radii=DEFAULT_PREFILL,
+                         prefill_iterations=DEFAULT_PREFILL_ITERATIONS, class_prior=class_prior)
 
 
 class TrainingError(TilerunError, ValueError):
@@ -375,8 +382,7 @@ def train(
     from .dist import session
 
     out = Path(out)
-    net_cfg = net_cfg or TileNetConfig(classes=cfg.classes, prefill_radii=DEFAULT_PREFILL,
-                                       prefill_iterations=DEFAULT_PREFILL_ITERATIONS, class_prior=True)
+    net_cfg = net_cfg or default_net_config(cfg.classes)
     if net_cfg.classes != cfg.classes:
         raise TrainingError(f"--classes {cfg.classes} but the architecture has {net_cfg.classes} classes")
     if resume and not out.is_file():
