@@ -335,17 +335,23 @@ def _receptive_field(net: TileNet) -> dict:
     return _RECEPTIVE[key]
 
 
+def _saved_palette(path: Path, classes: int, what: str) -> np.ndarray:
+    """The palette (uint8 [K,3]) stored in tilerun weights at ``path``; it must have ``classes`` colours."""
+    try:
+        palette = np.array(json.loads(read_metadata(path)["palette"]), dtype=np.uint8).reshape(-1, 3)
+    except (KeyError, ValueError) as e:
+        raise TrainingError(f"{what} {path}: not tilerun weights ({e})") from e
+    if len(palette) != classes:
+        raise TrainingError(f"{what} {path} has {len(palette)} classes; pass --classes {len(palette)}")
+    return palette
+
+
 def _init_from(net: TileNet, path: Path) -> dict:
     """Load ``path``'s weights into ``net`` (non-strict for parameters only ``net`` has); provenance for metadata."""
-    meta = read_metadata(path)
     try:
-        palette = [tuple(c) for c in json.loads(meta["palette"])]
-        training = json.loads(meta.get("training", "{}"))
-    except (KeyError, ValueError) as e:
+        training = json.loads(read_metadata(path).get("training", "{}"))
+    except ValueError as e:
         raise TrainingError(f"--init-from {path}: not tilerun weights ({e})") from e
-    if palette != list(net.palette):
-        raise TrainingError(f"--init-from {path}: its palette differs from this run's k-means palette "
-                            "(other images, --classes or --seed)")
     try:
         missing, unexpected = net.load_state_dict(load_file(str(path)), strict=False)
     except RuntimeError as e:  # shape mismatch
@@ -376,8 +382,9 @@ def train(
 
     ``stop_at`` ends this run after that step (checkpointed) without changing the
     recipe, e.g. to split training over sessions; ``resume`` continues from ``out``.
-    ``init_from`` starts from another run's weights (same palette) instead of the init:
-    parameters the architecture has and that file lacks keep their init.
+    ``init_from`` starts from another run's weights and palette instead of the init (the
+    images may differ: a later stage can add photos); parameters the architecture has
+    and that file lacks keep their init.
     """
     from .dist import session
 
@@ -394,7 +401,14 @@ def train(
     with session(device=device) as ctx:
         named = load_training_images(image_paths, exclude=exclude, min_side=cfg.crop)
         images = _with_half_scales([im for _, im in named], cfg.crop)
-        palette_u8 = kmeans_palette([im for _, im in named], cfg.classes, seed=cfg.seed, samples=cfg.kmeans_samples)
+        if resume:
+            palette_u8 = _saved_palette(out, cfg.classes, "--resume")
+        elif init_from is not None:
+            # A later stage keeps the classes its start was trained on, even on other images:
+            # a fresh k-means over them would give the class head other colours to mean.
+            palette_u8 = _saved_palette(Path(init_from), cfg.classes, "--init-from")
+        else:
+            palette_u8 = kmeans_palette([im for _, im in named], cfg.classes, seed=cfg.seed, samples=cfg.kmeans_samples)
         # Every rank computes the same palette and work list from the same inputs; check it.
         ctx.agree(json.dumps([n for n, _ in named]) + palette_u8.tobytes().hex(), "the training images and palette")
         palette = [tuple(int(v) for v in c) for c in palette_u8]
