@@ -310,6 +310,25 @@ def test_stale_temps_of_a_killed_writer_are_removed(tmp_path, run_cli):
     assert remove_stale_temps([out / "a.pred.png"]) == 0
 
 
+def test_ctrl_c_during_a_write_leaves_no_temp_file(tmp_path):
+    """The writer is a daemon thread: the interpreter's exit stops it mid-PNG; the exit hook removes its temp."""
+    script = f"""
+import glob, threading, time
+import numpy as np
+from PIL import Image
+from tilerun.images import write_png_atomic
+noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (4000, 4000, 3), dtype=np.uint8))
+threading.Thread(target=write_png_atomic, args=(noise, {str(tmp_path / "x.pred.png")!r}),
+                 kwargs={{"compress_level": 9}}, daemon=True).start()
+while not glob.glob({str(tmp_path / ".x.pred.png.*.tmp")!r}):
+    time.sleep(0.005)
+raise KeyboardInterrupt  # what Ctrl-C raises in the main thread
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert "KeyboardInterrupt" in proc.stderr  # it died while the thread was writing
+    assert os.listdir(tmp_path) == []
+
+
 # -- resume ---------------------------------------------------------------------------------------------------
 
 

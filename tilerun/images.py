@@ -22,10 +22,12 @@ Conventions (the README's "Inputs, masks and outputs" section says the same for 
 
 from __future__ import annotations
 
+import atexit
 import glob
 import os
 import re
 import tempfile
+import threading
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -341,6 +343,23 @@ def _temp_pattern(path: Path) -> str:
     return str(path.parent / f".{glob.escape(path.name)}.*{_TEMP_SUFFIX}")
 
 
+# Temporary files being written now. The writer is a daemon thread (so that a failing main
+# thread never waits on it), and daemon threads die mid-statement when the interpreter exits,
+# e.g. after Ctrl-C: the exit hook removes what they were writing.
+_IN_FLIGHT: set[str] = set()
+_IN_FLIGHT_LOCK = threading.Lock()
+_EXITING = False
+
+
+@atexit.register
+def _remove_in_flight_temps() -> None:
+    global _EXITING
+    with _IN_FLIGHT_LOCK:
+        _EXITING = True
+        for tmp in _IN_FLIGHT:
+            Path(tmp).unlink(missing_ok=True)
+
+
 def write_png_atomic(
     im: Image.Image, path: str | os.PathLike, *, compress_level: int = 1, text: dict[str, str] | None = None
 ) -> None:
@@ -355,7 +374,11 @@ def write_png_atomic(
         info = PngImagePlugin.PngInfo()
         for k, v in text.items():
             info.add_text(k, v)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
+    with _IN_FLIGHT_LOCK:
+        if _EXITING:
+            raise RuntimeError(f"not writing {path}: the interpreter is exiting")
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
+        _IN_FLIGHT.add(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
             im.save(f, format="PNG", compress_level=compress_level, pnginfo=info)
@@ -366,6 +389,9 @@ def write_png_atomic(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.discard(tmp)
 
 
 def remove_stale_temps(paths: Iterable[str | os.PathLike]) -> int:
