@@ -86,15 +86,18 @@ def main() -> None:
     print(f"photo {a.size}x{a.size}, {mask.mean():.1%} missing; engine tile {engine.tile}, batch {engine.batch_size}, "
           f"halo {engine.halo} (pass 1: {engine.global_halo}), {len(tiles)} tiles, precision {engine.precision}")
 
-    times = interleaved(
-        {
-            "whole (NCHW)": lambda: whole_forward(plain, img, mask, device=dev, precision=prec),
-            "whole (channels_last)": lambda: whole_forward(channels_last, img, mask, device=dev, precision=prec),
-            "tiled": lambda: infer_image(engine, img, mask),  # returns host arrays: synchronised
-            "pass 1 alone": lambda: engine.reduce_partials(engine.global_partials(img, mask, tiles)),
-        },
-        repeats=a.repeats,
-    )
+    runs = {
+        "whole (NCHW)": lambda: whole_forward(plain, img, mask, device=dev, precision=prec),
+        "whole (channels_last)": lambda: whole_forward(channels_last, img, mask, device=dev, precision=prec),
+        "tiled": lambda: infer_image(engine, img, mask),  # returns host arrays: synchronised
+        "pass 1 alone": lambda: engine.reduce_partials(engine.global_partials(img, mask, tiles)),
+    }
+    if engine.workers > 1:
+        # The CPU default: one single-threaded forward per core. Checked against one forward on all cores.
+        one = Engine(load_model(), tile=a.tile, batch_size=a.batch, device=dev, precision=prec, workers=1,
+                     probe=engine.probe)
+        runs["tiled, 1 worker"] = lambda: infer_image(one, img, mask)
+    times = interleaved(runs, repeats=a.repeats)
     for name, ts in times.items():
         print(f"{name}: {fmt_times(ts)}")
     best = {k: min(v) for k, v in times.items()}
@@ -103,6 +106,8 @@ def main() -> None:
     print(f"RATIO tiled / whole (channels_last) = {best['tiled'] / best['whole (channels_last)']:.3f}  (target <= 1.0, must <= 1.2)")
     print(f"RATIO tiled / whole (NCHW)          = {best['tiled'] / best['whole (NCHW)']:.3f}")
     print(f"pass 1 share of the tiled time      = {best['pass 1 alone'] / best['tiled']:.1%}")
+    if "tiled, 1 worker" in best:
+        print(f"RATIO tiled 1 worker / {engine.workers} workers  = {best['tiled, 1 worker'] / best['tiled']:.3f}")
     ref = to_uint8(*whole_forward(plain, img, mask, device=dev, precision=prec))
     print("tiled vs whole (NCHW):", deviation(infer_image(engine, img, mask), ref))
 

@@ -66,27 +66,9 @@ def _glibc():
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+        return libc if hasattr(libc, "malloc_trim") else None
     except OSError:
         return None
-
-
-# glibc's mallopt parameter number for the mmap threshold (malloc.h: M_MMAP_THRESHOLD).
-_M_MMAP_THRESHOLD = -3
-
-
-def _mmap_large_blocks(threshold: int = 64 * 1024) -> None:
-    """Serve blocks of ``threshold`` bytes and more with mmap, returned to the OS on free.
-
-    glibc raises its mmap threshold each time a large block is freed (up to 32 MB), so a
-    window's megabyte-sized activations soon come from the heaps of the worker threads,
-    where freed space is kept and fragments. Measured on one 8192^2 photo through
-    `infer_image`: peak RSS 2035 MB with glibc's default, 1100 MB with the threshold fixed
-    at 64 KiB (which also stops its adjustment). Process-wide, and only on glibc.
-    """
-    libc = _glibc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
 
 
 def _release_free_heap() -> None:
@@ -194,8 +176,6 @@ class Engine:
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         self.workers = workers
-        if self.device.type == "cpu":
-            _mmap_large_blocks()
         self.model = model.eval().to(self.device)
         if channels_last:
             # Weights in NHWC make every convolution pick NHWC (oneDNN / cuDNN), whatever
