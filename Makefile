@@ -24,20 +24,21 @@ clean:
 
 # Issue 4: the shipped weights and the inpainting-quality benchmark.
 # coffee and chelsea are held out of training: bench/quality.py measures on them.
-# Five stages: stage 1 without the class prior (1500 steps, batch 4); stage 2 adds the
+# Six stages: stage 1 without the class prior (1500 steps, batch 4); stage 2 adds the
 # class prior and a hole MSE term and continues from stage 1 (800 steps, batch 8, lower
 # peak rate); stage 3 continues at half that rate (400 steps); stage 4 is the long run
 # (16000 steps in bf16 autocast, which AMX makes ~1.5x faster per step on this CPU, with
 # rotations and channel permutations of the crops: --augment); stage 5 adds the three
 # photos of train_photos/ (8000 steps at half stage 4's peak rate; it keeps stage 4's
-# palette). Each stage resumes its own checkpoint if one exists, so an interrupted
-# `make weights` picks up where it was.
+# palette); stage 6 continues stage 5 at a lower rate (6000 steps). Each stage resumes its
+# own checkpoint if one exists, so an interrupted `make weights` picks up where it was.
 WEIGHTS_DIR ?= build/weights
 TRAIN_ARGS = sample_images train_images --exclude 'coffee.*' --exclude 'chelsea.*' --crop 96 --classes 16 \
 	--seed 0 --checkpoint-every 50
 STAGE2_STEPS ?= 800
 STAGE4_STEPS ?= 16000
 STAGE5_STEPS ?= 8000
+STAGE6_STEPS ?= 6000
 .PHONY: weights bench-quality
 weights:
 	mkdir -p $(WEIGHTS_DIR)
@@ -55,7 +56,10 @@ weights:
 	$(PY) -m tilerun train $(TRAIN_ARGS) train_photos --class-prior --steps $(STAGE5_STEPS) --batch-size 8 --lr 5e-4 \
 		--l2-weight 50 --precision bf16 --augment --checkpoint-every 250 --init-from $(WEIGHTS_DIR)/stage4.safetensors \
 		--out $(WEIGHTS_DIR)/stage5.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage5.safetensors),--resume)
-	install -m 644 $(WEIGHTS_DIR)/stage5.safetensors tilerun/weights/default.safetensors
+	$(PY) -m tilerun train $(TRAIN_ARGS) train_photos --class-prior --steps $(STAGE6_STEPS) --batch-size 8 --lr 3e-4 \
+		--l2-weight 50 --precision bf16 --augment --checkpoint-every 250 --init-from $(WEIGHTS_DIR)/stage5.safetensors \
+		--out $(WEIGHTS_DIR)/stage6.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage6.safetensors),--resume)
+	install -m 644 $(WEIGHTS_DIR)/stage6.safetensors tilerun/weights/default.safetensors
 
 bench-quality:
 	$(PY) -c "import cv2, skimage" 2>/dev/null || $(PY) -m pip install opencv-python-headless scikit-image
