@@ -339,7 +339,7 @@ def _saved_palette(path: Path, classes: int, what: str) -> np.ndarray:
     """The palette (uint8 [K,3]) stored in tilerun weights at ``path``; it must have ``classes`` colours."""
     try:
         palette = np.array(json.loads(read_metadata(path)["palette"]), dtype=np.uint8).reshape(-1, 3)
-    except (KeyError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise TrainingError(f"{what} {path}: not tilerun weights ({e})") from e
     if len(palette) != classes:
         raise TrainingError(f"{what} {path} has {len(palette)} classes; pass --classes {len(palette)}")
