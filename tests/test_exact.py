@@ -249,3 +249,42 @@ def test_tiled_equals_whole_image_on_cuda(sensitive_probe, make_image, make_hole
     tiled = infer_image(Engine(model, tile=64, batch_size=8, device="cuda", probe=sensitive_probe), img, holes)
     whole = whole_forward(model.cpu(), img, holes)  # the reference on the CPU: fp32 for sure
     assert_exact(tiled, whole)
+
+
+def test_out_box_equals_that_part_of_the_whole_forward(make_image, make_holes):
+    # TileNet computes only the wanted outputs past its encoder (`TileNet.margins`); the
+    # engine asks for the tiles' cores. Boxes at every edge and inside, odd sizes included;
+    # a margin one stride short must show (the check can fail).
+    import torch
+    from conftest import build_sensitive_tilenet
+
+    from tilerun.train import DEFAULT_PREFILL, DEFAULT_PREFILL_ITERATIONS
+
+    model = build_sensitive_tilenet(prefill_radii=DEFAULT_PREFILL, prefill_iterations=DEFAULT_PREFILL_ITERATIONS)
+    h, w = 150, 203
+    img, holes = make_image(h, w, seed=21), make_holes(h, w, seed=22)
+    x = torch.from_numpy(img).permute(2, 0, 1)[None].float().div(255)
+    m = torch.from_numpy(holes)[None, None].float()
+    boxes = [(0, h, 0, w), (0, 40, 0, 36), (112, h, 160, w), (64, 101, 48, 147), (8, 9, 200, 203)]
+
+    def largest_error(net) -> float:
+        worst = 0.0
+        with torch.inference_mode():
+            full = net(x, m)
+            for y0, y1, x0, x1 in boxes:
+                part = net(x, m, out_box=(y0, y1, x0, x1))
+                for a, b in zip(full, part):
+                    assert b.shape[-2:] == (y1 - y0, x1 - x0)
+                    worst = max(worst, (a[..., y0:y1, x0:x1] - b).abs().max().item())
+        return worst
+
+    assert largest_error(model) < 1e-3  # float rounding of logits in the tens
+    short = dict(model.margins(), gen=model.margins()["gen"] - model.stride)
+    model.margins = lambda: short
+    assert largest_error(model) > 1.0
+    with pytest.raises(ValueError, match="multiples of 4"):
+        model(x, m, out_box=(2, 10, 0, 10))
+
+
+def test_engine_asks_tilenet_for_the_cores_only(engine):
+    assert engine.cores_only  # the exactness tests above therefore run the cropped decoder

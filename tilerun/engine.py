@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -82,6 +83,14 @@ def _release_free_heap() -> None:
         libc.malloc_trim(0)
 
 
+def _takes_out_box(model: nn.Module) -> bool:
+    """Whether ``model.forward`` has an ``out_box`` parameter (see `TileNet.forward`)."""
+    try:
+        return "out_box" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # e.g. a TorchScript module's forward
+        return False
+
+
 @dataclass
 class TileResult:
     tile: Tile
@@ -108,6 +117,7 @@ class _InFlight:
     classes: Tensor | None  # uint8 [B, h, w] on the host
     rgb: Tensor | None  # uint8 [B, h, w, 3] on the host
     ready: "torch.cuda.Event | None"  # None on CPU: the results are already there
+    cores_only: bool  # the model gave the tiles' cores, not their whole windows
 
     def results(self) -> Iterator[TileResult]:
         if self.ready is not None:
@@ -115,7 +125,7 @@ class _InFlight:
         cls_u8 = None if self.classes is None else self.classes.numpy()
         rgb_u8 = None if self.rgb is None else self.rgb.numpy()
         for i, t in enumerate(self.batch):
-            ys, xs = t.core_in_window()
+            ys, xs = (slice(None), slice(None)) if self.cores_only else t.core_in_window()
             yield TileResult(
                 t,
                 None if cls_u8 is None else cls_u8[i, ys, xs],
@@ -202,6 +212,9 @@ class Engine:
         ghalo = self.probe.global_halo
         self.global_halo = self.halo if ghalo is None else ghalo
         self.batch_size = batch_size
+        # A model whose forward takes ``out_box`` computes only the tiles' cores past the
+        # layers that need the halo (TileNet: the full-res decoder, ~1.46x fewer pixels at tile 384).
+        self.cores_only = _takes_out_box(self.model)
 
     @property
     def stride(self) -> int:
@@ -220,9 +233,13 @@ class Engine:
             return _ieee_fp32_convs() if self.device.type == "cuda" else contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=_AUTOCAST_DTYPES[self.precision])
 
-    def _batches(self, tiles: Iterable[Tile]) -> Iterator[list[Tile]]:
-        """Consecutive tiles of one window shape, up to batch_size (no padding: padding would change borders)."""
-        for _, same in groupby(tiles, key=lambda t: t.window_shape):
+    def _batches(self, tiles: Iterable[Tile], *, cores: bool = False) -> Iterator[list[Tile]]:
+        """Consecutive tiles of one window shape, up to batch_size (no padding: padding would change borders).
+
+        ``cores``: also of one core position in the window (one ``out_box`` per forward).
+        """
+        key = (lambda t: (t.window_shape, t.core_in_window())) if cores else (lambda t: t.window_shape)
+        for _, same in groupby(tiles, key=key):
             same = list(same)
             for i in range(0, len(same), self.batch_size):
                 yield same[i : i + self.batch_size]
@@ -299,11 +316,15 @@ class Engine:
         synchronise the stream once a batch and empty the pipeline.
         """
         x, m = self._windows(image, mask, batch)
+        kwargs = {}
+        if global_sums is not None:
+            kwargs["global_sums"] = global_sums[None].expand(len(batch), -1)
+        out_box = None
+        if self.cores_only:
+            ys, xs = batch[0].core_in_window()
+            kwargs["out_box"] = out_box = (ys.start, ys.stop, xs.start, xs.stop)
         with self._autocast():
-            if global_sums is not None:
-                out = self.model(x, m, global_sums=global_sums[None].expand(len(batch), -1))
-            else:
-                out = self.model(x, m)
+            out = self.model(x, m, **kwargs)
         logits, rgb = _split_outputs(out)
         cuda = self.device.type == "cuda"
         cls_h = rgb_h = None
@@ -322,7 +343,7 @@ class Engine:
             # worker threads' arenas: a 2048^2 photo peaked at 1083 MB, with it 858 MB.
             del x, m, out, logits, rgb
             _release_free_heap()
-        return _InFlight(batch, cls_h, rgb_h, ready)
+        return _InFlight(batch, cls_h, rgb_h, ready, out_box is not None)
 
     def compute(
         self, image: np.ndarray, mask: np.ndarray, tiles: Iterable[Tile], global_sums: Tensor | None = None
@@ -342,7 +363,8 @@ class Engine:
             raise ValueError("this model needs the whole-image global sums: run global_partials first")
         if global_sums is not None:
             global_sums = global_sums.to(self.device, torch.float32)
-        for launched in self._map_batches(lambda b: self._launch(image, mask, b, global_sums), self._batches(tiles)):
+        batches = self._batches(tiles, cores=self.cores_only)
+        for launched in self._map_batches(lambda b: self._launch(image, mask, b, global_sums), batches):
             for r in launched.results():
                 if r.rgb is not None:
                     t = r.tile

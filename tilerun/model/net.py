@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..geometry import round_up
+
 __all__ = ["TileNetConfig", "TileNet", "local_fill", "harmonic_fill"]
 
 
@@ -243,17 +245,32 @@ class Decoder(nn.Module):
             nn.init.zeros_(self.rgb.weight)
             nn.init.zeros_(self.rgb.bias)
 
-    def forward(self, x: Tensor, s1: Tensor, s0: Tensor, coarse_logits: Tensor,
-                fill: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        x = F.interpolate(x, size=s1.shape[-2:], mode="nearest")
-        x = F.relu(_conv_of_cat(self.up1, [x, s1]))
-        x = F.interpolate(x, size=s0.shape[-2:], mode="nearest")
+    def half(self, x: Tensor, s1: Tensor) -> Tensor:
+        """Quarter-res features x -> half-res features (x upsampled, joined with the skip s1)."""
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
+        return F.relu(_conv_of_cat(self.up1, [x, s1]))
+
+    def full(self, x: Tensor, s0: Tensor, fill: Tensor | None) -> Tensor:
+        """Half-res features x -> full-res features (x upsampled, joined with s0 and the pre-fill)."""
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
         # The pre-fill enters only this last 3x3 layer, so its radius adds just 1 pixel
         # to its own and stays inside the network's receptive field.
-        x = F.relu(_conv_of_cat(self.up0, [x, s0, fill] if self.residual else [x, s0]))
-        logits = self.cls(x) + F.interpolate(coarse_logits, size=s0.shape[-2:], mode="nearest")
+        return F.relu(_conv_of_cat(self.up0, [x, s0, fill] if self.residual else [x, s0]))
+
+    def heads(self, x: Tensor, coarse_logits: Tensor, fill: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Full-res features -> (class logits, RGB); coarse_logits at quarter res."""
+        logits = self.cls(x) + F.interpolate(coarse_logits, scale_factor=4, mode="nearest")
         rgb = (fill + self.rgb(x)).clamp(0, 1) if self.residual else torch.sigmoid(self.rgb(x))
         return logits, rgb
+
+
+Box = tuple[int, int, int, int]  # y0, y1, x0, x1 in full-resolution pixels
+
+
+def _sub(t: Tensor, outer: Box, inner: Box, scale: int) -> Tensor:
+    """The part of ``t`` (covering ``outer`` at 1/``scale`` resolution) that covers ``inner``."""
+    return t[..., (inner[0] - outer[0]) // scale : (inner[1] - outer[0]) // scale,
+             (inner[2] - outer[2]) // scale : (inner[3] - outer[2]) // scale]
 
 
 class TileNet(nn.Module):
@@ -293,11 +310,6 @@ class TileNet(nn.Module):
         known = 1 - F.avg_pool2d(mask, self.stride)
         return torch.cat([z * known, known], 1)
 
-    def _prefill(self, x: Tensor, known: Tensor) -> Tensor:
-        """The classical pre-fill of the holes of ``x`` (any channels): local mean, then harmonic sweeps."""
-        fill = local_fill(x, known, self.cfg.prefill_radii)
-        return harmonic_fill(fill, known, self.cfg.prefill_iterations) if self.cfg.prefill_iterations else fill
-
     def _class_prior(self, fill: Tensor) -> Tensor:
         """log P(class): the palette class of each pre-filled colour, one-hot with a floor of 1e-4.
 
@@ -324,8 +336,35 @@ class TileNet(nn.Module):
         _, _, z = self.encoder(x)
         return self._terms(z, m)
 
-    def forward(self, image: Tensor, mask: Tensor, global_sums: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def margins(self) -> dict[str, int]:
+        """Per stage, how far beyond the wanted outputs its input region must reach for them
+        to be exact (full-res pixels, rounded up to the stride): each 3x3 convolution
+        adds its dilation in cells of its own resolution, each pre-fill sweep one pixel."""
+        s, cfg = self.stride, self.cfg
+        up0 = 1  # the full-res 3x3
+        up1 = 2 * (-(-up0 // 2) + 1)  # the half-res 3x3, in pixels
+        gen = 4 * (-(-up1 // 4) + sum(cfg.generator_dilations))  # quarter-res 3x3s (its 1x1 adds none)
+        pred = gen + 4 * sum(cfg.predictor_dilations)
+        harmonic = up0 + cfg.prefill_iterations
+        local = harmonic + 2 * max(cfg.prefill_radii, default=0)
+        raw = {"up0": up0, "up1": up1, "gen": gen, "pred": pred, "harmonic": harmonic, "local": local}
+        return {k: round_up(v, s) for k, v in raw.items()}
+
+    def forward(self, image: Tensor, mask: Tensor, global_sums: Tensor | None = None,
+                out_box: Box | None = None) -> tuple[Tensor, Tensor]:
+        """``(logits, rgb)`` for ``image``; with ``out_box = (y0, y1, x0, x1)`` only that part of them.
+
+        The encoder runs on the whole input; each later stage only on the outputs'
+        region plus what the stages after it reach (`margins`). For a tile's window
+        the costly full-resolution decoder then runs on the core alone instead of
+        core + halo, with the same values there (zero padding at the cropped edges
+        touches only pixels that are dropped). ``y0`` and ``x0`` must be multiples of
+        the stride.
+        """
         h, w = image.shape[-2:]
+        y0, y1, x0, x1 = out_box = (0, h, 0, w) if out_box is None else tuple(out_box)
+        if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w) or y0 % self.stride or x0 % self.stride:
+            raise ValueError(f"out_box {out_box} must lie in the {h}x{w} input, starting at multiples of {self.stride}")
         x, m = self._prepare(image, mask)
         s0, s1, z = self.encoder(x)
         if global_sums is None:
@@ -333,15 +372,37 @@ class TileNet(nn.Module):
         c = self.cfg.width
         # A masked mean: the features of known pixels, averaged over the whole image.
         g = global_sums[:, :c] / global_sums[:, c:].clamp_min(1e-6)
-        hfeat, coarse = self.predictor(z, g)
-        detail = self.generator(z, hfeat, coarse)
-        fill = self._prefill(x[:, :3], 1 - m) if self.cfg.prefill_radii else None
-        logits, rgb = self.decoder(detail, s1, s0, coarse, fill)
+
+        hp, wp = x.shape[-2:]
+        whole: Box = (0, hp, 0, wp)
+        want: Box = (y0, round_up(y1, self.stride), x0, round_up(x1, self.stride))
+
+        def region(margin: int) -> Box:
+            return (max(0, want[0] - margin), min(hp, want[1] + margin), max(0, want[2] - margin), min(wp, want[3] + margin))
+
+        mg = self.margins()
+        r_pred, r_gen, r_up1, r_up0 = region(mg["pred"]), region(mg["gen"]), region(mg["up1"]), region(mg["up0"])
+        zp = _sub(z, whole, r_pred, 4)
+        hfeat, coarse = self.predictor(zp, g)
+        detail = self.generator(*(_sub(t, r_pred, r_gen, 4) for t in (zp, hfeat, coarse)))
+        fill = None
+        if self.cfg.prefill_radii:
+            r_local, r_harm = region(mg["local"]), region(mg["harmonic"])
+            fill = local_fill(_sub(x[:, :3], whole, r_local, 1), _sub(1 - m, whole, r_local, 1), self.cfg.prefill_radii)
+            fill = _sub(fill, r_local, r_harm, 1)
+            if self.cfg.prefill_iterations:
+                fill = harmonic_fill(fill, _sub(1 - m, whole, r_harm, 1), self.cfg.prefill_iterations)
+            fill = _sub(fill, r_harm, r_up0, 1)
+        dec = self.decoder
+        feat = dec.half(_sub(detail, r_gen, r_up1, 4), _sub(s1, whole, r_up1, 2))
+        feat = dec.full(_sub(feat, r_up1, r_up0, 2), _sub(s0, whole, r_up0, 1), fill)
+        fill = None if fill is None else _sub(fill, r_up0, want, 1)
+        logits, rgb = dec.heads(_sub(feat, r_up0, want, 1), _sub(coarse, r_pred, want, 4), fill)
         if self.cfg.class_prior:
-            logits = logits + self.decoder.prior_scale * self._class_prior(fill)
-        logits, rgb = logits[..., :h, :w], rgb[..., :h, :w]
-        known = 1 - m[..., :h, :w]
-        rgb = image * known + rgb * (1 - known)  # known pixels pass through unchanged
+            logits = logits + dec.prior_scale * self._class_prior(fill)
+        logits, rgb = logits[..., : y1 - y0, : x1 - x0], rgb[..., : y1 - y0, : x1 - x0]
+        known = 1 - m[..., y0:y1, x0:x1]
+        rgb = image[..., y0:y1, x0:x1] * known + rgb * (1 - known)  # known pixels pass through unchanged
         return logits, rgb
 
 
