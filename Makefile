@@ -30,7 +30,8 @@ clean:
 # (16000 steps in bf16 autocast, which AMX makes ~1.5x faster per step on this CPU, with
 # rotations and channel permutations of the crops: --augment); stage 5 adds the three
 # photos of train_photos/ (8000 steps at half stage 4's peak rate; it keeps stage 4's
-# palette); stage 6 continues stage 5 at a lower rate (6000 steps). Each stage resumes its
+# palette); stage 6 continues stage 5 at a lower rate (6000 steps); stage 7 (below) merges two
+# replicas trained in parallel from stage 6. Each stage resumes its
 # own checkpoint if one exists, so an interrupted `make weights` picks up where it was.
 WEIGHTS_DIR ?= build/weights
 TRAIN_ARGS = sample_images train_images --exclude 'coffee.*' --exclude 'chelsea.*' --crop 96 --classes 16 \
@@ -59,7 +60,23 @@ weights:
 	$(PY) -m tilerun train $(TRAIN_ARGS) train_photos --class-prior --steps $(STAGE6_STEPS) --batch-size 8 --lr 3e-4 \
 		--l2-weight 50 --precision bf16 --augment --checkpoint-every 250 --init-from $(WEIGHTS_DIR)/stage5.safetensors \
 		--out $(WEIGHTS_DIR)/stage6.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage6.safetensors),--resume)
-	install -m 644 $(WEIGHTS_DIR)/stage6.safetensors tilerun/weights/default.safetensors
+	$(MAKE) --no-print-directory stage7
+	install -m 644 $(WEIGHTS_DIR)/stage7.safetensors tilerun/weights/default.safetensors
+
+# Stage 7: two replicas of stage 6's recipe at lower rate (seeds 1 and 2, 3000 steps) trained
+# in parallel, one thread each, then merged by averaging their weights (`tilerun merge`).
+# Replica b runs --quiet so that one progress bar shows.
+STAGE7_ARGS = $(TRAIN_ARGS) train_photos --class-prior --steps 3000 --batch-size 8 --lr 3e-4 --l2-weight 50 \
+	--precision bf16 --augment --checkpoint-every 250 --init-from $(WEIGHTS_DIR)/stage6.safetensors
+.PHONY: stage7
+stage7:
+	OMP_NUM_THREADS=1 $(PY) -m tilerun train $(STAGE7_ARGS) --seed 1 --out $(WEIGHTS_DIR)/stage7a.safetensors \
+		$(if $(wildcard $(WEIGHTS_DIR)/stage7a.safetensors),--resume) & a=$$!; \
+	OMP_NUM_THREADS=1 $(PY) -m tilerun train $(STAGE7_ARGS) --seed 2 --out $(WEIGHTS_DIR)/stage7b.safetensors --quiet \
+		$(if $(wildcard $(WEIGHTS_DIR)/stage7b.safetensors),--resume) & b=$$!; \
+	wait $$a; ra=$$?; wait $$b; rb=$$?; test $$ra = 0 && test $$rb = 0
+	$(PY) -m tilerun merge $(WEIGHTS_DIR)/stage7a.safetensors $(WEIGHTS_DIR)/stage7b.safetensors --overwrite \
+		--out $(WEIGHTS_DIR)/stage7.safetensors
 
 bench-quality:
 	$(PY) -c "import cv2, skimage" 2>/dev/null || $(PY) -m pip install opencv-python-headless scikit-image

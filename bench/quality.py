@@ -73,7 +73,8 @@ def run(*, model_path: Path | None, figure: Path | None) -> tuple[str, dict]:
         print("warning: no trained default weights; measuring the untrained init", file=sys.stderr)
     engine = Engine(model)  # probed once, reused for every image
     palette = np.array(model.palette, np.uint8)
-    crop = _training(model).get("recipe", {}).get("crop", 128)
+    # The latest run's crop (a merge's replicas share theirs); 128, tilerun train's default, without metadata.
+    crop = next((t["recipe"]["crop"] for t in _runs(_training(model)) if (t.get("recipe") or {}).get("crop")), 128)
 
     rows = {}
     examples = []
@@ -127,16 +128,35 @@ def _training(model) -> dict:
     return json.loads(meta["training"]) if "training" in meta else {}
 
 
-def _stages(training: dict) -> str:
-    """ "after stage 1 (...)": the chain of --init-from runs and their training time."""
-    chain, t = [], training
-    while t:
-        chain.append(t)
-        t = t.get("init_from") or {}
-    if not chain:
-        return ""
-    total = sum(float(t.get("seconds") or 0) for t in chain)
-    return (f" of the last of {len(chain)} training stages, {total / 60:.0f} min of training in all "
+def _runs(training: dict) -> list[dict]:
+    """The training runs behind weights (chains of --init-from, merged replicas), shared ones once."""
+    runs, seen, todo = [], set(), [training]
+    while todo:
+        t = todo.pop() or {}
+        if "merged" in t:
+            todo.extend(t["merged"])
+            continue
+        key = (t.get("file"), t.get("step"), t.get("seconds"))
+        if t and key not in seen:
+            seen.add(key)
+            runs.append(t)
+            todo.append(t.get("init_from"))
+    return runs
+
+
+def _provenance(training: dict) -> str:
+    """ "step 3000 of 3000 of the last of 7 training runs, ..." or "the mean of 2 replicas (...), ..."."""
+    runs = _runs(training)
+    total = sum(float(t.get("seconds") or 0) for t in runs)
+    if "merged" in training:
+        parts = [f"`{t.get('file')}` step {t.get('step', '?')} of {(t.get('recipe') or {}).get('steps', '?')}"
+                 for t in training["merged"]]
+        head = f"the mean of {len(parts)} replicas ({', '.join(parts)})"
+    else:
+        head = f"step {training.get('step', '?')} of {(training.get('recipe') or {}).get('steps', '?')}"
+    if not runs:
+        return head
+    return (f"{head}; {len(runs)} training runs, {total / 60:.0f} min of training in all "
             "(a shared 2-core CPU; see README, Training)")
 
 
@@ -155,8 +175,7 @@ def _table(rows: dict, model, *, crop: int, model_name: str) -> str:
         "PSNR (dB) and class accuracy on the hole pixels only, averaged over the cases; "
         "runtime in seconds per photo.",
         "",
-        f"Weights: `{model_name}`, step {training.get('step', '?')} of "
-        f"{training.get('recipe', {}).get('steps', '?')}{_stages(training)}.",
+        f"Weights: `{model_name}`, {_provenance(training)}.",
         "",
         "| holes | hole ratio | tilerun PSNR | Telea PSNR | biharmonic PSNR | tilerun − best classical | "
         "tilerun class acc. | nearest-known acc. | tilerun s | Telea s | biharmonic s |",

@@ -23,6 +23,7 @@ from tilerun.train import (
     compute_loss,
     kmeans_palette,
     make_batch,
+    merge,
     nearest_class,
     optimizer_path,
     train,
@@ -281,6 +282,48 @@ def test_init_from_an_earlier_stage(images_dir, tmp_path):
         train([images_dir], out=tmp_path / "s5.safetensors", cfg=tiny_cfg(steps=2, classes=3),
               net_cfg=TileNetConfig.from_dict({**with_prior.to_dict(), "classes": 3}), init_from=stage1,
               progress=False)
+
+
+def test_merge_averages_replicas_of_one_start(images_dir, tmp_path):
+    # The design document's replicas trained in parallel and merged: two seeds from one
+    # start, then the mean of their weights, with both provenances in the metadata.
+    start, a, b, out = (tmp_path / f"{n}.safetensors" for n in ("start", "a", "b", "merged"))
+    train([images_dir], out=start, cfg=tiny_cfg(steps=2), net_cfg=TINY, progress=False)
+    for path, seed in ((a, 1), (b, 2)):
+        train([images_dir], out=path, cfg=tiny_cfg(steps=3, seed=seed), net_cfg=TINY, init_from=start, progress=False)
+    merge([a, b], out=out)
+    wa, wb, wm = (load_file(str(p)) for p in (a, b, out))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # the replicas differ ...
+    assert all(torch.allclose(wm[k], (wa[k] + wb[k]) / 2, atol=1e-7) for k in wa)  # ... the merge is their mean
+    meta = read_metadata(out)
+    assert meta["palette"] == read_metadata(start)["palette"]
+    merged = json.loads(meta["training"])["merged"]
+    assert [(m["file"], m["recipe"]["seed"], m["init_from"]["file"]) for m in merged] == [
+        ("a.safetensors", 1, "start.safetensors"), ("b.safetensors", 2, "start.safetensors")]
+    # It is tilerun weights like any other: loads, and a later stage can start from it.
+    load_tilenet(out)
+    later = tmp_path / "later.safetensors"
+    train([images_dir], out=later, cfg=tiny_cfg(steps=1), net_cfg=TINY, init_from=out, progress=False)
+    assert json.loads(read_metadata(later)["training"])["init_from"]["merged"] == merged
+    # Replicas of other starts mean other colours per class: refused, naming the file.
+    other = tmp_path / "other.safetensors"
+    train([images_dir], out=other, cfg=tiny_cfg(steps=2, seed=5), net_cfg=TINY, progress=False)
+    assert read_metadata(other)["palette"] != meta["palette"]
+    with pytest.raises(TrainingError, match="other.safetensors: another palette"):
+        merge([a, other], out=tmp_path / "bad.safetensors")
+    with pytest.raises(TrainingError, match="at least two"):
+        merge([a], out=tmp_path / "bad.safetensors")
+    # The command: an existing --out needs --overwrite (exit 2); a mismatch is one line, exit 1.
+    from click.testing import CliRunner
+
+    from tilerun.cli import main
+
+    res = CliRunner().invoke(main, ["merge", str(a), str(b), "--out", str(out)])
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    res = CliRunner().invoke(main, ["merge", str(a), str(b), "--out", str(out), "--overwrite"])
+    assert res.exit_code == 0 and load_file(str(out)).keys() == wm.keys()
+    res = CliRunner().invoke(main, ["merge", str(a), str(other), "--out", str(tmp_path / "bad.safetensors")])
+    assert res.exit_code == 1 and "another palette" in res.output and "Traceback" not in res.output
 
 
 def test_class_prior_keeps_known_pixels_class():

@@ -212,6 +212,30 @@ def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, chec
                  result.path)
 
 
+@main.command()
+@click.argument("weights", metavar="WEIGHTS...", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The merged weights (.safetensors).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@o.verbose_opt
+@o.quiet_opt
+def merge(weights, out, overwrite, verbose, quiet):
+    """Average the weights of replicas (runs of `tilerun train` from one start) into --out.
+
+    The replicas must have one architecture and palette: train them with other --seed
+    values from one --init-from checkpoint, in parallel, then merge.
+    """
+    _setup_logging(verbose, quiet)
+    from .train import merge as merge_weights
+
+    if out.exists() and not overwrite:
+        raise _SettingsError(f"{out} exists; pass --overwrite to replace it")
+    with _error_boundary(verbose):  # a mismatch between the replicas: exit 1, naming the file
+        merge_weights(weights, out=out)
+    log.info("merged %d replicas -> %s", len(weights), out)
+
+
 @main.command("inspect")
 @click.argument("model_path", metavar="[MODEL]", required=False, type=o.ModelSpec())
 # Not o.tile_opt/o.batch_opt: inspect reports for tilerun's default on the chosen device unless told otherwise.

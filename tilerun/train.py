@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .errors import TilerunError
 from .masks import random_mask
-from .model import TileNet, TileNetConfig, read_metadata, save_tilenet
+from .model import TileNet, TileNetConfig, load_tilenet, read_metadata, save_tilenet
 from .model.weights import INIT_SEED
 
 __all__ = [
@@ -346,12 +346,21 @@ def _saved_palette(path: Path, classes: int, what: str) -> np.ndarray:
     return palette
 
 
-def _init_from(net: TileNet, path: Path) -> dict:
-    """Load ``path``'s weights into ``net`` (non-strict for parameters only ``net`` has); provenance for metadata."""
+def _provenance(path: Path, what: str) -> dict:
+    """What the metadata of the tilerun weights at ``path`` says about their training (for the next stage's)."""
     try:
         training = json.loads(read_metadata(path).get("training", "{}"))
     except ValueError as e:
-        raise TrainingError(f"--init-from {path}: not tilerun weights ({e})") from e
+        raise TrainingError(f"{what} {path}: not tilerun weights ({e})") from e
+    if "merged" in training:
+        return {"file": path.name, "merged": training["merged"]}
+    return {"file": path.name, "step": training.get("step"), "recipe": training.get("recipe"),
+            "seconds": training.get("seconds"), "init_from": training.get("init_from")}
+
+
+def _init_from(net: TileNet, path: Path) -> dict:
+    """Load ``path``'s weights into ``net`` (non-strict for parameters only ``net`` has); provenance for metadata."""
+    provenance = _provenance(path, "--init-from")
     try:
         missing, unexpected = net.load_state_dict(load_file(str(path)), strict=False)
     except RuntimeError as e:  # shape mismatch
@@ -360,8 +369,42 @@ def _init_from(net: TileNet, path: Path) -> dict:
         raise TrainingError(f"--init-from {path}: parameters this architecture lacks: {', '.join(unexpected)}")
     if missing:
         log.info("--init-from %s: new parameters keep their init: %s", path, ", ".join(missing))
-    return {"file": path.name, "step": training.get("step"), "recipe": training.get("recipe"),
-            "seconds": training.get("seconds"), "init_from": training.get("init_from")}
+    return provenance
+
+
+def merge(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike) -> Path:
+    """Write the mean of the weights of ``paths`` to ``out``: replicas merged into one model.
+
+    The design document's last step: replicas trained in parallel (here: runs from one
+    start with other seeds) and merged. Averaging the weights of fine-tunes of one start
+    lands between them in a flat region of the loss (Wortsman et al. 2022, "Model soups");
+    measured for the shipped weights in README, Training. The replicas must share the
+    architecture and the palette (their classes mean the same colours).
+    """
+    paths = [Path(p) for p in paths]
+    if len(paths) < 2:
+        raise TrainingError(f"merge needs at least two weights files, got {len(paths)}")
+    nets = [load_tilenet(p) for p in paths]
+    first = nets[0]
+    for p, net in zip(paths[1:], nets[1:]):
+        if net.cfg != first.cfg:
+            raise TrainingError(f"{p}: another architecture than {paths[0]} ({net.cfg} vs {first.cfg}); "
+                                "merge only replicas of one run")
+        if net.palette != first.palette:
+            raise TrainingError(f"{p}: another palette than {paths[0]}; merge only replicas started from one "
+                                "checkpoint (--init-from keeps its palette)")
+    states = [n.state_dict() for n in nets]
+    mean = {k: (torch.stack([s[k].double() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v)
+            for k, v in states[0].items()}
+    merged = TileNet(first.cfg, first.palette)
+    merged.load_state_dict(mean)
+    meta = first.metadata
+    extra = {"classes": first.cfg.classes, "training": {"merged": [_provenance(p, "merge:") for p in paths]}}
+    if "receptive_field" in meta:  # the same layers, so the same field
+        extra["receptive_field"] = json.loads(meta["receptive_field"])
+    out = Path(out)
+    save_tilenet(merged, out, extra=extra)
+    return out
 
 
 # -- the loop -------------------------------------------------------------------------------
