@@ -109,3 +109,19 @@ def test_memory_grows_with_the_image_by_uint8_only(sensitive_model, sensitive_pr
     # Bound 2.5x: a full-size float32 RGB accumulator (12 bytes a pixel on top of the 4 of
     # uint8 output) makes it >= 4x, float logits far more.
     assert scaling < 2.5 * outputs, f"grew {scaling / 2**20:.1f} MB more for {outputs / 2**20:.1f} MB more uint8 output"
+
+
+@pytest.mark.parametrize("preset, expected", [(None, "1"), ("0", "0")])
+def test_import_asks_for_huge_pages_unless_the_user_said_otherwise(preset, expected):
+    # PyTorch reads THP_MEM_ALLOC_ENABLE at its first allocation of >= 2 MB: importing tilerun
+    # must set it before any (a fresh interpreter), and keep a value the user chose.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    code = "import os, tilerun; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
