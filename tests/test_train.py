@@ -371,3 +371,23 @@ def test_harmonic_fill_reach_is_one_pixel_per_sweep():
         changed = harmonic_fill(x, known, n)[0, 0] != 0
         ys, xs = torch.nonzero(changed, as_tuple=True)
         assert max((ys - 20).abs().max(), (xs - 20).abs().max()) == n
+
+
+def test_harmonic_fill_on_sparse_holes_gives_the_dense_bits(monkeypatch):
+    """Below SPARSE_SWEEPS_BELOW the sweeps run on the hole pixels alone; they must give exactly
+    the dense result (tiles and the whole image may take different paths), holes on the edges
+    and several images in a batch included."""
+    import tilerun.model.net as net
+
+    torch.manual_seed(3)
+    for shape, share in (((1, 3, 60, 71), 0.05), ((3, 3, 33, 40), 0.2), ((2, 1, 17, 9), 0.6)):
+        known = (torch.rand(shape[0], 1, *shape[2:]) > share).float()
+        known[..., 0, :5] = 0  # a hole along the border: its neighbours mirror
+        known[-1, :, -3:, -2:] = 0
+        fill = net.local_fill(torch.rand(shape) * known, known, (1, 3))
+        monkeypatch.setattr(net, "SPARSE_SWEEPS_BELOW", 0.0)
+        dense = net.harmonic_fill(fill, known, 9)
+        monkeypatch.setattr(net, "SPARSE_SWEEPS_BELOW", 1.1)
+        sparse = net.harmonic_fill(fill, known, 9)
+        assert torch.equal(dense, sparse)
+        assert not torch.equal(dense, fill)  # the sweeps did change the holes

@@ -119,6 +119,8 @@ def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
     whole hole, its receptive field is finite (2 * max(radii)), so tiling stays exact.
     Pixels with no known pixel within reach get grey.
     """
+    if bool(known.all()):  # nothing to fill (the formula below would give image * 1 + fill * 0)
+        return image
     # Numerator and denominator filtered together, as contiguous NCHW planes.
     c = image.shape[1]
     both = torch.cat([image * known, known], 1).contiguous()
@@ -147,6 +149,24 @@ def _neighbour_mean(u: Tensor) -> Tensor:
     return (p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]) * 0.25
 
 
+def _omegas(iterations: int, rho: float) -> list[float]:
+    """Chebyshev's over-relaxation factor of each sweep."""
+    out, omega = [], 1.0
+    for i in range(iterations):
+        if i == 1:
+            omega = 1 / (1 - rho**2 / 2)
+        elif i > 1:
+            omega = 1 / (1 - rho**2 * omega / 4)
+        out.append(omega)
+    return out
+
+
+# Below this share of hole pixels `harmonic_fill` sweeps the holes alone (gathering their
+# neighbours) instead of the whole array. Measured on a 432^2 window, one thread: 8% holes
+# 21.5 ms vs 52.5 ms, 20% 38.6 vs 53.2, 3% 10.5 vs 59.6.
+SPARSE_SWEEPS_BELOW = 0.25
+
+
 def harmonic_fill(fill: Tensor, known: Tensor, iterations: int, rho: float = HARMONIC_RHO) -> Tensor:
     """Relax the holes of ``fill`` towards harmonic (Laplace) inpainting in ``iterations`` sweeps.
 
@@ -156,20 +176,50 @@ def harmonic_fill(fill: Tensor, known: Tensor, iterations: int, rho: float = HAR
     "Matrix Computations", section 11.2.8) converges in about the square root of the
     sweeps plain Jacobi needs: on held-out photos, 22 sweeps after ``local_fill`` came
     within 0.1 dB of the converged solution, which itself beat biharmonic inpainting.
-    Known pixels (``known`` = 1) never change.
+    Known pixels (``known`` = 1) never change. Sparse holes are swept on their own
+    (`_harmonic_fill_holes`), with the same operations in the same order: the same bits.
     """
+    if iterations and (1 - known).mean() < SPARSE_SWEEPS_BELOW:
+        return _harmonic_fill_holes(fill, known, iterations, rho)
     x = fill
     hole = 1 - known
-    prev, omega = x, 1.0
-    for i in range(iterations):
-        if i == 1:
-            omega = 1 / (1 - rho**2 / 2)
-        elif i > 1:
-            omega = 1 / (1 - rho**2 * omega / 4)
+    prev = x
+    for omega in _omegas(iterations, rho):
         # prev + omega * (Jacobi sweep on the hole pixels - prev), in place on a fresh tensor.
         nxt = _neighbour_mean(x).sub_(x).mul_(hole).add_(x).sub_(prev).mul_(omega).add_(prev)
         prev, x = x, nxt
     return x
+
+
+def _harmonic_fill_holes(fill: Tensor, known: Tensor, iterations: int, rho: float) -> Tensor:
+    """`harmonic_fill` on the hole pixels alone: each sweep gathers their 4 neighbours.
+
+    The dense sweep leaves known pixels exactly as they are ((mean - x) * 0 + x - prev = 0
+    there), so only holes change, and each reads its neighbours (the edge mirrored, as
+    ``replicate`` padding does). The arithmetic per hole pixel is the dense one, op for op
+    ((up + down) + left) + right, * 0.25, - x, + x, - prev, * omega, + prev), so the
+    results are identical; the multiplication by the hole mask (1 there) is exact and left out.
+    """
+    n, c, h, w = fill.shape
+    where = (known[:, 0] == 0).nonzero()  # [K, 3]: batch, row, column of each hole pixel
+    b, y, x = where.unbind(1)
+
+    def at(yy: Tensor, xx: Tensor) -> Tensor:
+        return (b * h + yy.clamp(0, h - 1)) * w + xx.clamp(0, w - 1)
+
+    flat = fill.transpose(0, 1).reshape(c, n * h * w).clone()  # one plane per channel
+    here = at(y, x)
+    around = torch.cat([at(y - 1, x), at(y + 1, x), at(y, x - 1), at(y, x + 1)])  # one gather per sweep
+    cur = flat[:, here]
+    prev = cur
+    k = len(here)
+    for omega in _omegas(iterations, rho):
+        g = flat[:, around]
+        mean = g[:, :k].add(g[:, k : 2 * k]).add_(g[:, 2 * k : 3 * k]).add_(g[:, 3 * k :]).mul_(0.25)
+        nxt = mean.sub_(cur).add_(cur).sub_(prev).mul_(omega).add_(prev)
+        flat.index_copy_(1, here, nxt)
+        prev, cur = cur, nxt
+    return flat.reshape(c, n, h, w).transpose(0, 1)
 
 
 class Encoder(nn.Module):
