@@ -32,25 +32,30 @@ def model_flops_per_pixel(model, side: int = 512) -> float:
     return counter.get_total_flops() / (side * side)
 
 
-def conv_share(model, side: int, threads: int) -> tuple[float, float]:
-    """(share of one window forward's CPU time spent in convolutions, their FLOP/s): where the rest goes."""
+def window_work(model, side: int, halo: int, threads: int) -> tuple[float, float, float]:
+    """One window forward as the engine runs it (its core asked for, ``out_box``): (share of its
+    CPU time in convolutions, their FLOP/s, its FLOPs per core pixel)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
 
     x = torch.rand(1, 3, side, side).contiguous(memory_format=torch.channels_last)
     m = torch.zeros(1, 1, side, side)
     m[..., side // 3 : side // 2, side // 3 : side // 2] = 1
+    box = (halo, side - halo, halo, side - halo)
     net = model.to(memory_format=torch.channels_last)
     torch.set_num_threads(threads)
     with torch.inference_mode():
-        net(x, m)
+        net(x, m, out_box=box)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            net(x, m)
+            net(x, m, out_box=box)
+        with FlopCounterMode(display=False) as counter:
+            net(x, m, out_box=box)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     conv = sum(e.self_cpu_time_total for e in events if "conv" in e.key)
-    flops = model_flops_per_pixel(model, side) * side * side
-    return conv / total, flops / (conv / 1e6)
+    flops = counter.get_total_flops()
+    return conv / total, flops / (conv / 1e6), flops / (side - 2 * halo) ** 2
 
 
 def main() -> None:
@@ -83,10 +88,11 @@ def main() -> None:
           f"{mps / 1e6:.3f} MP/s -> {achieved / 1e9:.1f} GFLOP/s")
     print(f"RATIO achieved / matmul = {achieved / mm_flops:.1%}  (target >= 70%)")
     window = engine.tile + 2 * engine.halo
-    share, conv_flops = conv_share(model, window, torch.get_num_threads())
-    print(f"one {window}^2 window forward ({torch.get_num_threads()} threads): convolutions {share:.0%} of its CPU time, "
-          f"at {conv_flops / 1e9:.1f} GFLOP/s = {conv_flops / mm_flops:.0%} of the matmul; "
-          f"halo overhead {(window / engine.tile) ** 2:.2f}x pixels per core pixel")
+    share, conv_flops, per_core = window_work(model, window, engine.halo, torch.get_num_threads())
+    print(f"one {window}^2 window forward ({torch.get_num_threads()} threads, core asked for): convolutions {share:.0%} "
+          f"of its CPU time, at {conv_flops / 1e9:.1f} GFLOP/s = {conv_flops / mm_flops:.0%} of the matmul; "
+          f"{per_core / 1e3:.1f} kFLOP per core pixel = {per_core / fpp:.2f}x the model's per pixel "
+          f"(the halo's share; {(window / engine.tile) ** 2:.2f}x pixels per core pixel for the encoder)")
 
 
 if __name__ == "__main__":
