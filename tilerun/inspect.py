@@ -97,8 +97,15 @@ class _PeakStorage(TorchDispatchMode):
         return out
 
 
-def peak_forward_bytes(model: nn.Module, side: int, *, device: str | torch.device = "cpu") -> tuple[int, str]:
-    """Peak memory of one forward of ``model`` on a ``side`` x ``side`` window, batch 1: (bytes, how)."""
+def peak_forward_bytes(model: nn.Module, side: int, *, device: str | torch.device = "cpu",
+                       halo: int = 0) -> tuple[int, str]:
+    """Peak memory of one forward of ``model`` on a ``side`` x ``side`` window, batch 1: (bytes, how).
+
+    As the engine runs it: a model that takes ``out_box`` is asked for the core only.
+    """
+    from .engine import _takes_out_box
+
+    kwargs = {"out_box": (halo, side - halo, halo, side - halo)} if halo and _takes_out_box(model) else {}
     device = torch.device(device)
     g = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, side, side, generator=g).to(device)
@@ -108,13 +115,13 @@ def peak_forward_bytes(model: nn.Module, side: int, *, device: str | torch.devic
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-            out = model(image, mask)
+            out = model(image, mask, **kwargs)
             torch.cuda.synchronize(device)
             del out
             return torch.cuda.max_memory_allocated(device) - base, "torch.cuda.max_memory_allocated"
         mode = _PeakStorage()
         with mode:
-            out = model(image, mask)
+            out = model(image, mask, **kwargs)
         del out
         return mode.peak, "peak of live tensor storage during the forward (dispatch mode)"
 
@@ -201,7 +208,7 @@ def inspect_model(
     mem, how = (None, "skipped")
     if memory:
         dev_model = model.to(device) if torch.device(device).type != "cpu" else model
-        mem, how = peak_forward_bytes(dev_model, window, device=device)
+        mem, how = peak_forward_bytes(dev_model, window, device=device, halo=probe.halo if tile_used else 0)
     exact = check_tile_exact(model.to("cpu"), probe)
     return InspectReport(
         source=source or type(model).__name__,
