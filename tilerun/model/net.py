@@ -4,7 +4,9 @@ Fully convolutional with a finite receptive field, except one global branch: the
 Predictor's summary of the whole image, a masked mean of the encoder features. That
 mean is written as a ratio of *sums* over feature cells (`global_terms`), so the tiling
 engine can add the sums of every tile's core and hand each tile the exact whole-image
-value (`forward(..., global_sums=...)`).
+value (`forward(..., global_sums=...)`). `forward(..., out_box=...)` computes only part
+of the outputs: everything after the encoder runs on that box plus what the later
+layers reach (`TileNet.margins`), so a tile's halo costs the encoder, not the decoder.
 
 Conventions: image float [N,3,H,W] in [0,1]; mask float [N,1,H,W], 1 = missing.
 """
@@ -119,7 +121,9 @@ def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
     whole hole, its receptive field is finite (2 * max(radii)), so tiling stays exact.
     Pixels with no known pixel within reach get grey.
     """
-    if bool(known.all()):  # nothing to fill (the formula below would give image * 1 + fill * 0)
+    # Nothing to fill: the formula below would give image * 1 + fill * 0. CPU only: on a GPU
+    # the test would make the host wait for the device.
+    if known.device.type == "cpu" and bool(known.all()):
         return image
     # Numerator and denominator filtered together, as contiguous NCHW planes.
     c = image.shape[1]
@@ -179,7 +183,9 @@ def harmonic_fill(fill: Tensor, known: Tensor, iterations: int, rho: float = HAR
     Known pixels (``known`` = 1) never change. Sparse holes are swept on their own
     (`_harmonic_fill_holes`), with the same operations in the same order: the same bits.
     """
-    if iterations and (1 - known).mean() < SPARSE_SWEEPS_BELOW:
+    # CPU only: on a GPU the dense sweeps are cheap, and counting the holes would make the
+    # host wait for the device.
+    if iterations and fill.device.type == "cpu" and (1 - known).mean() < SPARSE_SWEEPS_BELOW:
         return _harmonic_fill_holes(fill, known, iterations, rho)
     x = fill
     hole = 1 - known
