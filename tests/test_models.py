@@ -350,3 +350,25 @@ def test_safetensors_without_tilerun_metadata_names_the_factory(tmp_path):
     save_file({"conv.weight": torch.zeros(2, 4, 3, 3)}, str(tmp_path / "hub.safetensors"))
     with pytest.raises(ModelLoadError, match="without an architecture.*package.module:make_model"):
         load_model(tmp_path / "hub.safetensors")
+
+
+def test_out_box_parameter_must_crop_the_outputs():
+    # A model that declares out_box is asked for tiles' cores only; one that takes the
+    # parameter but returns the whole window would be stitched wrongly: refused at load.
+    from torch import nn
+
+    from tilerun.errors import ModelLoadError
+    from tilerun.model import check_contract
+
+    class Ignores(nn.Module):
+        def forward(self, image, mask, out_box=None):
+            return image.mean(1, keepdim=True).repeat(1, 3, 1, 1)
+
+    class Crops(Ignores):
+        def forward(self, image, mask, out_box=None):
+            out = super().forward(image, mask)
+            return out if out_box is None else out[..., out_box[0] : out_box[1], out_box[2] : out_box[3]]
+
+    with pytest.raises(ModelLoadError, match=r"out_box=\(0, 20, 0, 22\).*got \(2, 3, 40, 44\)"):
+        check_contract(Ignores())
+    assert check_contract(Crops()).rgb

@@ -308,6 +308,16 @@ def check_contract(model: nn.Module, *, size: tuple[int, int] = (40, 44)) -> Mod
             raise ModelLoadError(f"the class map is 8-bit: K must be 1..256, got {t.shape[1]}")
     if logits is None and rgb is None:
         raise ModelLoadError("the model returned neither logits nor rgb")
+    from ..engine import _takes_out_box
+
+    if _takes_out_box(model):  # the engine will ask for tiles' cores only: the outputs must be the box's
+        box = (0, h // 2, 0, w // 2)
+        with torch.inference_mode():
+            part = _split_outputs(model(image, mask, out_box=box))
+        for name, t in zip(("logits", "rgb"), part):
+            if t is not None and tuple(t.shape[2:]) != (h // 2, w // 2):
+                raise ModelLoadError(f"forward(..., out_box={box}) must return the box's {name} "
+                                     f"[N,C,{h // 2},{w // 2}], got {tuple(t.shape)}; or drop the out_box parameter")
     return ModelOutputs(classes=None if logits is None else int(logits.shape[1]), rgb=rgb is not None)
 
 
