@@ -239,10 +239,10 @@ class Encoder(nn.Module):
         self.down2b = _conv(cfg.width, cfg.width)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        s0 = F.relu(self.stem(x))
-        s1 = F.relu(self.down1(F.avg_pool2d(s0, 2)))
-        z = F.relu(self.down2a(F.avg_pool2d(s1, 2)))
-        z = F.relu(self.down2b(z))
+        s0 = F.relu(self.stem(x), inplace=True)
+        s1 = F.relu(self.down1(F.avg_pool2d(s0, 2)), inplace=True)
+        z = F.relu(self.down2a(F.avg_pool2d(s1, 2)), inplace=True)
+        z = F.relu(self.down2b(z), inplace=True)
         return s0, s1, z
 
 
@@ -262,7 +262,7 @@ class Predictor(nn.Module):
         gamma, beta = self.global_mlp(g)[:, :, None, None].chunk(2, dim=1)
         h = z * (1 + gamma) + beta
         for conv in self.convs:
-            h = F.relu(conv(h))
+            h = F.relu(conv(h), inplace=True)
         return h, self.logits(h)
 
 
@@ -275,9 +275,9 @@ class Generator(nn.Module):
         self.convs = nn.ModuleList(_conv(cfg.width, cfg.width, d) for d in cfg.generator_dilations)
 
     def forward(self, z: Tensor, h: Tensor, logits: Tensor) -> Tensor:
-        x = F.relu(self.inp(torch.cat([z, h, logits.softmax(1)], 1)))
+        x = F.relu(self.inp(torch.cat([z, h, logits.softmax(1)], 1)), inplace=True)
         for conv in self.convs:
-            x = x + F.relu(conv(x))
+            x = x + F.relu(conv(x), inplace=True)
         return x
 
 
@@ -304,14 +304,14 @@ class Decoder(nn.Module):
     def half(self, x: Tensor, s1: Tensor) -> Tensor:
         """Quarter-res features x -> half-res features (x upsampled, joined with the skip s1)."""
         x = F.interpolate(x, scale_factor=2, mode="nearest")
-        return F.relu(_conv_of_cat(self.up1, [x, s1]))
+        return F.relu(_conv_of_cat(self.up1, [x, s1]), inplace=True)
 
     def full(self, x: Tensor, s0: Tensor, fill: Tensor | None) -> Tensor:
         """Half-res features x -> full-res features (x upsampled, joined with s0 and the pre-fill)."""
         x = F.interpolate(x, scale_factor=2, mode="nearest")
         # The pre-fill enters only this last 3x3 layer, so its radius adds just 1 pixel
         # to its own and stays inside the network's receptive field.
-        return F.relu(_conv_of_cat(self.up0, [x, s0, fill] if self.residual else [x, s0]))
+        return F.relu(_conv_of_cat(self.up0, [x, s0, fill] if self.residual else [x, s0]), inplace=True)
 
     def heads(self, x: Tensor, coarse_logits: Tensor, fill: Tensor | None) -> tuple[Tensor, Tensor]:
         """Full-res features -> (class logits, RGB); coarse_logits at quarter res."""
@@ -452,11 +452,13 @@ class TileNet(nn.Module):
         dec = self.decoder
         feat = dec.half(_sub(detail, r_gen, r_up1, 4), _sub(s1, whole, r_up1, 2))
         feat = dec.full(_sub(feat, r_up1, r_up0, 2), _sub(s0, whole, r_up0, 1), fill)
-        fill = None if fill is None else _sub(fill, r_up0, want, 1)
-        logits, rgb = dec.heads(_sub(feat, r_up0, want, 1), _sub(coarse, r_pred, want, 4), fill)
+        # The 1x1 heads on the whole (contiguous) up0 region, then cropped: cheaper than
+        # copying a strided view of its features for each head.
+        logits, rgb = dec.heads(feat, _sub(coarse, r_pred, r_up0, 4), fill)
         if self.cfg.class_prior:
             logits = logits + dec.prior_scale * self._class_prior(fill)
-        logits, rgb = logits[..., : y1 - y0, : x1 - x0], rgb[..., : y1 - y0, : x1 - x0]
+        oy, ox = y0 - r_up0[0], x0 - r_up0[2]
+        logits, rgb = logits[..., oy : oy + y1 - y0, ox : ox + x1 - x0], rgb[..., oy : oy + y1 - y0, ox : ox + x1 - x0]
         known = 1 - m[..., y0:y1, x0:x1]
         rgb = image[..., y0:y1, x0:x1] * known + rgb * (1 - known)  # known pixels pass through unchanged
         return logits, rgb
