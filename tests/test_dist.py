@@ -148,3 +148,35 @@ def test_crashing_process_fails_the_job_fast_with_its_error(inputs, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
     assert r.returncode != 0
     assert "boom from rank 1" in r.stderr
+
+
+def test_claims_are_whole_batches_whatever_their_size():
+    # The batches (hence the bits) must not depend on how many go to a claim, which differs
+    # between one process (CLAIM_BATCHES_ALONE per worker) and several (fewer).
+    from tilerun.geometry import grid
+    from tilerun.scheduler import _chunks
+
+    tiles = grid(1000, 1300, tile=256, halo=40, stride=4)  # several window shapes
+    assert len({t.window_shape for t in tiles}) > 3
+
+    def batches_of(chunks, batch):  # as the engine forms them: within each call (chunk)
+        out = []
+        for c in chunks:
+            mine: list[list[int]] = []
+            for i in c:
+                if mine and len(mine[-1]) < batch and tiles[mine[-1][0]].window_shape == tiles[i].window_shape:
+                    mine[-1].append(i)
+                else:
+                    mine.append([i])
+            out += mine
+        return out
+
+    for batch in (1, 3):
+        reference = batches_of(_chunks(tiles, batch, 1), batch)
+        assert all(len({tiles[i].window_shape for i in b}) == 1 for b in reference)
+        for per_claim in (2, 5, 16):
+            chunks = _chunks(tiles, batch, per_claim)
+            assert sorted(i for c in chunks for i in c) == list(range(len(tiles)))  # each tile once
+            assert batches_of(chunks, batch) == reference
+            assert max(len(c) for c in chunks) <= batch * per_claim
+        assert len(_chunks(tiles, batch, 16)) < len(_chunks(tiles, batch, 2))

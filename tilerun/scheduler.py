@@ -91,16 +91,28 @@ class RankStats:
     bytes_sent: int = 0
 
 
-def _chunks(tiles: list[Tile], size: int) -> list[list[int]]:
-    """Tiles grouped by window shape (so a chunk is one batch), then cut to ``size``."""
+def _chunks(tiles: list[Tile], batch: int, per_claim: int) -> list[list[int]]:
+    """Tiles in batches of one window shape (up to ``batch``), ``per_claim`` batches to a chunk.
+
+    The batches are the same whatever ``per_claim`` (hence the world size) is, so are the
+    bits; a chunk may span window shapes (the engine runs each batch on its own).
+    """
     order = sorted(tiles, key=lambda t: (t.window_shape, t.index))
-    out: list[list[int]] = []
+    batches: list[list[int]] = []
     for t in order:
-        if out and len(out[-1]) < size and tiles[out[-1][0]].window_shape == t.window_shape:
-            out[-1].append(t.index)
+        if batches and len(batches[-1]) < batch and tiles[batches[-1][0]].window_shape == t.window_shape:
+            batches[-1].append(t.index)
         else:
-            out.append([t.index])
-    return out
+            batches.append([t.index])
+    return [[i for b in batches[k : k + per_claim] for i in b] for k in range(0, len(batches), per_claim)]
+
+
+# Batches per engine worker in one claim when a single process runs the job. Each claim
+# ends with the workers waiting for the slowest window; 2048^2 through the engine a claim
+# of 2 tiles at a time vs all at once (interleaved, 5 each): best 8.11 vs 6.82 s, median
+# 8.63 vs 7.79 s. 8 keeps a claim's results (4 bytes a pixel, ~9 MB at tile 384) and the
+# progress bar's steps small.
+CLAIM_BATCHES_ALONE = 8
 
 
 def plan_images(
@@ -116,16 +128,18 @@ def plan_images(
         tiles = engine.tiles(h, w)
         # A claim is one batch per engine worker (CPU: one per core this process owns),
         # so that it keeps the process busy; with several processes, fewer if that leaves
-        # an image under ~4 claims a pass, so a small image still spreads over them.
+        # an image under ~4 claims a pass, so a small image still spreads over them. One
+        # process balances with nobody: CLAIM_BATCHES_ALONE batches per worker, because the
+        # workers wait for each other at the end of every claim (measured below).
         # Always whole batches: the batches, hence the bits, are the same for any world size.
         b = engine.batch_size
-        per_claim = getattr(engine, "workers", 1)
+        workers = getattr(engine, "workers", 1)
+        per_claim = workers * CLAIM_BATCHES_ALONE
         if world_size > 1:
-            per_claim = min(per_claim, -(-len(tiles) // (4 * b)))
-        size = b * max(1, per_claim)
-        chunks = {PASS_MAIN: _chunks(tiles, size)}
+            per_claim = min(workers, -(-len(tiles) // (4 * b)))
+        chunks = {PASS_MAIN: _chunks(tiles, b, max(1, per_claim))}
         if engine.uses_global:
-            chunks[PASS_GLOBAL] = _chunks(tiles, size)
+            chunks[PASS_GLOBAL] = _chunks(tiles, b, max(1, per_claim))
         plans.append(ImagePlan(len(plans), item, h, w, tiles, chunks))
     return plans, failed
 
