@@ -139,7 +139,7 @@ def plan_images(
             per_claim = min(workers, -(-len(tiles) // (4 * b)))
         chunks = {PASS_MAIN: _chunks(tiles, b, max(1, per_claim))}
         if engine.uses_global:
-            chunks[PASS_GLOBAL] = _chunks(tiles, b, max(1, per_claim))
+            chunks[PASS_GLOBAL] = chunks[PASS_MAIN]  # the same tiles in the same claims
         plans.append(ImagePlan(len(plans), item, h, w, tiles, chunks))
     return plans, failed
 

@@ -444,10 +444,11 @@ class TileNet(nn.Module):
         fill = None
         if self.cfg.prefill_radii:
             r_local, r_harm = region(mg["local"]), region(mg["harmonic"])
-            fill = local_fill(_sub(x[:, :3], whole, r_local, 1), _sub(1 - m, whole, r_local, 1), self.cfg.prefill_radii)
+            known = _sub(1 - m, whole, r_local, 1)  # once, on the widest region the pre-fill reads
+            fill = local_fill(_sub(x[:, :3], whole, r_local, 1), known, self.cfg.prefill_radii)
             fill = _sub(fill, r_local, r_harm, 1)
             if self.cfg.prefill_iterations:
-                fill = harmonic_fill(fill, _sub(1 - m, whole, r_harm, 1), self.cfg.prefill_iterations)
+                fill = harmonic_fill(fill, _sub(known, r_local, r_harm, 1), self.cfg.prefill_iterations)
             fill = _sub(fill, r_harm, r_up0, 1)
         dec = self.decoder
         feat = dec.half(_sub(detail, r_gen, r_up1, 4), _sub(s1, whole, r_up1, 2))
