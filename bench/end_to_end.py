@@ -1,6 +1,6 @@
 """Benchmark 3: the CLI over a folder vs the engine's compute alone on the same images.
 
-    python bench/end_to_end.py [--repeats 2] [--big 2] [--size 2048]
+    python bench/end_to_end.py [--repeats 2] [--big 2] [--size 2048] [--device cpu|cuda]
 
 The folder: sample_images/ plus ``big`` real photos resized to ``size``^2 with sidecar
 hole masks. Interleaved, best of ``repeats``:
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--big", type=int, default=2)
     ap.add_argument("--size", type=int, default=2048)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
 
     from tilerun.engine import Engine, infer_image
@@ -61,8 +62,8 @@ def main() -> None:
         mp = sum(m.size for _, m in decoded) / 1e6
         print(f"folder: {len(items)} images, {mp:.1f} MP")
         # The CLI's defaults: the engine's own (tilerun.defaults) for the device.
-        engine = Engine(load_model(), device="cpu")
-        cmd = [sys.executable, "-m", "tilerun", "run", str(folder), str(out), "--overwrite", "--device", "cpu", "-q"]
+        engine = Engine(load_model(), device=a.device)
+        cmd = [sys.executable, "-m", "tilerun", "run", str(folder), str(out), "--overwrite", "--device", a.device, "-q"]
         cli_job, cli_wall, compute, rank_compute = [], [], [], []
         for _ in range(a.repeats):
             t0 = time.perf_counter()

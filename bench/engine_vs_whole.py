@@ -36,7 +36,16 @@ def whole_forward(model, img, mask, *, device="cpu", precision="fp32"):
     x = torch.from_numpy(img).permute(2, 0, 1)[None].to(device).float().div(255).contiguous()
     m = torch.from_numpy(mask)[None, None].to(device).float()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    cast = torch.autocast(torch.device(device).type, dtype=dtype) if dtype else contextlib.nullcontext()
+    if dtype:
+        cast = torch.autocast(torch.device(device).type, dtype=dtype)
+    elif torch.device(device).type == "cuda":
+        # As the engine runs fp32 on CUDA: IEEE convolutions. cuDNN's default, TF32, would be
+        # a faster but less exact baseline (and not the same function as the engine's).
+        from tilerun.engine import _ieee_fp32_convs
+
+        cast = _ieee_fp32_convs()
+    else:
+        cast = contextlib.nullcontext()
     with torch.inference_mode(), cast:
         logits, rgb = model(x, m)
     if torch.device(device).type == "cuda":
@@ -92,6 +101,11 @@ def main() -> None:
         "tiled": lambda: infer_image(engine, img, mask),  # returns host arrays: synchronised
         "pass 1 alone": lambda: engine.reduce_partials(engine.global_partials(img, mask, tiles)),
     }
+    if engine.device.type == "cuda":
+        # The layout default on CUDA (NHWC for half precisions only) checked against the other one.
+        other = Engine(load_model(), tile=a.tile, batch_size=a.batch, device=dev, precision=prec,
+                       channels_last=not engine.channels_last, probe=engine.probe)
+        runs[f"tiled, {'NCHW' if engine.channels_last else 'channels_last'}"] = lambda: infer_image(other, img, mask)
     if engine.workers > 1:
         # The CPU default: one single-threaded forward per core. Checked against one forward on all cores.
         one = Engine(load_model(), tile=a.tile, batch_size=a.batch, device=dev, precision=prec, workers=1,
@@ -106,6 +120,10 @@ def main() -> None:
     print(f"RATIO tiled / whole (channels_last) = {best['tiled'] / best['whole (channels_last)']:.3f}  (target <= 1.0, must <= 1.2)")
     print(f"RATIO tiled / whole (NCHW)          = {best['tiled'] / best['whole (NCHW)']:.3f}")
     print(f"pass 1 share of the tiled time      = {best['pass 1 alone'] / best['tiled']:.1%}")
+    for name in best:
+        if name.startswith("tiled, ") and "worker" not in name:
+            print(f"RATIO {name} / tiled (default layout {'channels_last' if engine.channels_last else 'NCHW'}) = "
+                  f"{best[name] / best['tiled']:.3f}")
     if "tiled, 1 worker" in best:
         print(f"RATIO tiled 1 worker / {engine.workers} workers  = {best['tiled, 1 worker'] / best['tiled']:.3f}")
     ref = to_uint8(*whole_forward(plain, img, mask, device=dev, precision=prec))

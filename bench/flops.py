@@ -1,13 +1,14 @@
 """Benchmark 5: compute efficiency — achieved FLOP/s of the tiled engine ÷ a large matmul's FLOP/s.
 
-    python bench/flops.py [--size 2048] [--repeats 3] [--matmul 4096]
+    python bench/flops.py [--size 2048] [--repeats 3] [--matmul 4096] [--device cpu|cuda] [--precision fp32|bf16]
 
 Model FLOPs per pixel: torch.utils.flop_counter.FlopCounterMode over one forward of a
 512^2 input (convolutions, linear layers: 2 FLOPs per multiply-add), divided by its
 pixels. Achieved: that × the engine's throughput in core pixels per second on a
 ``size``^2 photo (both passes in the time; halos and pass 1 count as overhead, not as
-work). Reference: an fp32 ``matmul`` of two ``matmul``^2 matrices, same threads,
-interleaved with the engine runs, best of ``repeats`` each.
+work). Reference: a ``matmul`` of two ``matmul``^2 matrices in the same precision (fp32:
+IEEE on CUDA too, as the engine's convolutions), same threads, interleaved with the
+engine runs, best of ``repeats`` each.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--matmul", type=int, default=4096)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     a = ap.parse_args()
 
     import torch
@@ -74,19 +77,34 @@ def main() -> None:
     img, mask = photo(a.size), holes(a.size)
     model = load_model()
     fpp = model_flops_per_pixel(model)
-    engine = Engine(model)
+    engine = Engine(model, device=a.device, precision=a.precision)
+    cuda = engine.device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     n = a.matmul
-    p, q = torch.rand(n, n), torch.rand(n, n)
-    p @ q  # warm-up: oneDNN/MKL pick their kernels once
-    times = interleaved({"matmul": lambda: p @ q, "tiled": lambda: infer_image(engine, img, mask)}, repeats=a.repeats)
+    dtype = torch.bfloat16 if a.precision == "bf16" else torch.float32
+    p, q = torch.rand(n, n, device=engine.device, dtype=dtype), torch.rand(n, n, device=engine.device, dtype=dtype)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False  # IEEE fp32, as the engine's fp32 convolutions
+        print(torch.cuda.get_device_name(engine.device))
+
+    def matmul():
+        for _ in range(10 if cuda else 1):  # a GPU matmul of 4096^2 takes ~1 ms: time ten
+            p @ q
+        sync()
+
+    matmul()  # warm-up: oneDNN/MKL/cuBLAS pick their kernels once
+    times = interleaved({"matmul": matmul, "tiled": lambda: infer_image(engine, img, mask)}, repeats=a.repeats)
+    times["matmul"] = [t / (10 if cuda else 1) for t in times["matmul"]]
     mm_flops = 2 * n**3 / min(times["matmul"])
     mps = a.size * a.size / min(times["tiled"])
     achieved = fpp * mps
     print(f"model: {fpp / 1e3:.1f} kFLOP per pixel (FlopCounterMode)")
-    print(f"matmul {n}^2 fp32: {fmt_times(times['matmul'])} -> {mm_flops / 1e9:.1f} GFLOP/s")
+    print(f"matmul {n}^2 {a.precision}: {fmt_times(times['matmul'])} -> {mm_flops / 1e9:.1f} GFLOP/s")
     print(f"tiled {a.size}^2 (tile {engine.tile}, batch {engine.batch_size}): {fmt_times(times['tiled'])} -> "
           f"{mps / 1e6:.3f} MP/s -> {achieved / 1e9:.1f} GFLOP/s")
     print(f"RATIO achieved / matmul = {achieved / mm_flops:.1%}  (target >= 70%)")
+    if cuda:
+        return  # the window breakdown below reads the CPU profiler
     window = engine.tile + 2 * engine.halo
     share, conv_flops, per_core = window_work(model, window, engine.halo, torch.get_num_threads())
     print(f"one {window}^2 window forward ({torch.get_num_threads()} threads, core asked for): convolutions {share:.0%} "

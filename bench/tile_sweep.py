@@ -7,6 +7,7 @@ Time: tiled inference of a ``size``^2 photo with holes, all settings interleaved
 process's RSS just before inference (model loaded, image decoded; the peak is reset
 through Linux's /proc/self/clear_refs so that the probe's own peak is left out): the
 float working set a setting adds, which for a big photo sits on top of its uint8 arrays.
+On CUDA: the peak of PyTorch's GPU allocator over one more run of each setting instead.
 """
 
 from __future__ import annotations
@@ -68,6 +69,13 @@ def main() -> None:
     times = interleaved(fns, repeats=a.repeats)
     mp = a.size * a.size / 1e6
     for (t, b), (name, ts) in zip(settings, times.items()):
+        if a.device.startswith("cuda"):
+            # GPU memory is what a setting spends there: the caching allocator's peak, one more run.
+            torch.cuda.reset_peak_memory_stats()
+            fns[name]()
+            print(f"{name}: {mp / min(ts):.3f} MP/s, {fmt_times(ts)}; peak GPU memory "
+                  f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB", flush=True)
+            continue
         child = subprocess.run(
             [sys.executable, __file__, "--size", str(a.size), "--device", a.device, "--memory-child", str(t), str(b), str(a.workers or 0)],
             capture_output=True, text=True, check=True,
