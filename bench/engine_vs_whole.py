@@ -76,6 +76,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--profile", action="store_true", help="also print where one tiled run spends its time")
     a = ap.parse_args()
 
     import torch
@@ -126,6 +127,19 @@ def main() -> None:
                   f"{best[name] / best['tiled']:.3f}")
     if "tiled, 1 worker" in best:
         print(f"RATIO tiled 1 worker / {engine.workers} workers  = {best['tiled, 1 worker'] / best['tiled']:.3f}")
+    if a.profile:
+        # Host side (Python and numpy; on CUDA, time blocked on the device shows in synchronize).
+        import cProfile
+        import pstats
+
+        cProfile.runctx("infer_image(engine, img, mask)", globals(), locals(), "/tmp/tilerun-tiled.prof")
+        pstats.Stats("/tmp/tilerun-tiled.prof").sort_stats("tottime").print_stats(15)
+        if dev.startswith("cuda"):
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                infer_image(engine, img, mask)
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12))
     ref = to_uint8(*whole_forward(plain, img, mask, device=dev, precision=prec))
     print("tiled vs whole (NCHW):", deviation(infer_image(engine, img, mask), ref))
 

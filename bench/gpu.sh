@@ -7,6 +7,7 @@
 #
 # Usage: sh bench/gpu.sh [LOG]            (LOG default: gpu.txt; everything goes there too)
 # Rehearse the script on a CPU machine:  DEV=cpu SIZE=256 BIG=512 sh bench/gpu.sh /tmp/g.txt
+# Some steps only: ONLY="whole-fp32 monai" sh bench/gpu.sh
 DEV=${DEV:-cuda}
 SIZE=${SIZE:-2048}  # issue 5's benchmark 1 size
 BIG=${BIG:-4096}    # a size that fills a GPU better
@@ -20,6 +21,7 @@ fails=0
 step() {  # step SECONDS NAME CMD...: run with a limit, log everything, keep going
     limit=$1 name=$2
     shift 2
+    case " ${ONLY:-$name} " in *" $name "*) ;; *) return 0 ;; esac  # ONLY="a b": just those steps
     t0=$(date +%s)
     echo "=== $name: $*" | tee -a "$LOG"
     timeout "$limit" "$@" >>"$LOG" 2>&1
@@ -66,10 +68,10 @@ for other in ("nccl", "bf16", "cpu"):
 EOF
 step 150 whole-fp32 $PY bench/engine_vs_whole.py --device "$DEV" --precision fp32 --size "$SIZE" --repeats 5
 step 150 whole-bf16 $PY bench/engine_vs_whole.py --device "$DEV" --precision bf16 --size "$SIZE" --repeats 5
-step 150 whole-fp32-big $PY bench/engine_vs_whole.py --device "$DEV" --precision fp32 --size "$BIG" --repeats 3
+step 150 whole-fp32-big $PY bench/engine_vs_whole.py --device "$DEV" --precision fp32 --size "$BIG" --repeats 3 --profile
 step 150 whole-bf16-big $PY bench/engine_vs_whole.py --device "$DEV" --precision bf16 --size "$BIG" --repeats 3
 step 120 end-to-end $PY bench/end_to_end.py --device "$DEV" --repeats 2 --size "$SIZE"
-step 150 tile-sweep $PY bench/tile_sweep.py --device "$DEV" --size "$BIG" --tiles 512,1024,2048 --batches 2,8 --repeats 2
+step 150 tile-sweep $PY bench/tile_sweep.py --device "$DEV" --size "$BIG" --tiles 512,1024,2048 --batches 1,2,4,8 --repeats 2
 step 90 flops-fp32 $PY bench/flops.py --device "$DEV" --precision fp32 --size "$BIG" --repeats 3
 step 90 flops-bf16 $PY bench/flops.py --device "$DEV" --precision bf16 --size "$BIG" --repeats 3
 step 120 monai $PY bench/monai_compare.py --device "$DEV" --size "$SIZE" --repeats 3

@@ -99,6 +99,12 @@ def outputs(tree, model_file, tmp_path_factory):
         for tile in (64, 1024):
             out[tile] = tmp_path_factory.mktemp(f"out{tile}")
             _run(["run", str(tree["root"]), str(out[tile]), "--model", str(model_file), "--tile", str(tile), "--device", "cpu", "-q"])
+        # The writer as on a GPU host: several PNG encoders, and a pixel bound that lets
+        # one or two of these images wait for them at a time.
+        mp.setattr(tilerun.scheduler, "encoder_count", lambda device: 3)
+        mp.setattr(tilerun.scheduler, "ENCODE_PIXELS", 25_000)
+        out["encoders"] = tmp_path_factory.mktemp("encoders")
+        _run(["run", str(tree["root"]), str(out["encoders"]), "--model", str(model_file), "--tile", "64", "--device", "cpu", "-q"])
     assert len(probes) == 1
     return out
 
@@ -158,6 +164,15 @@ def test_small_tiles_and_one_big_tile_give_the_same_files(outputs):
             assert (a != b).mean() <= 1e-4, rel
         else:
             assert np.abs(a - b).max() <= 1 and (a != b).any(axis=2).mean() <= 1e-3, rel
+
+
+def test_parallel_png_encoders_write_the_same_files_in_order(outputs):
+    import json
+
+    for rel in EXPECTED:
+        assert np.array_equal(_pixels(outputs["encoders"] / rel), _pixels(outputs[64] / rel)), rel
+    reports = [json.loads((outputs[k] / "tilerun-report.json").read_text()) for k in (64, "encoders")]
+    assert [[f["input"], f["status"]] for f in reports[1]["files"]] == [[f["input"], f["status"]] for f in reports[0]["files"]]
 
 
 @pytest.mark.parametrize("clean,noisy", [("a/b/alpha", "a/b/alpha_noisy"), ("side", "side_noisy")])

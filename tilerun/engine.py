@@ -254,11 +254,12 @@ class Engine:
         """
         return torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
 
-    def _windows(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile]) -> tuple[Tensor, Tensor]:
-        """The batch's windows as float tensors on the device: x [B,3,h,w] in [0,1] (NHWC-strided), m [B,1,h,w].
+    def _windows(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The batch's windows on the device: as floats, x [B,3,h,w] in [0,1] (NHWC-strided) and
+        m [B,1,h,w]; and as they came, uint8 [B,h,w,3] and uint8 0/1 [B,h,w].
 
-        Only uint8 / bool crosses to the device (a quarter of float32's bytes); the
-        float conversion happens there.
+        Only uint8 crosses to the device (a quarter of float32's bytes); the float
+        conversion happens there.
         """
         h, w = batch[0].window_shape
         imgs = self._host((len(batch), h, w, 3))
@@ -275,7 +276,7 @@ class Engine:
         if not self.channels_last:
             x = x.contiguous()
         m = msks[:, None].float()
-        return x, m
+        return x, m, imgs, msks
 
     # -- pass 1 ---------------------------------------------------------------------
     def global_partials(self, image: np.ndarray, mask: np.ndarray, tiles: Iterable[Tile]) -> dict[int, Tensor]:
@@ -287,7 +288,7 @@ class Engine:
         s = self.stride
 
         def run(batch: list[Tile]) -> list[tuple[int, Tensor]]:
-            x, m = self._windows(image, mask, batch)
+            x, m, _, _ = self._windows(image, mask, batch)
             with self._autocast():
                 terms = self.model.global_terms(x, m)
             rows = []
@@ -316,7 +317,7 @@ class Engine:
         ``global_sums`` is already float32 on the device: a blocking copy here would
         synchronise the stream once a batch and empty the pipeline.
         """
-        x, m = self._windows(image, mask, batch)
+        x, m, img_u8, msk_u8 = self._windows(image, mask, batch)
         kwargs = {}
         if global_sums is not None:
             kwargs["global_sums"] = global_sums[None].expand(len(batch), -1)
@@ -334,6 +335,14 @@ class Engine:
             cls_h = self._host(tuple(cls_d.shape)).copy_(cls_d, non_blocking=cuda)
         if rgb is not None:
             rgb_d = rgb.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1)
+            if out_box is not None:
+                y0, y1, x0, x1 = out_box
+                img_u8, msk_u8 = img_u8[:, y0:y1, x0:x1], msk_u8[:, y0:y1, x0:x1]
+            # Known pixels are the input's bytes, exactly (whatever the model's float round
+            # trip did to them); only holes take the model's colours. Here rather than on the
+            # host: numpy's boolean indexing took ~70 ms a 1024^2 tile, which on a GPU was
+            # most of the run (BENCHMARKS.md, GPU).
+            rgb_d = torch.where(msk_u8[..., None].bool(), rgb_d, img_u8)
             rgb_h = self._host(tuple(rgb_d.shape)).copy_(rgb_d, non_blocking=cuda)
         ready = None
         if cuda:
@@ -342,7 +351,7 @@ class Engine:
         else:
             # The window's activations are free now; without this glibc keeps them in the
             # worker threads' arenas: a 2048^2 photo peaked at 1083 MB, with it 858 MB.
-            del x, m, out, logits, rgb
+            del x, m, out, logits, rgb, img_u8, msk_u8
             _release_free_heap()
         return _InFlight(batch, cls_h, rgb_h, ready, out_box is not None)
 
@@ -366,14 +375,7 @@ class Engine:
             global_sums = global_sums.to(self.device, torch.float32)
         batches = self._batches(tiles, cores=self.cores_only)
         for launched in self._map_batches(lambda b: self._launch(image, mask, b, global_sums), batches):
-            for r in launched.results():
-                if r.rgb is not None:
-                    t = r.tile
-                    known = ~mask[t.y0 : t.y1, t.x0 : t.x1]
-                    # Known pixels are the input's, exactly (whatever the model's float round trip
-                    # did to them); only holes take the model's colours.
-                    r.rgb[known] = image[t.y0 : t.y1, t.x0 : t.x1][known]
-                yield r
+            yield from launched.results()
 
     def _map_batches(self, fn: Callable[[list[Tile]], R], batches: Iterable[list[Tile]]) -> Iterator[R]:
         """``fn`` over ``batches``, results in order, a bounded number of batches ahead.

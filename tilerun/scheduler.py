@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import struct
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -180,6 +182,19 @@ def _unpack(data: bytes) -> tuple[dict, list[np.ndarray]]:
 
 _DONE = object()
 
+#: Images encoded at once by rank 0's writer when the engine runs on a GPU.
+ENCODERS_GPU = 4
+#: Pixels of finished images that may wait for or be in their encoders (4 bytes a pixel:
+#: 64 MP ~ 256 MB). One image larger than that is written alone.
+ENCODE_PIXELS = 64 * 2**20
+
+
+def encoder_count(device: torch.device) -> int:
+    """PNG encoder threads of rank 0's writer. CPU: the engine's workers already use every
+    core, so one. A GPU leaves the cores to the host side, where encoding was most of a
+    run (BENCHMARKS.md, GPU)."""
+    return 1 if device.type == "cpu" else max(1, min(ENCODERS_GPU, os.cpu_count() or 1))
+
 
 class _Loader(threading.Thread):
     """Claims tasks and prepares their inputs ahead of compute (bounded queue)."""
@@ -253,6 +268,7 @@ class _Writer(threading.Thread):
 
     def __init__(self, ctx: Context, engine: Engine, plans: list[ImagePlan], out_dir: Path, palette, on_tiles: Callable[[int, int], None] | None, outputs=None):
         super().__init__(daemon=True, name="tilerun-writer")
+        self.encoders = encoder_count(getattr(engine, "device", torch.device("cpu")))
         self.ctx, self.engine, self.plans, self.out_dir, self.palette = ctx, engine, plans, out_dir, palette
         self.on_tiles = on_tiles
         self.outputs = outputs  # resume.OutputPlan: collision-free paths and resume stamps
@@ -260,7 +276,9 @@ class _Writer(threading.Thread):
         self.error: BaseException | None = None
         self.bytes_received = 0
 
-    def _assemble(self, store, p: ImagePlan) -> FileResult:
+    def _gather(self, store, p: ImagePlan) -> FileResult | tuple[np.ndarray | None, np.ndarray | None, float]:
+        """The image's uint8 outputs from its chunks in the store (its keys deleted), and the
+        seconds it took to compute and gather them; or its failure."""
         t0 = time.perf_counter()
         classes = rgb = None
         error = None
@@ -294,6 +312,11 @@ class _Writer(threading.Thread):
         if error:
             log.error("%s: %s", p.item.path, error)
             return FileResult(p.key, "failed", size=(p.width, p.height), tiles=len(p.tiles), error=error)
+        return classes, rgb, compute_s + time.perf_counter() - t0
+
+    def _write(self, p: ImagePlan, classes: np.ndarray | None, rgb: np.ndarray | None, seconds: float) -> FileResult:
+        """Encode and write one image's outputs (in an encoder thread)."""
+        t0 = time.perf_counter()
         try:
             if self.outputs is not None:
                 outputs = write_outputs(self.outputs.outputs(p.item), classes, rgb, self.palette,
@@ -303,15 +326,37 @@ class _Writer(threading.Thread):
         except OSError as e:
             log.error("%s: cannot write output: %s", p.item.path, e)
             return FileResult(p.key, "failed", size=(p.width, p.height), tiles=len(p.tiles), error=f"cannot write output: {e}")
-        if self.on_tiles:
-            self.on_tiles(0, 1)
-        return FileResult(p.key, "ok", outputs, (p.width, p.height), len(p.tiles), compute_s + time.perf_counter() - t0)
+        return FileResult(p.key, "ok", outputs, (p.width, p.height), len(p.tiles), seconds + time.perf_counter() - t0)
 
     def run(self) -> None:
+        # PNG encoding is the writer's heaviest part (zlib, ~0.3 s a 2048^2 RGB image on this
+        # project's CPU), and zlib lets go of the GIL: `encoders` images at once. The images
+        # waiting for an encoder are bounded by ENCODE_PIXELS, so a lone huge image still
+        # goes through, one at a time.
+        pending: deque[tuple[ImagePlan, Future | FileResult]] = deque()
+        pixels = 0
+
+        def finish() -> None:
+            nonlocal pixels
+            p, job = pending.popleft()
+            pixels -= p.height * p.width
+            result = job.result() if isinstance(job, Future) else job
+            if self.on_tiles and result.status == "ok":
+                self.on_tiles(0, 1)
+            self.results.append(result)
+
         try:
             store = self.ctx.store_client()
-            for p in self.plans:
-                self.results.append(self._assemble(store, p))
+            with ThreadPoolExecutor(self.encoders, thread_name_prefix="tilerun-png") as pool:
+                for p in self.plans:
+                    while pending and (len(pending) >= self.encoders or pixels + p.height * p.width > ENCODE_PIXELS):
+                        finish()
+                    got = self._gather(store, p)
+                    job = got if isinstance(got, FileResult) else pool.submit(self._write, p, *got)
+                    pending.append((p, job))
+                    pixels += p.height * p.width
+                while pending:
+                    finish()
         except BaseException as e:
             self.error = e
 
