@@ -70,8 +70,8 @@ step 150 whole-fp32 $PY bench/engine_vs_whole.py --device "$DEV" --precision fp3
 step 150 whole-bf16 $PY bench/engine_vs_whole.py --device "$DEV" --precision bf16 --size "$SIZE" --repeats 5
 step 150 whole-fp32-big $PY bench/engine_vs_whole.py --device "$DEV" --precision fp32 --size "$BIG" --repeats 3 --profile
 step 150 whole-bf16-big $PY bench/engine_vs_whole.py --device "$DEV" --precision bf16 --size "$BIG" --repeats 3
-step 120 end-to-end $PY bench/end_to_end.py --device "$DEV" --repeats 2 --size "$SIZE"
-step 150 tile-sweep $PY bench/tile_sweep.py --device "$DEV" --size "$BIG" --tiles 512,1024,2048 --batches 1,2,4,8 --repeats 2
+step 120 end-to-end $PY bench/end_to_end.py --device "$DEV" --repeats 2 --size "$SIZE" --profile
+step 150 tile-sweep $PY bench/tile_sweep.py --device "$DEV" --size "$BIG" --tiles "${TILES:-512,1024,2048}" --batches "${BATCHES:-1,2,4,8}" --repeats 2
 step 90 flops-fp32 $PY bench/flops.py --device "$DEV" --precision fp32 --size "$BIG" --repeats 3
 step 90 flops-bf16 $PY bench/flops.py --device "$DEV" --precision bf16 --size "$BIG" --repeats 3
 step 120 monai $PY bench/monai_compare.py --device "$DEV" --size "$SIZE" --repeats 3

@@ -366,6 +366,17 @@ class TileNet(nn.Module):
         known = 1 - F.avg_pool2d(mask, self.stride)
         return torch.cat([z * known, known], 1)
 
+    def _palette_on(self, like: Tensor) -> Tensor:
+        """The palette as [K, 3] in [0, 1], made once per device and dtype: ``torch.tensor`` on
+        a CUDA device copies from pageable memory and so waits for the whole queue, which
+        stalled the engine's pipeline once a forward (BENCHMARKS.md, GPU)."""
+        key = (like.device, like.dtype, tuple(map(tuple, self.palette)))
+        cached = self.__dict__.get("_palette_cache")
+        if cached is None or cached[0] != key:
+            cached = (key, torch.tensor(self.palette, dtype=like.dtype, device=like.device) / 255)
+            self.__dict__["_palette_cache"] = cached
+        return cached[1]
+
     def _class_prior(self, fill: Tensor) -> Tensor:
         """log P(class): the palette class of each pre-filled colour, one-hot with a floor of 1e-4.
 
@@ -375,7 +386,7 @@ class TileNet(nn.Module):
         of colour distances) let training shrink ``prior_scale`` and the network's own
         guesses in holes, which did not carry over to unseen photos, fell below both.
         """
-        pal = torch.tensor(self.palette, dtype=fill.dtype, device=fill.device) / 255
+        pal = self._palette_on(fill)
         # fp32 even under autocast: in bf16 the cancellation in |f|^2 - 2 f.p + |p|^2 would
         # move pixels to a neighbouring class.
         with torch.autocast(fill.device.type, enabled=False):
