@@ -1,5 +1,5 @@
 #!/bin/sh
-# Issue 5, benchmark 6: the prepared GPU run, one call on a lent card (~7 minutes on an H100).
+# Issue 5, benchmark 6: the prepared GPU run, one call on a lent card (4.5 minutes on an H100).
 # Installs nothing (MONAI, a pure-Python wheel, only if one lies in .whl/). Runs the CUDA
 # code paths (pinned uint8 transfers, one batch in flight, IEEE fp32 convolutions,
 # autocast, NCCL under torchrun) and the benchmarks of issue 5 on the card, most needed

@@ -174,8 +174,8 @@ class Engine:
             raise ValueError(f"--precision fp16 needs a CUDA device (got {self.device}); use bf16 or fp32")
         self.precision = precision
         if channels_last is None:
-            # Measured on CPU (~1.9x). On CUDA unmeasured so far (bench/gpu.sh): NHWC only
-            # where cuDNN's tensor-core kernels want it, i.e. for half precisions.
+            # Measured: CPU ~1.9x faster in NHWC. H100 (BENCHMARKS.md): fp32 tiles ran
+            # 1.16-1.18x faster in NCHW; bf16 0.99-1.06x faster in NHWC: NHWC for half precisions.
             channels_last = self.device.type == "cpu" or precision != "fp32"
         self.channels_last = channels_last
         if workers is None:

@@ -19,7 +19,8 @@ runs (an in-process HashStore when there is no torchrun):
   atomically and deletes the keys. Outputs land on rank 0's node only: no shared
   filesystem is needed for OUTPUT (inputs must exist on every node).
 * **Pipelining.** Per process, a loader thread claims the next task and decodes its
-  image while the main thread computes; PNG encoding runs in the writer thread.
+  image while the main thread computes; rank 0's writer thread gathers finished images
+  and hands them to PNG encoder threads (`encoder_count`).
 
 No collective runs after the start, so uneven work never leaves a process waiting in
 one; a process that dies takes the job down through torchrun.
