@@ -47,7 +47,6 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=2)
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--profile", action="store_true", help="then one more CLI run under cProfile (its main thread)")
     a = ap.parse_args()
 
     from tilerun.engine import Engine, infer_image
@@ -85,10 +84,6 @@ def main() -> None:
         print(f"compute alone: {fmt_times(compute)}")
         print(f"RATIO compute alone / cli job = {min(compute) / min(cli_job):.3f}  (target >= 0.9)")
         print(f"      compute alone / cli process wall = {min(compute) / min(cli_wall):.3f}")
-        if a.profile:
-            prof = subprocess.run([sys.executable, "-m", "cProfile", "-s", "tottime", *cmd[1:]],
-                                  capture_output=True, text=True, check=True).stdout
-            print("\n".join(prof.splitlines()[:30]))
 
 
 if __name__ == "__main__":

@@ -70,7 +70,9 @@ step 150 whole-fp32 $PY bench/engine_vs_whole.py --device "$DEV" --precision fp3
 step 150 whole-bf16 $PY bench/engine_vs_whole.py --device "$DEV" --precision bf16 --size "$SIZE" --repeats 5
 step 150 whole-fp32-big $PY bench/engine_vs_whole.py --device "$DEV" --precision fp32 --size "$BIG" --repeats 3 --profile
 step 150 whole-bf16-big $PY bench/engine_vs_whole.py --device "$DEV" --precision bf16 --size "$BIG" --repeats 3
-step 120 end-to-end $PY bench/end_to_end.py --device "$DEV" --repeats 2 --size "$SIZE" --profile
+# A folder big enough to outweigh a fresh process's CUDA/cuDNN warm-up (2 photos of 2048^2
+# held 0.24 s of warm H100 work: BENCHMARKS.md, "Results on a GPU").
+step 150 end-to-end $PY bench/end_to_end.py --device "$DEV" --repeats 2 --big "${E2E_BIG:-12}" --size "$BIG"
 step 150 tile-sweep $PY bench/tile_sweep.py --device "$DEV" --size "$BIG" --tiles "${TILES:-512,1024,2048}" --batches "${BATCHES:-1,2,4,8}" --repeats 2
 step 90 flops-fp32 $PY bench/flops.py --device "$DEV" --precision fp32 --size "$BIG" --repeats 3
 step 90 flops-bf16 $PY bench/flops.py --device "$DEV" --precision bf16 --size "$BIG" --repeats 3
