@@ -31,7 +31,7 @@ from .defaults import DEFAULT_BATCH, DEFAULT_PRECISION, DEFAULT_TILE, PRECISIONS
 from .geometry import Tile, grid, round_up
 from .receptive import ModelProbe, probe_model
 
-__all__ = ["Engine", "TileResult", "infer_image", "DEFAULT_TILE", "DEFAULT_BATCH", "PRECISIONS"]
+__all__ = ["Engine", "TileResult", "infer_image", "takes_out_box", "DEFAULT_TILE", "DEFAULT_BATCH", "PRECISIONS"]
 
 R = TypeVar("R")
 
@@ -83,7 +83,7 @@ def _release_free_heap() -> None:
         libc.malloc_trim(0)
 
 
-def _takes_out_box(model: nn.Module) -> bool:
+def takes_out_box(model: nn.Module) -> bool:
     """Whether ``model.forward`` has an ``out_box`` parameter (see `TileNet.forward`)."""
     try:
         return "out_box" in inspect.signature(model.forward).parameters
@@ -215,7 +215,7 @@ class Engine:
         # A model whose forward takes ``out_box`` computes only the tiles' cores past the
         # layers that need the halo (TileNet: its full-res decoder runs on 1.04x the core's
         # pixels instead of 1.46x at tile 384).
-        self.cores_only = _takes_out_box(self.model)
+        self.cores_only = takes_out_box(self.model)
 
     @property
     def stride(self) -> int:

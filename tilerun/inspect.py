@@ -103,9 +103,9 @@ def peak_forward_bytes(model: nn.Module, side: int, *, device: str | torch.devic
 
     As the engine runs it: a model that takes ``out_box`` is asked for the core only.
     """
-    from .engine import _takes_out_box
+    from .engine import takes_out_box
 
-    kwargs = {"out_box": (halo, side - halo, halo, side - halo)} if halo and _takes_out_box(model) else {}
+    kwargs = {"out_box": (halo, side - halo, halo, side - halo)} if halo and takes_out_box(model) else {}
     device = torch.device(device)
     g = torch.Generator().manual_seed(0)
     image = torch.rand(1, 3, side, side, generator=g).to(device)

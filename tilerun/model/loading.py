@@ -308,9 +308,9 @@ def check_contract(model: nn.Module, *, size: tuple[int, int] = (40, 44)) -> Mod
             raise ModelLoadError(f"the class map is 8-bit: K must be 1..256, got {t.shape[1]}")
     if logits is None and rgb is None:
         raise ModelLoadError("the model returned neither logits nor rgb")
-    from ..engine import _takes_out_box
+    from ..engine import takes_out_box
 
-    if _takes_out_box(model):  # the engine will ask for tiles' cores only: the outputs must be the box's
+    if takes_out_box(model):  # the engine will ask for tiles' cores only: the outputs must be the box's
         box = (0, h // 2, 0, w // 2)
         with torch.inference_mode():
             part = _split_outputs(model(image, mask, out_box=box))
