@@ -16,6 +16,7 @@ DEFAULT_BATCH = 1
 #: GPU defaults, measured on an H100 (BENCHMARKS.md, "Results on a GPU"; 4096^2 photo,
 #: fp32): tile 1024 x batch 1 / 4 / 8 ran 62.5 / 68.4 / 68.6 MP/s in 1.0 / 2.0 / 2.0 GiB,
 #: tile 2048 67-71 MP/s in 3.7-3.9 GiB. 1024 x 8: the speed of the best for half the memory.
+#: (A forward holds tiles of one window shape and core position: at 4096^2 at most 4.)
 DEFAULT_TILE_GPU = 1024
 DEFAULT_BATCH_GPU = 8
 
