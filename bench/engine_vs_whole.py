@@ -132,8 +132,9 @@ def main() -> None:
         import cProfile
         import pstats
 
-        cProfile.runctx("infer_image(engine, img, mask)", globals(), locals(), "/tmp/tilerun-tiled.prof")
-        pstats.Stats("/tmp/tilerun-tiled.prof").sort_stats("tottime").print_stats(15)
+        with cProfile.Profile() as host:
+            infer_image(engine, img, mask)
+        pstats.Stats(host).sort_stats("tottime").print_stats(15)
         if dev.startswith("cuda"):
             from torch.profiler import ProfilerActivity, profile
 

@@ -87,14 +87,16 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = False  # IEEE fp32, as the engine's fp32 convolutions
         print(torch.cuda.get_device_name(engine.device))
 
+    reps = 10 if cuda else 1  # a GPU matmul of 4096^2 takes ~1 ms: time ten
+
     def matmul():
-        for _ in range(10 if cuda else 1):  # a GPU matmul of 4096^2 takes ~1 ms: time ten
+        for _ in range(reps):
             p @ q
         sync()
 
     matmul()  # warm-up: oneDNN/MKL/cuBLAS pick their kernels once
     times = interleaved({"matmul": matmul, "tiled": lambda: infer_image(engine, img, mask)}, repeats=a.repeats)
-    times["matmul"] = [t / (10 if cuda else 1) for t in times["matmul"]]
+    times["matmul"] = [t / reps for t in times["matmul"]]
     mm_flops = 2 * n**3 / min(times["matmul"])
     mps = a.size * a.size / min(times["tiled"])
     achieved = fpp * mps

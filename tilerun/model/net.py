@@ -371,10 +371,9 @@ class TileNet(nn.Module):
         a CUDA device copies from pageable memory and so waits for the whole queue, which
         stalled the engine's pipeline once a forward (BENCHMARKS.md, GPU)."""
         key = (like.device, like.dtype, tuple(map(tuple, self.palette)))
-        cached = self.__dict__.get("_palette_cache")
+        cached = getattr(self, "_palette_cache", None)
         if cached is None or cached[0] != key:
-            cached = (key, torch.tensor(self.palette, dtype=like.dtype, device=like.device) / 255)
-            self.__dict__["_palette_cache"] = cached
+            cached = self._palette_cache = (key, torch.tensor(self.palette, dtype=like.dtype, device=like.device) / 255)
         return cached[1]
 
     def _class_prior(self, fill: Tensor) -> Tensor:
