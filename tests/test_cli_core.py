@@ -105,6 +105,13 @@ def outputs(tree, model_file, tmp_path_factory):
         mp.setattr(tilerun.scheduler, "ENCODE_PIXELS", 25_000)
         out["encoders"] = tmp_path_factory.mktemp("encoders")
         _run(["run", str(tree["root"]), str(out["encoders"]), "--model", str(model_file), "--tile", "64", "--device", "cpu", "-q"])
+        # Pass 1's features kept for pass 2 (a GPU's default), in 1 MiB: some batches fit, some not.
+        take = tilerun.engine._FeatureCache.take
+        mp.setattr(tilerun.engine._FeatureCache, "take",
+                   lambda self, *a: (lambda got: (_FEATURE_HITS.append(got is not None), got)[1])(take(self, *a)))
+        out["features"] = tmp_path_factory.mktemp("features")
+        _run(["run", str(tree["root"]), str(out["features"]), "--model", str(model_file), "--tile", "64",
+              "--feature-cache", "1", "--device", "cpu", "-q"])
     assert len(probes) == 1
     return out
 
@@ -164,6 +171,15 @@ def test_small_tiles_and_one_big_tile_give_the_same_files(outputs):
             assert (a != b).mean() <= 1e-4, rel
         else:
             assert np.abs(a - b).max() <= 1 and (a != b).any(axis=2).mean() <= 1e-3, rel
+
+
+_FEATURE_HITS: list[bool] = []  # per pass-2 batch of the "features" run: did it get pass 1's features?
+
+
+def test_features_kept_for_pass_two_write_the_same_files(outputs):
+    assert any(_FEATURE_HITS) and not all(_FEATURE_HITS), _FEATURE_HITS  # the budget bit
+    for rel in EXPECTED:
+        assert np.array_equal(_pixels(outputs["features"] / rel), _pixels(outputs[64] / rel)), rel
 
 
 def test_parallel_png_encoders_write_the_same_files_in_order(outputs):

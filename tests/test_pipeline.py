@@ -74,6 +74,50 @@ def test_one_tile_skips_pass_one_and_stays_exact(sensitive_model, sensitive_prob
         list(several.compute(img, holes, several.tiles(60, 90)))
 
 
+@pytest.mark.parametrize("budget", ["all", "some", "none"])
+def test_features_kept_from_pass_one_change_no_bit(sensitive_model, sensitive_probe, make_image, make_holes,
+                                                   whole_forward, budget):
+    # Pass 2 given pass 1's encoder features must give the very bits it gives when it runs
+    # the encoder itself, whether every batch, some or none of them fit the budget; and the
+    # budget must hold (nothing kept beyond it, nothing left behind).
+    img, holes = make_image(100, 77, seed=11), make_holes(100, 77, seed=12)
+    plain = Engine(sensitive_model, tile=32, batch_size=3, probe=sensitive_probe, workers=2)
+    assert not plain.keeps_features  # CPU default: off
+    sizes = {"all": 2**30, "some": 300_000, "none": 1}
+    kept = Engine(sensitive_model, tile=32, batch_size=3, probe=sensitive_probe, workers=2, feature_cache=sizes[budget])
+    assert kept.keeps_features and kept.global_halo == kept.halo  # pass 1 on pass 2's windows
+    cache = kept._features
+    hits, peak = [], []
+    put, take = cache.put, cache.take
+    cache.put = lambda *a: (put(*a), peak.append(cache.used))[0]
+    cache.take = lambda *a: (lambda got: (hits.append(got is not None), got)[1])(take(*a))
+    out = infer_image(kept, img, holes)
+    for a, b in zip(out, infer_image(plain, img, holes)):
+        assert np.array_equal(a, b)
+    assert_exact(out, whole_forward(sensitive_model, img, holes))
+    assert max(peak) <= sizes[budget] and cache.used == 0
+    expected = {"all": all, "some": lambda h: any(h) and not all(h), "none": lambda h: not any(h)}[budget]
+    assert len(hits) > 3 and expected(hits), hits
+
+
+def test_features_are_kept_per_image(sensitive_model, sensitive_probe, make_image, make_holes):
+    # Two images' pass 1 before either's pass 2 (the scheduler's order): each pass 2 gets its
+    # own image's features; features of an image whose pass 2 never comes here are dropped
+    # when a later image's pass 2 starts.
+    engine = Engine(sensitive_model, tile=32, probe=sensitive_probe, feature_cache=2**30)
+    plain = Engine(sensitive_model, tile=32, probe=sensitive_probe)
+    imgs = [(make_image(64, 64, seed=s), make_holes(64, 64, seed=s)) for s in (1, 2, 3)]
+    tiles = engine.tiles(64, 64)
+    sums = [engine.reduce_partials(engine.global_partials(i, m, tiles, key=k)) for k, (i, m) in enumerate(imgs)]
+    for k in (1, 2):  # image 0's pass 2 went to another process
+        got = [r.rgb for r in engine.compute(*imgs[k], tiles, sums[k], key=k)]
+        ref = [r.rgb for r in plain.compute(*imgs[k], tiles, sums[k])]
+        assert all(np.array_equal(a, b) for a, b in zip(got, ref))
+        if k == 1:  # image 0's dropped, image 2's still there
+            assert {key for key, _ in engine._features._entries} == {2}
+    assert engine._features.used == 0
+
+
 def _vm(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

@@ -66,6 +66,7 @@ def main() -> None:
 @o.halo_opt
 @o.batch_opt
 @o.precision_opt
+@o.feature_cache_opt
 @o.device_opt
 @o.backend_opt
 @click.option("--mask-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
@@ -76,8 +77,8 @@ def main() -> None:
               "inpainted, with a legend (at most 1024 px a side).")
 @o.verbose_opt
 @o.quiet_opt
-def run(input_path, output, model_path, tile, halo, batch_size, precision, device, backend, mask_dir, max_pixels,
-        overwrite, preview, verbose, quiet):
+def run(input_path, output, model_path, tile, halo, batch_size, precision, feature_cache_mib, device, backend,
+        mask_dir, max_pixels, overwrite, preview, verbose, quiet):
     """Run the model over INPUT (an image or a folder, recursive) into the folder OUTPUT.
 
     For a/b/NAME.ext writes OUTPUT/a/b/NAME.pred.png (class map, palette PNG) and
@@ -102,8 +103,8 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, devic
         try:
             with session(backend=backend, device=device) as ctx:
                 summary = _run(ctx, input_path, output, model_path=model_path, tile=tile, halo=halo,
-                               batch_size=batch_size, precision=precision, mask_dir=mask_dir, overwrite=overwrite,
-                               preview=preview, verbose=verbose, quiet=quiet)
+                               batch_size=batch_size, precision=precision, feature_cache_mib=feature_cache_mib,
+                               mask_dir=mask_dir, overwrite=overwrite, preview=preview, verbose=verbose, quiet=quiet)
         except DistributedError as e:
             raise click.ClickException(str(e)) from e
     if summary is None:  # not rank 0: rank 0 reports for the job
@@ -113,8 +114,8 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, devic
     sys.exit(1 if summary.failed else 0)
 
 
-def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_dir, precision="fp32", overwrite=False,
-         preview=False, verbose=0, quiet=False):
+def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_dir, precision="fp32",
+         feature_cache_mib=None, overwrite=False, preview=False, verbose=0, quiet=False):
     from .engine import Engine
     from .images import find_inputs
     from .model import load_model
@@ -136,7 +137,8 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
         probe = ModelProbe(**json.loads(ctx.share_from_rank0("probe", mine)))
     try:
         engine = Engine(model, tile=tile, halo=halo, batch_size=batch_size, device=ctx.device, probe=probe,
-                        precision=precision)
+                        precision=precision,
+                        feature_cache=None if feature_cache_mib is None else feature_cache_mib * 2**20)
     except ValueError as e:
         raise click.UsageError(str(e)) from e
     from .model import tile_exact_warning

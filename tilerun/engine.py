@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,11 +28,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .defaults import DEFAULT_BATCH, DEFAULT_PRECISION, DEFAULT_TILE, PRECISIONS, default_batch, default_tile
+from .defaults import (DEFAULT_BATCH, DEFAULT_PRECISION, DEFAULT_TILE, FEATURE_CACHE_GPU_SHARE, PRECISIONS,
+                       default_batch, default_tile)
 from .geometry import Tile, grid, round_up
 from .receptive import ModelProbe, probe_model
 
-__all__ = ["Engine", "TileResult", "infer_image", "takes_out_box", "DEFAULT_TILE", "DEFAULT_BATCH", "PRECISIONS"]
+__all__ = ["Engine", "TileResult", "infer_image", "takes_out_box", "takes_features", "DEFAULT_TILE", "DEFAULT_BATCH",
+           "PRECISIONS"]
 
 R = TypeVar("R")
 
@@ -91,6 +94,81 @@ def takes_out_box(model: nn.Module) -> bool:
         return False
 
 
+def default_feature_cache(device: torch.device) -> int:
+    """Bytes of pass-1 features an engine keeps by default: none on CPU, where RAM holds the
+    uint8 images (an 8192^2 photo must stay under 1.5 GB); on CUDA a share of the card's
+    memory, which tiles leave mostly idle (1024^2 tiles in batches of 8 peak at ~2 GiB)."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).total_memory // FEATURE_CACHE_GPU_SHARE
+
+
+def takes_features(model: nn.Module) -> bool:
+    """Whether the model can hand its encoder's features from pass 1 to pass 2: an
+    ``encode(image, mask)`` method, and ``features`` parameters on ``global_terms`` and
+    ``forward`` (see `TileNet.encode`)."""
+    try:
+        return (callable(getattr(model, "encode", None))
+                and "features" in inspect.signature(model.global_terms).parameters
+                and "features" in inspect.signature(model.forward).parameters)
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+class _FeatureCache:
+    """Pass 1's encoder features, kept on the device for pass 2, up to a byte budget.
+
+    Keyed by (image key, the batch's tile indices): a batch finds its features only if
+    pass 2 batches its tiles as pass 1 did, in the same process. What does not fit is
+    not kept (pass 2 then runs the encoder again), so memory stays within the budget
+    whatever the image's size. Entries of an image whose pass 2 went elsewhere (another
+    rank claimed it) are dropped once pass 2 of a later image starts here.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self._entries: dict[tuple, tuple[tuple[Tensor, ...], int]] = {}
+        self._images: list[object] = []  # image keys in the order their pass 1 kept something
+        self._lock = threading.Lock()  # CPU workers put from their threads
+
+    def put(self, image_key: object, tiles: tuple[int, ...], features: tuple[Tensor, ...]) -> bool:
+        size = sum(t.numel() * t.element_size() for t in features)
+        with self._lock:
+            if self.used + size > self.budget:
+                return False
+            self._entries[(image_key, tiles)] = (features, size)
+            self.used += size
+            if image_key not in self._images:
+                self._images.append(image_key)
+            return True
+
+    def take(self, image_key: object, tiles: tuple[int, ...]) -> tuple[Tensor, ...] | None:
+        with self._lock:
+            got = self._entries.pop((image_key, tiles), None)
+            if got is None:
+                return None
+            self.used -= got[1]
+            return got[0]
+
+    def start_image(self, image_key: object) -> None:
+        """Pass 2 of ``image_key`` starts: drop what earlier images kept (never to be taken here)."""
+        with self._lock:
+            if image_key not in self._images:
+                return
+            older = self._images[: self._images.index(image_key)]
+            del self._images[: len(older)]
+        for key in older:
+            self.discard(key)
+
+    def discard(self, image_key: object) -> None:
+        with self._lock:
+            for k in [k for k in self._entries if k[0] == image_key]:
+                self.used -= self._entries.pop(k)[1]
+            if image_key in self._images:
+                self._images.remove(image_key)
+
+
 @dataclass
 class TileResult:
     tile: Tile
@@ -144,6 +222,10 @@ class Engine:
     model's weights in place, which changes no result beyond float rounding.
     ``workers`` (CPU) forwards run at once, each on one thread; ``workers`` windows
     are in memory at once (default: torch's intra-op thread count; GPU: 1).
+    ``feature_cache``: bytes of pass 1's encoder features kept on the device for pass 2
+    of the same tiles (models with `TileNet.encode`'s hook), so that pass 2 does not run
+    the encoder again; what does not fit is recomputed. Default: 0 on CPU (its RAM holds
+    the uint8 images), a quarter of the GPU's memory on CUDA (`default_feature_cache`).
     """
 
     def __init__(
@@ -158,6 +240,7 @@ class Engine:
         precision: str = DEFAULT_PRECISION,
         channels_last: bool | None = None,
         workers: int | None = None,
+        feature_cache: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         if tile is None:
@@ -211,6 +294,16 @@ class Engine:
         self.halo = round_up(halo, stride) if halo else 0
         ghalo = self.probe.global_halo
         self.global_halo = self.halo if ghalo is None else ghalo
+        if feature_cache is None:
+            feature_cache = default_feature_cache(self.device)
+        if feature_cache < 0:
+            raise ValueError(f"feature_cache must be >= 0 bytes, got {feature_cache}")
+        # Kept features are the pass-2 window's: pass 1 then runs on pass 2's windows (the
+        # full halo), its batches grouped as pass 2 groups them.
+        self.keeps_features = bool(feature_cache) and self.probe.has_global and takes_features(self.model)
+        if self.keeps_features:
+            self.global_halo = self.halo
+        self._features = _FeatureCache(feature_cache if self.keeps_features else 0)
         self.batch_size = batch_size
         # A model whose forward takes ``out_box`` computes only the tiles' cores past the
         # layers that need the halo (TileNet: its full-res decoder runs on 1.04x the core's
@@ -279,25 +372,37 @@ class Engine:
         return x, m, imgs, msks
 
     # -- pass 1 ---------------------------------------------------------------------
-    def global_partials(self, image: np.ndarray, mask: np.ndarray, tiles: Iterable[Tile]) -> dict[int, Tensor]:
-        """Per tile index, the float64 sum of the global terms over that tile's core."""
+    def global_partials(self, image: np.ndarray, mask: np.ndarray, tiles: Iterable[Tile],
+                        key: object = None) -> dict[int, Tensor]:
+        """Per tile index, the float64 sum of the global terms over that tile's core.
+
+        ``key`` (any hashable naming this image, given again to `compute`): keep the
+        encoder's features for pass 2 as far as ``feature_cache`` allows.
+        """
         h, w = mask.shape
         out: dict[int, Tensor] = {}
-        # Pass 1 needs only the encoder's (smaller) halo.
+        # Pass 1 needs only the encoder's (smaller) halo, unless its features are kept for pass 2.
         gtiles = {t.index: t for t in grid(h, w, tile=self.tile, halo=self.global_halo, stride=self.stride)}
         s = self.stride
 
         def run(batch: list[Tile]) -> list[tuple[int, Tensor]]:
             x, m, _, _ = self._windows(image, mask, batch)
             with self._autocast():
-                terms = self.model.global_terms(x, m)
+                if self.keeps_features:
+                    features = self.model.encode(x, m)
+                    terms = self.model.global_terms(x, m, features=features)
+                    if key is not None:
+                        self._features.put(key, tuple(t.index for t in batch), features)
+                else:
+                    terms = self.model.global_terms(x, m)
             rows = []
             for i, t in enumerate(batch):
                 ys, xs = t.core_in_window_at(s)
                 rows.append((t.index, terms[i, :, ys, xs].double().sum(dim=(1, 2))))
             return rows
 
-        rows = [row for done in self._map_batches(run, self._batches([gtiles[t.index] for t in tiles])) for row in done]
+        batches = self._batches([gtiles[t.index] for t in tiles], cores=self.keeps_features and self.cores_only)
+        rows = [row for done in self._map_batches(run, batches) for row in done]
         if rows:
             # One device->host copy at the end: a copy per batch would make the host wait
             # for every batch before queueing the next.
@@ -311,7 +416,15 @@ class Engine:
         return torch.stack([partials[k] for k in sorted(partials)]).sum(0)
 
     # -- pass 2 ---------------------------------------------------------------------
-    def _launch(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile], global_sums: Tensor | None) -> _InFlight:
+    def release_features(self, key: object = None) -> None:
+        """Drop the features pass 1 kept for image ``key`` (None: for every image)."""
+        if key is None:
+            self._features = _FeatureCache(self._features.budget)
+        else:
+            self._features.discard(key)
+
+    def _launch(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile], global_sums: Tensor | None,
+                key: object = None) -> _InFlight:
         """Queue one batch's forward and the copies of its uint8 results to the host.
 
         ``global_sums`` is already float32 on the device: a blocking copy here would
@@ -325,6 +438,10 @@ class Engine:
         if self.cores_only:
             ys, xs = batch[0].core_in_window()
             kwargs["out_box"] = out_box = (ys.start, ys.stop, xs.start, xs.stop)
+        if key is not None:
+            features = self._features.take(key, tuple(t.index for t in batch))
+            if features is not None:
+                kwargs["features"] = features
         with self._autocast():
             out = self.model(x, m, **kwargs)
         logits, rgb = _split_outputs(out)
@@ -356,7 +473,8 @@ class Engine:
         return _InFlight(batch, cls_h, rgb_h, ready, out_box is not None)
 
     def compute(
-        self, image: np.ndarray, mask: np.ndarray, tiles: Iterable[Tile], global_sums: Tensor | None = None
+        self, image: np.ndarray, mask: np.ndarray, tiles: Iterable[Tile], global_sums: Tensor | None = None,
+        key: object = None,
     ) -> Iterator[TileResult]:
         """Run ``tiles`` and yield their uint8 cores (known pixels of the RGB copied from ``image``).
 
@@ -364,7 +482,8 @@ class Engine:
         tile covers the whole image: its forward then sums the whole image itself.
         Batches run ahead of the caller (see `_map_batches`): on CUDA the next batch
         is queued before this one's results are handed out, so the device keeps
-        working while the caller stitches or encodes.
+        working while the caller stitches or encodes. ``key``: as given to
+        `global_partials`, to use the features it kept.
         """
         tiles = list(tiles)
         h, w = mask.shape
@@ -373,8 +492,10 @@ class Engine:
             raise ValueError("this model needs the whole-image global sums: run global_partials first")
         if global_sums is not None:
             global_sums = global_sums.to(self.device, torch.float32)
+        if key is not None:
+            self._features.start_image(key)
         batches = self._batches(tiles, cores=self.cores_only)
-        for launched in self._map_batches(lambda b: self._launch(image, mask, b, global_sums), batches):
+        for launched in self._map_batches(lambda b: self._launch(image, mask, b, global_sums, key), batches):
             yield from launched.results()
 
     def _map_batches(self, fn: Callable[[list[Tile]], R], batches: Iterable[list[Tile]]) -> Iterator[R]:
@@ -484,9 +605,15 @@ def infer_image(
     image = np.ascontiguousarray(image)
     h, w = mask.shape
     tiles = engine.tiles(h, w)
-    # One tile is the whole image: its own forward sums the global terms, pass 1 would be wasted.
-    sums = engine.reduce_partials(engine.global_partials(image, mask, tiles)) if engine.needs_global_pass(h, w) else None
-    st = Stitcher(h, w)
-    for r in engine.compute(image, mask, tiles, sums):
-        st.add(r)
+    key = object()  # this call's image, for the features pass 1 keeps
+    try:
+        # One tile is the whole image: its own forward sums the global terms, pass 1 would be wasted.
+        sums = None
+        if engine.needs_global_pass(h, w):
+            sums = engine.reduce_partials(engine.global_partials(image, mask, tiles, key=key))
+        st = Stitcher(h, w)
+        for r in engine.compute(image, mask, tiles, sums, key=key):
+            st.add(r)
+    finally:
+        engine.release_features(key)
     return st.classes, st.rgb

@@ -66,6 +66,8 @@ class InspectReport:
     memory_method: str
     exact: ExactCheck
     default_tile: int = DEFAULT_TILE  # tilerun's default for the device measured on
+    feature_bytes: int | None = None  # encoder features pass 1 keeps for pass 2, one window (None: no hook)
+    feature_cache: int = 0  # the engine's default budget for them on the device measured on
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
@@ -184,6 +186,7 @@ def inspect_model(
     full-size forward); ``memory=False`` skips the full-size forward. ``tile`` and
     ``batch_size`` default to tilerun's defaults for ``device``."""
     from .defaults import default_batch, default_tile
+    from .engine import default_feature_cache, takes_features
     from .model.loading import check_contract
 
     kind = torch.device(device).type
@@ -209,6 +212,12 @@ def inspect_model(
     if memory:
         dev_model = model.to(device) if torch.device(device).type != "cpu" else model
         mem, how = peak_forward_bytes(dev_model, window, device=device, halo=probe.halo if tile_used else 0)
+    feature_bytes = None
+    if tile_used and probe.has_global and takes_features(model):
+        side = torch.zeros(1, 1, window, window)
+        with torch.inference_mode():
+            feats = model.to("cpu").encode(side.expand(1, 3, -1, -1), side)
+        feature_bytes = sum(t.numel() * t.element_size() for t in feats)
     exact = check_tile_exact(model.to("cpu"), probe)
     return InspectReport(
         source=source or type(model).__name__,
@@ -227,6 +236,8 @@ def inspect_model(
         memory_method=how,
         exact=exact,
         default_tile=default,
+        feature_bytes=feature_bytes,
+        feature_cache=default_feature_cache(torch.device(device)),
         seconds=time.perf_counter() - t0,
         notes=notes,
     )
@@ -289,6 +300,10 @@ def format_report(r: InspectReport, *, color: bool = False) -> str:
         per = f"per {r.window}x{r.window} window" if r.tile else f"per {r.window}x{r.window} image"
         lines.append(f"{_label('memory per tile')}{_mb(r.memory_bytes)} {per}, batch 1 "
                      f"(~{_mb(r.memory_bytes * r.batch_size)} at batch {r.batch_size}); {r.memory_method}")
+    if r.feature_bytes is not None:
+        budget = f"{_mb(r.feature_cache)} by default here" if r.feature_cache else "off by default on CPU"
+        lines.append(f"{_label('feature cache')}pass 1 keeps {_mb(r.feature_bytes)} of encoder features per window "
+                     f"for pass 2, which then skips the encoder; {budget} (--feature-cache)")
     e = r.exact
     diffs = ", ".join(
         f"{name} differ on {v:.2%} of pixels" for name, v in (("classes", e.differing_classes), ("colours", e.differing_rgb))

@@ -61,6 +61,14 @@ batch_opt = click.option(
     default=None,
     help=f"Tiles per forward. Default (measured): {DEFAULT_BATCH} on CPU, {DEFAULT_BATCH_GPU} on CUDA.",
 )
+feature_cache_opt = click.option(
+    "--feature-cache",
+    "feature_cache_mib",
+    type=click.IntRange(min=0),
+    default=None,
+    help="MiB of device memory that keep pass 1's encoder features for pass 2 (which then skips the encoder). "
+    "Bounded: what does not fit is recomputed. Default: a quarter of the GPU's memory on CUDA, 0 (off) on CPU.",
+)
 precision_opt = click.option(
     "--precision",
     type=click.Choice(list(PRECISIONS)),

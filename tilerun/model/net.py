@@ -395,11 +395,19 @@ class TileNet(nn.Module):
         own = d2.contiguous(memory_format=torch.channels_last).argmin(1, keepdim=True)
         return torch.full_like(d2, math.log(1e-4)).scatter_(1, own, 0.0)
 
-    # -- the global hook used by the tiling engine --------------------------------
-    def global_terms(self, image: Tensor, mask: Tensor) -> Tensor:
-        """Per feature cell (stride ``self.stride``), additive terms of the global summary."""
+    # -- the hooks used by the tiling engine ----------------------------------------
+    def encode(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The encoder's features of ``image`` (s0, s1, z): the first thing both `global_terms`
+        and `forward` compute. The engine hands pass 1's to pass 2 (``features=``) instead of
+        running the encoder twice on a window."""
+        x, _ = self._prepare(image, mask)
+        return self.encoder(x)
+
+    def global_terms(self, image: Tensor, mask: Tensor, features: tuple[Tensor, ...] | None = None) -> Tensor:
+        """Per feature cell (stride ``self.stride``), additive terms of the global summary;
+        ``features``: `encode`'s of the same input, if already computed."""
         x, m = self._prepare(image, mask)
-        _, _, z = self.encoder(x)
+        _, _, z = self.encoder(x) if features is None else features
         return self._terms(z, m)
 
     def margins(self) -> dict[str, int]:
@@ -417,8 +425,9 @@ class TileNet(nn.Module):
         return {k: round_up(v, s) for k, v in raw.items()}
 
     def forward(self, image: Tensor, mask: Tensor, global_sums: Tensor | None = None,
-                out_box: Box | None = None) -> tuple[Tensor, Tensor]:
-        """``(logits, rgb)`` for ``image``; with ``out_box = (y0, y1, x0, x1)`` only that part of them.
+                out_box: Box | None = None, features: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor]:
+        """``(logits, rgb)`` for ``image``; with ``out_box = (y0, y1, x0, x1)`` only that part of them;
+        ``features``: `encode`'s of the same input, if already computed.
 
         The encoder runs on the whole input; each later stage only on the outputs'
         region plus what the stages after it reach (`margins`). For a tile's window
@@ -432,7 +441,7 @@ class TileNet(nn.Module):
         if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w) or y0 % self.stride or x0 % self.stride:
             raise ValueError(f"out_box {out_box} must lie in the {h}x{w} input, starting at multiples of {self.stride}")
         x, m = self._prepare(image, mask)
-        s0, s1, z = self.encoder(x)
+        s0, s1, z = self.encoder(x) if features is None else features
         if global_sums is None:
             global_sums = self._terms(z, m).sum(dim=(2, 3))
         c = self.cfg.width
