@@ -1,6 +1,7 @@
 """Benchmark 3: the CLI over a folder vs the engine's compute alone on the same images.
 
     python bench/end_to_end.py [--repeats 2] [--big 2] [--size 2048] [--device cpu|cuda]
+                               [--encoders 4,8]
 
 The folder: sample_images/ plus ``big`` real photos resized to ``size``^2 with sidecar
 hole masks. Interleaved, best of ``repeats``:
@@ -13,6 +14,10 @@ hole masks. Interleaved, best of ``repeats``:
   same engine settings, nothing read or written.
 
 RATIO = compute / cli job time: 1.0 would mean I/O costs nothing.
+
+``--encoders N,M``: on a GPU host, also the CLI with rank 0's writer encoding up to N (M, ...)
+images at once (``tilerun.scheduler.ENCODERS_GPU``, its pixel bound raised to match), to
+measure that setting; the first value is the shipped one.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=2)
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--encoders", default="", help="comma list: also run the CLI with these writer encoder counts")
     a = ap.parse_args()
 
     from tilerun.engine import Engine, infer_image
@@ -63,8 +69,16 @@ def main() -> None:
         print(f"folder: {len(items)} images, {mp:.1f} MP")
         # The CLI's defaults: the engine's own (tilerun.defaults) for the device.
         engine = Engine(load_model(), device=a.device)
-        cmd = [sys.executable, "-m", "tilerun", "run", str(folder), str(out), "--overwrite", "--device", a.device, "-q"]
+        args = ["run", str(folder), str(out), "--overwrite", "--device", a.device, "-q"]
+        cmd = [sys.executable, "-m", "tilerun", *args]
+        variants = {}
+        for n in [int(v) for v in a.encoders.split(",") if v][1:]:
+            # The CLI with the writer's settings patched before it starts.
+            patch = (f"import tilerun.scheduler as s; s.ENCODERS_GPU = {n}; s.ENCODE_PIXELS = max(s.ENCODE_PIXELS, "
+                     f"{n} * {a.size}**2); from tilerun.cli import main; main({args!r}, prog_name='tilerun')")
+            variants[n] = [sys.executable, "-c", patch]
         cli_job, cli_wall, compute, rank_compute = [], [], [], []
+        variant_job = {n: [] for n in variants}
         for _ in range(a.repeats):
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True)
@@ -73,6 +87,9 @@ def main() -> None:
             assert report["counts"]["ok"] == len(items), report["counts"]
             cli_job.append(report["seconds"])
             rank_compute.append(sum(r.get("compute_s", 0.0) for r in report.get("ranks", [])))
+            for n, vcmd in variants.items():
+                subprocess.run(vcmd, check=True)
+                variant_job[n].append(json.loads((out / "tilerun-report.json").read_text())["seconds"])
             t0 = time.perf_counter()
             for image, mask in decoded:
                 infer_image(engine, image, mask)
@@ -84,6 +101,9 @@ def main() -> None:
         print(f"compute alone: {fmt_times(compute)}")
         print(f"RATIO compute alone / cli job = {min(compute) / min(cli_job):.3f}  (target >= 0.9)")
         print(f"      compute alone / cli process wall = {min(compute) / min(cli_wall):.3f}")
+        for n, times in variant_job.items():
+            print(f"cli job, writer with {n} encoders: {fmt_times(times)}")
+            print(f"RATIO compute alone / cli job ({n} encoders) = {min(compute) / min(times):.3f}")
 
 
 if __name__ == "__main__":

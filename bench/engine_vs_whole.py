@@ -11,7 +11,9 @@ Interleaved, best of ``repeats``:
 * ``whole (channels_last)``: the same forward with NHWC weights, the engine's layout:
   the strongest single-forward baseline;
 * ``tiled``: `infer_image` with the engine's defaults (both passes, uint8 out);
-* ``pass 1 alone``: the engine's global pass, to show what the exact global features cost.
+* ``pass 1 alone``: the engine's global pass, to show what the exact global features cost;
+* on CUDA, ``tiled, no feature cache``: pass 2 runs the encoder again instead of taking
+  pass 1's features (the engine's ``feature_cache=0``, the CPU default).
 
 Prints the ratios and the tiled result's deviation from the whole forward.
 """
@@ -76,6 +78,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--feature-cache", type=int, default=None, help="MiB (default: the engine's for the device)")
     ap.add_argument("--profile", action="store_true", help="also print where one tiled run spends its time")
     a = ap.parse_args()
 
@@ -89,12 +92,14 @@ def main() -> None:
     dev, prec = a.device, a.precision
     plain = load_model().to(dev)  # NCHW, as PyTorch makes it
     channels_last = load_model().to(dev, memory_format=torch.channels_last)
-    engine = Engine(load_model(), tile=a.tile, batch_size=a.batch, device=dev, precision=prec)
+    cache = None if a.feature_cache is None else a.feature_cache * 2**20
+    engine = Engine(load_model(), tile=a.tile, batch_size=a.batch, device=dev, precision=prec, feature_cache=cache)
     if dev.startswith("cuda"):
         print(torch.cuda.get_device_name(dev))
     tiles = engine.tiles(a.size, a.size)
     print(f"photo {a.size}x{a.size}, {mask.mean():.1%} missing; engine tile {engine.tile}, batch {engine.batch_size}, "
-          f"halo {engine.halo} (pass 1: {engine.global_halo}), {len(tiles)} tiles, precision {engine.precision}")
+          f"halo {engine.halo} (pass 1: {engine.global_halo}), {len(tiles)} tiles, precision {engine.precision}, "
+          f"feature cache {engine._features.budget / 2**20:.0f} MiB")
 
     runs = {
         "whole (NCHW)": lambda: whole_forward(plain, img, mask, device=dev, precision=prec),
@@ -104,12 +109,17 @@ def main() -> None:
     }
     if engine.device.type == "cuda":
         # The layout default on CUDA (NHWC for half precisions only) checked against the other one.
-        other = Engine(load_model(), tile=a.tile, batch_size=a.batch, device=dev, precision=prec,
+        other = Engine(load_model(), tile=a.tile, batch_size=a.batch, device=dev, precision=prec, feature_cache=cache,
                        channels_last=not engine.channels_last, probe=engine.probe)
         runs[f"tiled, {'NCHW' if engine.channels_last else 'channels_last'}"] = lambda: infer_image(other, img, mask)
+    if engine.keeps_features:
+        # Pass 1's encoder features kept for pass 2 (the CUDA default) against recomputing them.
+        recompute = Engine(load_model(), tile=a.tile, batch_size=a.batch, device=dev, precision=prec, feature_cache=0,
+                           probe=engine.probe)
+        runs["tiled, no feature cache"] = lambda: infer_image(recompute, img, mask)
     if engine.workers > 1:
         # The CPU default: one single-threaded forward per core. Checked against one forward on all cores.
-        one = Engine(load_model(), tile=a.tile, batch_size=a.batch, device=dev, precision=prec, workers=1,
+        one = Engine(load_model(), tile=a.tile, batch_size=a.batch, device=dev, precision=prec, workers=1, feature_cache=cache,
                      probe=engine.probe)
         runs["tiled, 1 worker"] = lambda: infer_image(one, img, mask)
     times = interleaved(runs, repeats=a.repeats)
@@ -122,9 +132,13 @@ def main() -> None:
     print(f"RATIO tiled / whole (NCHW)          = {best['tiled'] / best['whole (NCHW)']:.3f}")
     print(f"pass 1 share of the tiled time      = {best['pass 1 alone'] / best['tiled']:.1%}")
     for name in best:
-        if name.startswith("tiled, ") and "worker" not in name:
+        if name.startswith("tiled, ") and "worker" not in name and "cache" not in name:
             print(f"RATIO {name} / tiled (default layout {'channels_last' if engine.channels_last else 'NCHW'}) = "
                   f"{best[name] / best['tiled']:.3f}")
+    if "tiled, no feature cache" in best:
+        print(f"RATIO tiled without / with the feature cache = {best['tiled, no feature cache'] / best['tiled']:.3f}")
+        print(f"RATIO tiled without the feature cache / whole (NCHW) = "
+              f"{best['tiled, no feature cache'] / best['whole (NCHW)']:.3f}")
     if "tiled, 1 worker" in best:
         print(f"RATIO tiled 1 worker / {engine.workers} workers  = {best['tiled, 1 worker'] / best['tiled']:.3f}")
     if a.profile:
