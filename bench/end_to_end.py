@@ -1,7 +1,7 @@
 """Benchmark 3: the CLI over a folder vs the engine's compute alone on the same images.
 
     python bench/end_to_end.py [--repeats 2] [--big 2] [--size 2048] [--device cpu|cuda]
-                               [--encoders 4,8]
+                               [--patch "DECODE_AHEAD_GPU = 0" ...]
 
 The folder: sample_images/ plus ``big`` real photos resized to ``size``^2 with sidecar
 hole masks. Interleaved, best of ``repeats``:
@@ -15,9 +15,9 @@ hole masks. Interleaved, best of ``repeats``:
 
 RATIO = compute / cli job time: 1.0 would mean I/O costs nothing.
 
-``--encoders N,M``: on a GPU host, also the CLI with rank 0's writer encoding up to N (M, ...)
-images at once (``tilerun.scheduler.ENCODERS_GPU``, its pixel bound raised to match), to
-measure that setting; the first value is the shipped one.
+``--patch "NAME = VALUE; ..."`` (repeatable): also the CLI with these settings of
+``tilerun.scheduler`` changed before it starts (e.g. ``ENCODERS_GPU = 8`` or
+``DECODE_AHEAD_GPU = 0``), interleaved with the shipped settings, to measure them.
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=2)
     ap.add_argument("--size", type=int, default=2048)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--encoders", default="", help="comma list: also run the CLI with these writer encoder counts")
+    ap.add_argument("--profile", action="store_true",
+                    help="then one more CLI run under cProfile (its main thread: compute and waits)")
+    ap.add_argument("--patch", action="append", default=[], help="tilerun.scheduler assignments for a CLI variant")
     a = ap.parse_args()
 
     from tilerun.engine import Engine, infer_image
@@ -72,11 +74,10 @@ def main() -> None:
         args = ["run", str(folder), str(out), "--overwrite", "--device", a.device, "-q"]
         cmd = [sys.executable, "-m", "tilerun", *args]
         variants = {}
-        for n in [int(v) for v in a.encoders.split(",") if v][1:]:
-            # The CLI with the writer's settings patched before it starts.
-            patch = (f"import tilerun.scheduler as s; s.ENCODERS_GPU = {n}; s.ENCODE_PIXELS = max(s.ENCODE_PIXELS, "
-                     f"{n} * {a.size}**2); from tilerun.cli import main; main({args!r}, prog_name='tilerun')")
-            variants[n] = [sys.executable, "-c", patch]
+        for patch in a.patch:
+            sets = "; ".join(f"s.{p.strip()}" for p in patch.split(";") if p.strip())
+            code = f"import tilerun.scheduler as s; {sets}; from tilerun.cli import main; main({args!r}, prog_name='tilerun')"
+            variants[patch] = [sys.executable, "-c", code]
         cli_job, cli_wall, compute, rank_compute = [], [], [], []
         variant_job = {n: [] for n in variants}
         for _ in range(a.repeats):
@@ -87,6 +88,8 @@ def main() -> None:
             assert report["counts"]["ok"] == len(items), report["counts"]
             cli_job.append(report["seconds"])
             rank_compute.append(sum(r.get("compute_s", 0.0) for r in report.get("ranks", [])))
+            print("cli ranks:", [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()
+                                  if k in ("compute_s", "wait_s", "decode_s")} for r in report.get("ranks", [])])
             for n, vcmd in variants.items():
                 subprocess.run(vcmd, check=True)
                 variant_job[n].append(json.loads((out / "tilerun-report.json").read_text())["seconds"])
@@ -101,9 +104,13 @@ def main() -> None:
         print(f"compute alone: {fmt_times(compute)}")
         print(f"RATIO compute alone / cli job = {min(compute) / min(cli_job):.3f}  (target >= 0.9)")
         print(f"      compute alone / cli process wall = {min(compute) / min(cli_wall):.3f}")
+        if a.profile:
+            prof = subprocess.run([sys.executable, "-m", "cProfile", "-s", "tottime", "-m", "tilerun", *args],
+                                  check=True, capture_output=True, text=True).stdout
+            print("\n".join(prof.splitlines()[:35]))
         for n, times in variant_job.items():
-            print(f"cli job, writer with {n} encoders: {fmt_times(times)}")
-            print(f"RATIO compute alone / cli job ({n} encoders) = {min(compute) / min(times):.3f}")
+            print(f"cli job with {n}: {fmt_times(times)}")
+            print(f"RATIO compute alone / cli job ({n}) = {min(compute) / min(times):.3f}")
 
 
 if __name__ == "__main__":
