@@ -1,7 +1,7 @@
 """Benchmark 3: the CLI over a folder vs the engine's compute alone on the same images.
 
     python bench/end_to_end.py [--repeats 2] [--big 2] [--size 2048] [--device cpu|cuda]
-                               [--patch "DECODE_AHEAD_GPU = 0" ...]
+                               [--patch "ENCODERS_GPU = 8" ...] [--timeline] [--profile]
 
 The folder: sample_images/ plus ``big`` real photos resized to ``size``^2 with sidecar
 hole masks. Interleaved, best of ``repeats``:
@@ -16,8 +16,10 @@ hole masks. Interleaved, best of ``repeats``:
 RATIO = compute / cli job time: 1.0 would mean I/O costs nothing.
 
 ``--patch "NAME = VALUE; ..."`` (repeatable): also the CLI with these settings of
-``tilerun.scheduler`` changed before it starts (e.g. ``ENCODERS_GPU = 8`` or
-``DECODE_AHEAD_GPU = 0``), interleaved with the shipped settings, to measure them.
+``tilerun.scheduler`` changed before it starts (e.g. ``ENCODERS_GPU = 8``), interleaved
+with the shipped settings, to measure them. ``--timeline``: then one more CLI run through
+``bench/cli_timeline.py`` (each task, gather, load and write, per thread);
+``--profile``: one more under cProfile.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--profile", action="store_true",
                     help="then one more CLI run under cProfile (its main thread: compute and waits)")
+    ap.add_argument("--timeline", action="store_true", help="then one more CLI run with bench/cli_timeline.py")
     ap.add_argument("--patch", action="append", default=[], help="tilerun.scheduler assignments for a CLI variant")
     a = ap.parse_args()
 
@@ -108,6 +111,8 @@ def main() -> None:
             prof = subprocess.run([sys.executable, "-m", "cProfile", "-s", "tottime", "-m", "tilerun", *args],
                                   check=True, capture_output=True, text=True).stdout
             print("\n".join(prof.splitlines()[:35]))
+        if a.timeline:
+            subprocess.run([sys.executable, str(ROOT / "bench" / "cli_timeline.py"), *args], check=True)
         for n, times in variant_job.items():
             print(f"cli job with {n}: {fmt_times(times)}")
             print(f"RATIO compute alone / cli job ({n}) = {min(compute) / min(times):.3f}")

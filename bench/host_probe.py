@@ -1,0 +1,30 @@
+"""Host-side pieces of the writer on the GPU host: PNG encode scaling across threads, stitching."""
+import io, os, sys, time, tempfile
+import numpy as np
+from concurrent.futures import ThreadPoolExecutor
+sys.path.insert(0, ".")
+import PIL
+from PIL import Image
+from tilerun.images import write_png_atomic, class_map_image
+from bench.common import photo
+print("Pillow", PIL.__version__, "numpy", np.__version__, "cpus", os.cpu_count())
+rgb = photo(4096); cls = (rgb[..., 0] // 16).astype(np.uint8)
+d = tempfile.mkdtemp()
+def enc(i):
+    write_png_atomic(Image.fromarray(rgb), __import__("pathlib").Path(d) / f"r{i}.png")
+    write_png_atomic(class_map_image(cls, None), __import__("pathlib").Path(d) / f"c{i}.png")
+for n in (1, 2, 4, 8):
+    t = time.perf_counter()
+    with ThreadPoolExecutor(n) as p: list(p.map(enc, range(8)))
+    print(f"{n} threads, 8 images of 4096^2 (RGB + class map): {time.perf_counter() - t:.2f} s")
+for n in (1, 4):
+    t = time.perf_counter()
+    with ThreadPoolExecutor(n) as p: list(p.map(lambda i: bytes(rgb.tobytes()), range(8)))
+    print(f"{n} threads tobytes x8: {time.perf_counter() - t:.2f} s")
+t = time.perf_counter()
+for _ in range(4):
+    out = np.zeros((4096, 4096, 3), np.uint8)
+    for y in range(0, 4096, 1024):
+        for x in range(0, 4096, 1024):
+            out[y:y+1024, x:x+1024] = rgb[y:y+1024, x:x+1024]
+print(f"stitch 4096^2 RGB from 16 tiles into fresh zeros: {(time.perf_counter() - t) / 4:.3f} s")
