@@ -21,8 +21,9 @@ DEFAULT_TILE_GPU = 1024
 DEFAULT_BATCH_GPU = 8
 
 #: On CUDA, 1/this of the card's memory keeps pass 1's encoder features for pass 2 (the
-#: engine's ``feature_cache``): pass 2 then skips the encoder. Per 1024^2 tile in fp32
-#: ~234 MB (s0, s1, z of a 1104^2 window): a 4096^2 photo 3.7 GB, two in flight 7.5 GB.
+#: engine's ``feature_cache``): pass 2 then skips the encoder, 6-11% of a tiled run on an
+#: H100 (BENCHMARKS.md, GPU, sixth session). Per 1024^2 tile in fp32 223 MiB (s0, s1, z of
+#: a 1104^2 window): a 4096^2 photo 3.5 GiB, the two images a job has in flight 7 GiB.
 FEATURE_CACHE_GPU_SHARE = 4
 
 PRECISIONS = ("fp32", "bf16", "fp16")
