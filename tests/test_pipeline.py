@@ -86,6 +86,10 @@ def test_features_kept_from_pass_one_change_no_bit(sensitive_model, sensitive_pr
     sizes = {"all": 2**30, "some": 300_000, "none": 1}
     kept = Engine(sensitive_model, tile=32, batch_size=3, probe=sensitive_probe, workers=2, feature_cache=sizes[budget])
     assert kept.keeps_features and kept.global_halo == kept.halo  # pass 1 on pass 2's windows
+    g, stride = sensitive_probe.global_halo, sensitive_probe.stride
+    assert g >= stride
+    low = Engine(sensitive_model, tile=32, halo=g - stride, probe=sensitive_probe, feature_cache=2**30)
+    assert not low.keeps_features and low.global_halo == g  # a --halo too small for pass 1: its own
     cache = kept._features
     hits, peak = [], []
     put, take = cache.put, cache.take

@@ -299,8 +299,10 @@ class Engine:
         if feature_cache < 0:
             raise ValueError(f"feature_cache must be >= 0 bytes, got {feature_cache}")
         # Kept features are the pass-2 window's: pass 1 then runs on pass 2's windows (the
-        # full halo), its batches grouped as pass 2 groups them.
-        self.keeps_features = bool(feature_cache) and self.probe.has_global and takes_features(self.model)
+        # full halo), its batches grouped as pass 2 groups them. Not with a --halo below the
+        # global terms' own reach: pass 1 keeps the halo that makes its sums exact.
+        self.keeps_features = (bool(feature_cache) and self.probe.has_global and takes_features(self.model)
+                               and self.halo >= self.global_halo)
         if self.keeps_features:
             self.global_halo = self.halo
         self._features = _FeatureCache(feature_cache if self.keeps_features else 0)
