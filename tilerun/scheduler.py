@@ -16,7 +16,8 @@ runs (an in-process HashStore when there is no torchrun):
 * **Stitching without gathers.** A pass-2 chunk publishes its uint8 cores (class index,
   and RGB with known pixels already copied from the input: 4 bytes a pixel). Rank 0's
   writer thread takes them in image order, fills the uint8 outputs, writes them
-  atomically and deletes the keys. Outputs land on rank 0's node only: no shared
+  atomically and deletes the keys. Rank 0's own chunks skip the store's copies: their
+  key holds a marker and the arrays reach its writer in memory. Outputs land on rank 0's node only: no shared
   filesystem is needed for OUTPUT (inputs must exist on every node).
 * **Pipelining.** Per process, a loader thread claims the next task and decodes its
   image while the main thread computes; rank 0's writer thread gathers finished images
@@ -165,10 +166,17 @@ def task_order(plans: list[ImagePlan]) -> list[Task]:
 
 
 # -- payloads: a JSON header and raw arrays, nothing pickled -----------------------------
-def _pack(header: dict, arrays: list[np.ndarray] = ()) -> bytes:
+def _pack(header: dict, arrays: list[np.ndarray] = ()) -> bytearray:
     header = dict(header, arrays=[[a.dtype.str, list(a.shape)] for a in arrays])
     h = json.dumps(header).encode()
-    return b"".join([struct.pack("<I", len(h)), h, *(np.ascontiguousarray(a).tobytes() for a in arrays)])
+    out = bytearray(4 + len(h) + sum(a.nbytes for a in arrays))
+    struct.pack_into("<I", out, 0, len(h))
+    out[4 : 4 + len(h)] = h
+    off = 4 + len(h)
+    for a in arrays:  # one copy each, into place (tobytes + join: two; 0.11 vs 0.055 s at 67 MB)
+        out[off : off + a.nbytes] = memoryview(np.ascontiguousarray(a)).cast("B")
+        off += a.nbytes
+    return out
 
 
 def _unpack(data: bytes) -> tuple[dict, list[np.ndarray]]:
@@ -280,6 +288,10 @@ class _Writer(threading.Thread):
         self.results: list[FileResult] = []
         self.error: BaseException | None = None
         self.bytes_received = 0
+        # This process's own pass-2 results, by task key, handed over in memory: packing
+        # them, the store's set and get took ~0.4 s of CPU per 4096^2 image (HashStore),
+        # on a GPU host as long as the card's compute. The store carries a marker.
+        self.local: dict[str, tuple[dict, list[np.ndarray]]] = {}
 
     def _gather(self, store, p: ImagePlan) -> FileResult | tuple[np.ndarray | None, np.ndarray | None, float]:
         """The image's uint8 outputs from its chunks in the store (its keys deleted), and the
@@ -295,6 +307,8 @@ class _Writer(threading.Thread):
             self.bytes_received += len(data)
             store.delete_key(key)
             header, arrays = _unpack(data)
+            if header.get("local"):
+                header, arrays = self.local.pop(key)
             compute_s += header.get("seconds", 0.0)
             if self.on_tiles:
                 self.on_tiles(len(header.get("tiles", [])), 0)
@@ -433,7 +447,12 @@ def run_distributed(
                 image, mask = loaded
                 header, arrays, n = _compute(engine, plan, task, image, mask, sums, job)
                 header["seconds"] = time.perf_counter() - t0
-                payload = _pack(header, arrays)
+                if writer and task.pass_ == PASS_MAIN:
+                    # Copied out of the engine's batch buffers (pinned on CUDA, reused).
+                    writer.local[task.key] = (header, [np.array(a) for a in arrays])
+                    payload = _pack({"local": True})
+                else:
+                    payload = _pack(header, arrays)
                 stats.tiles["global" if task.pass_ == PASS_GLOBAL else "main"] += n
             stats.compute_s += time.perf_counter() - t0
             stats.tasks += 1
