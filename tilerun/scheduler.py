@@ -17,8 +17,8 @@ runs (an in-process HashStore when there is no torchrun):
   and RGB with known pixels already copied from the input: 4 bytes a pixel). Rank 0's
   writer thread takes them in image order, fills the uint8 outputs, writes them
   atomically and deletes the keys. Rank 0's own chunks skip the store's copies: their
-  key holds a marker and the arrays reach its writer in memory. Outputs land on rank 0's node only: no shared
-  filesystem is needed for OUTPUT (inputs must exist on every node).
+  key holds a marker and the arrays reach its writer in memory. Outputs land on rank 0's
+  node only: no shared filesystem is needed for OUTPUT (inputs must exist on every node).
 * **Pipelining.** Per process, a loader thread claims the next task and decodes its
   image while the main thread computes; rank 0's writer thread gathers finished images
   and hands them to PNG encoder threads (`encoder_count`).
