@@ -1,8 +1,14 @@
-"""Host-side pieces of the writer on the GPU host: PNG encode scaling across threads, stitching."""
-import io, os, sys, time, tempfile
+"""The writer's host-side pieces on a machine: PNG writing of 4096^2 images on 1-8 threads,
+tobytes, stitching a 4096^2 image from 16 tiles. Ran on the H100 host (BENCHMARKS.md, sixth
+session; bench/logs/gpu-h100-6-host.txt):
+
+    python bench/host_probe.py
+"""
+import os, sys, time, tempfile
+from pathlib import Path
 import numpy as np
 from concurrent.futures import ThreadPoolExecutor
-sys.path.insert(0, ".")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import PIL
 from PIL import Image
 from tilerun.images import write_png_atomic, class_map_image
@@ -11,8 +17,8 @@ print("Pillow", PIL.__version__, "numpy", np.__version__, "cpus", os.cpu_count()
 rgb = photo(4096); cls = (rgb[..., 0] // 16).astype(np.uint8)
 d = tempfile.mkdtemp()
 def enc(i):
-    write_png_atomic(Image.fromarray(rgb), __import__("pathlib").Path(d) / f"r{i}.png")
-    write_png_atomic(class_map_image(cls, None), __import__("pathlib").Path(d) / f"c{i}.png")
+    write_png_atomic(Image.fromarray(rgb), Path(d) / f"r{i}.png")
+    write_png_atomic(class_map_image(cls, None), Path(d) / f"c{i}.png")
 for n in (1, 2, 4, 8):
     t = time.perf_counter()
     with ThreadPoolExecutor(n) as p: list(p.map(enc, range(8)))
