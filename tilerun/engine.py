@@ -128,8 +128,7 @@ class _FeatureCache:
     def __init__(self, budget: int) -> None:
         self.budget = budget
         self.used = 0
-        self._entries: dict[tuple, tuple[tuple[Tensor, ...], int]] = {}
-        self._images: list[object] = []  # image keys in the order their pass 1 kept something
+        self._entries: dict[tuple, tuple[tuple[Tensor, ...], int]] = {}  # in the order pass 1 kept them
         self._lock = threading.Lock()  # CPU workers put from their threads
 
     def put(self, image_key: object, tiles: tuple[int, ...], features: tuple[Tensor, ...]) -> bool:
@@ -139,8 +138,6 @@ class _FeatureCache:
                 return False
             self._entries[(image_key, tiles)] = (features, size)
             self.used += size
-            if image_key not in self._images:
-                self._images.append(image_key)
             return True
 
     def take(self, image_key: object, tiles: tuple[int, ...]) -> tuple[Tensor, ...] | None:
@@ -154,19 +151,16 @@ class _FeatureCache:
     def start_image(self, image_key: object) -> None:
         """Pass 2 of ``image_key`` starts: drop what earlier images kept (never to be taken here)."""
         with self._lock:
-            if image_key not in self._images:
-                return
-            older = self._images[: self._images.index(image_key)]
-            del self._images[: len(older)]
-        for key in older:
-            self.discard(key)
+            images = list(dict.fromkeys(k[0] for k in self._entries))  # in the order pass 1 kept them
+        if image_key in images:
+            for key in images[: images.index(image_key)]:
+                self.discard(key)
 
-    def discard(self, image_key: object) -> None:
+    def discard(self, image_key: object = None) -> None:
+        """Drop what ``image_key`` kept (None: everything)."""
         with self._lock:
-            for k in [k for k in self._entries if k[0] == image_key]:
+            for k in [k for k in self._entries if image_key is None or k[0] == image_key]:
                 self.used -= self._entries.pop(k)[1]
-            if image_key in self._images:
-                self._images.remove(image_key)
 
 
 @dataclass
@@ -420,10 +414,7 @@ class Engine:
     # -- pass 2 ---------------------------------------------------------------------
     def release_features(self, key: object = None) -> None:
         """Drop the features pass 1 kept for image ``key`` (None: for every image)."""
-        if key is None:
-            self._features = _FeatureCache(self._features.budget)
-        else:
-            self._features.discard(key)
+        self._features.discard(key)
 
     def _launch(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile], global_sums: Tensor | None,
                 key: object = None) -> _InFlight:
