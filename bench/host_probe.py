@@ -1,5 +1,6 @@
-"""The writer's host-side pieces on a machine: PNG writing of 4096^2 images on 1-8 threads,
-tobytes, stitching a 4096^2 image from 16 tiles. Ran on the H100 host (BENCHMARKS.md, sixth
+"""The writer's host-side pieces on a machine: PNG writing of 4096^2 images on 1-8 threads
+(images in parallel, and one image at a time in strips on a pool), tobytes, stitching a
+4096^2 image from 16 tiles. Ran on the H100 host (BENCHMARKS.md, sixth
 session; bench/logs/gpu-h100-6-host.txt):
 
     python bench/host_probe.py
@@ -11,18 +12,29 @@ from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import PIL
 from PIL import Image
-from tilerun.images import write_png_atomic, class_map_image
+from tilerun.images import write_png_atomic
 from bench.common import photo
 print("Pillow", PIL.__version__, "numpy", np.__version__, "cpus", os.cpu_count())
 rgb = photo(4096); cls = (rgb[..., 0] // 16).astype(np.uint8)
 d = tempfile.mkdtemp()
-def enc(i):
-    write_png_atomic(Image.fromarray(rgb), Path(d) / f"r{i}.png")
-    write_png_atomic(class_map_image(cls, None), Path(d) / f"c{i}.png")
+def enc(i, pool=None):
+    write_png_atomic(rgb, Path(d) / f"r{i}.png", pool=pool)
+    write_png_atomic(cls, Path(d) / f"c{i}.png", palette=[], pool=pool)
 for n in (1, 2, 4, 8):
     t = time.perf_counter()
     with ThreadPoolExecutor(n) as p: list(p.map(enc, range(8)))
     print(f"{n} threads, 8 images of 4096^2 (RGB + class map): {time.perf_counter() - t:.2f} s")
+for n in (2, 4, 8, 16):
+    t = time.perf_counter()
+    with ThreadPoolExecutor(n) as p:
+        for i in range(8):
+            enc(i, p)
+    print(f"one image at a time, strips on {n} threads, 8 images: {time.perf_counter() - t:.2f} s")
+t = time.perf_counter()
+for i in range(8):
+    Image.fromarray(rgb).save(Path(d) / f"p{i}.png", compress_level=1, compress_type=3)
+    Image.fromarray(cls).save(Path(d) / f"q{i}.png", compress_level=1, compress_type=3)
+print(f"Pillow's encoder, 1 thread, 8 images: {time.perf_counter() - t:.2f} s")
 for n in (1, 4):
     t = time.perf_counter()
     with ThreadPoolExecutor(n) as p: list(p.map(lambda i: bytes(rgb.tobytes()), range(8)))

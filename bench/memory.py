@@ -32,10 +32,9 @@ LIMIT_MB = 1536
 
 
 def child(path: Path, out: Path) -> None:
-    from PIL import Image
 
     from tilerun.engine import Engine, infer_image
-    from tilerun.images import InputItem, class_map_image, load_image, write_png_atomic
+    from tilerun.images import InputItem, load_image, write_png_atomic
     from tilerun.model import load_model
 
     model = load_model()
@@ -47,8 +46,8 @@ def child(path: Path, out: Path) -> None:
     arrays = image.nbytes + mask.nbytes
     classes, rgb = infer_image(engine, image, mask)
     arrays += classes.nbytes + rgb.nbytes
-    write_png_atomic(class_map_image(classes, model.palette), out / "x.pred.png")
-    write_png_atomic(Image.fromarray(rgb), out / "x.inpainted.png")
+    write_png_atomic(classes, out / "x.pred.png", palette=model.palette)
+    write_png_atomic(rgb, out / "x.inpainted.png")
     print(json.dumps({
         "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "probe_peak_mb": after_probe,

@@ -30,14 +30,16 @@ import tempfile
 import threading
 import warnings
 from collections import defaultdict
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputImageError
+from .png import write_png
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -55,7 +57,6 @@ __all__ = [
     "read_png_text",
     "write_png_atomic",
     "remove_stale_temps",
-    "class_map_image",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
@@ -329,14 +330,6 @@ def load_image(item: InputItem, *, mask_dir: str | os.PathLike | None = None) ->
 # -- writing -----------------------------------------------------------------------------
 
 
-def class_map_image(classes: np.ndarray, palette: list[tuple[int, int, int]] | None) -> Image.Image:
-    """An 8-bit palette image: the pixel value is the class index, the palette colours the classes."""
-    im = Image.frombuffer("P", (classes.shape[1], classes.shape[0]), np.ascontiguousarray(classes).tobytes(), "raw", "P", 0, 1)
-    flat = [c for rgb in (palette or []) for c in rgb]
-    im.putpalette(flat + [0] * (768 - len(flat)))
-    return im
-
-
 def read_png_text(path: str | os.PathLike, key: str) -> str | None:
     """A text chunk of a PNG written by `write_png_atomic`, reading the header only; None if absent or unreadable."""
     try:
@@ -370,19 +363,22 @@ def _remove_in_flight_temps() -> None:
 
 
 def write_png_atomic(
-    im: Image.Image, path: str | os.PathLike, *, compress_level: int = 1, text: dict[str, str] | None = None
+    pixels: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    palette: list[tuple[int, int, int]] | None = None,
+    text: dict[str, str] | None = None,
+    compress_level: int = 1,
+    pool: Executor | None = None,
 ) -> None:
-    """Write to a hidden temporary file in the same folder, fsync, then rename: never a half-written output.
+    """Write ``pixels`` as a PNG (`png.write_png`: greyscale, palette indices or RGB) to a
+    hidden temporary file in the same folder, fsync, then rename: never a half-written output.
 
-    ``text`` goes into tEXt chunks before the image data (`read_png_text` reads them back).
+    ``text`` goes into tEXt chunks before the image data (`read_png_text` reads them back);
+    ``pool`` compresses strips of the image on its threads.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = None
-    if text:
-        info = PngImagePlugin.PngInfo()
-        for k, v in text.items():
-            info.add_text(k, v)
     with _IN_FLIGHT_LOCK:
         if _EXITING:
             raise RuntimeError(f"not writing {path}: the interpreter is exiting")
@@ -390,9 +386,7 @@ def write_png_atomic(
         _IN_FLIGHT.add(tmp)
     try:
         with os.fdopen(fd, "wb") as f:
-            # zlib's run-length strategy (Z_RLE = 3): on this project's outputs 14% fewer bytes
-            # than the default strategy (up to 40% on class maps) and ~16% faster to encode.
-            im.save(f, format="PNG", compress_level=compress_level, compress_type=3, pnginfo=info)
+            write_png(f, pixels, palette=palette, text=text, level=compress_level, pool=pool)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode

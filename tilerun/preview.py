@@ -131,7 +131,8 @@ def write_preview(
     """`make_preview`, written atomically to ``path`` (like every output)."""
     path = Path(path)
     # compress_level 6: a preview is written once and looked at often; size beats speed here.
-    write_png_atomic(make_preview(image, mask, classes, rgb, palette, max_side=max_side), path, compress_level=6)
+    sheet = make_preview(image, mask, classes, rgb, palette, max_side=max_side)
+    write_png_atomic(np.asarray(sheet.convert("RGB")), path, compress_level=6)
     return path
 
 

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .engine import Engine
-from .images import InputItem, class_map_image, write_png_atomic
+from .images import InputItem, write_png_atomic
 
 __all__ = ["FileResult", "JobSummary", "run_job", "write_outputs"]
 
@@ -50,18 +49,22 @@ class JobSummary:
 
 
 def write_outputs(
-    paths: dict[str, Path], classes: np.ndarray | None, rgb: np.ndarray | None, palette, *, text_for=None
+    paths: dict[str, Path], classes: np.ndarray | None, rgb: np.ndarray | None, palette, *, text_for=None, pool=None
 ) -> list[str]:
     """Write the outputs there are, atomically. ``text_for(kinds)``: PNG text chunks for them
-    (`resume.OutputPlan.png_text`: the resume stamp), the same in every output of one input."""
+    (`resume.OutputPlan.png_text`: the resume stamp), the same in every output of one input.
+    ``pool``: threads that compress strips of each image (`png.write_png`).
+
+    The class map is a palette image: the pixel is the class index, the palette colours it
+    (no palette: every entry black; the indices are the data)."""
     kinds = [k for k, a in (("pred", classes), ("inpainted", rgb)) if a is not None]
     text = text_for(kinds) if text_for else None
     written = []
     if classes is not None:
-        write_png_atomic(class_map_image(classes, palette), paths["pred"], text=text)
+        write_png_atomic(classes, paths["pred"], palette=list(palette or []), text=text, pool=pool)
         written.append(str(paths["pred"]))
     if rgb is not None:
-        write_png_atomic(Image.fromarray(rgb), paths["inpainted"], text=text)
+        write_png_atomic(rgb, paths["inpainted"], text=text, pool=pool)
         written.append(str(paths["inpainted"]))
     return written
 

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -333,23 +333,26 @@ class _Writer(threading.Thread):
             return FileResult(p.key, "failed", size=(p.width, p.height), tiles=len(p.tiles), error=error)
         return classes, rgb, compute_s + time.perf_counter() - t0
 
-    def _write(self, p: ImagePlan, classes: np.ndarray | None, rgb: np.ndarray | None, seconds: float) -> FileResult:
-        """Encode and write one image's outputs (in an encoder thread)."""
+    def _write(self, p: ImagePlan, classes: np.ndarray | None, rgb: np.ndarray | None, seconds: float,
+               strips: Executor | None) -> FileResult:
+        """Encode and write one image's outputs (in an encoder thread; ``strips`` compress its parts)."""
         t0 = time.perf_counter()
         try:
             if self.outputs is not None:
-                outputs = write_outputs(self.outputs.outputs(p.item), classes, rgb, self.palette,
+                outputs = write_outputs(self.outputs.outputs(p.item), classes, rgb, self.palette, pool=strips,
                                         text_for=lambda kinds: self.outputs.png_text(p.item, kinds))
             else:
-                outputs = write_outputs(output_paths(p.item, self.out_dir), classes, rgb, self.palette)
+                outputs = write_outputs(output_paths(p.item, self.out_dir), classes, rgb, self.palette, pool=strips)
         except OSError as e:
             log.error("%s: cannot write output: %s", p.item.path, e)
             return FileResult(p.key, "failed", size=(p.width, p.height), tiles=len(p.tiles), error=f"cannot write output: {e}")
         return FileResult(p.key, "ok", outputs, (p.width, p.height), len(p.tiles), seconds + time.perf_counter() - t0)
 
     def run(self) -> None:
-        # PNG encoding is the writer's heaviest part (zlib, ~0.3 s a 2048^2 RGB image on this
-        # project's CPU), and zlib lets go of the GIL: `encoders` images at once. The images
+        # PNG encoding is the writer's heaviest part (zlib, ~0.15 s a 2048^2 RGB image on this
+        # project's CPU), and zlib lets go of the GIL: `encoders` images at once, and with more
+        # than one encoder the strips of each image on as many threads again, so that the last
+        # image of a job is not left to one thread after the card is done. The images
         # waiting for an encoder are bounded by ENCODE_PIXELS, so a lone huge image still
         # goes through, one at a time.
         pending: deque[tuple[ImagePlan, Future | FileResult]] = deque()
@@ -364,6 +367,7 @@ class _Writer(threading.Thread):
                 self.on_tiles(0, 1)
             self.results.append(result)
 
+        strips = ThreadPoolExecutor(self.encoders, thread_name_prefix="tilerun-zlib") if self.encoders > 1 else None
         try:
             store = self.ctx.store_client()
             with ThreadPoolExecutor(self.encoders, thread_name_prefix="tilerun-png") as pool:
@@ -371,13 +375,16 @@ class _Writer(threading.Thread):
                     while pending and (len(pending) >= self.encoders or pixels + p.height * p.width > ENCODE_PIXELS):
                         finish()
                     got = self._gather(store, p)
-                    job = got if isinstance(got, FileResult) else pool.submit(self._write, p, *got)
+                    job = got if isinstance(got, FileResult) else pool.submit(self._write, p, *got, strips)
                     pending.append((p, job))
                     pixels += p.height * p.width
                 while pending:
                     finish()
         except BaseException as e:
             self.error = e
+        finally:
+            if strips is not None:
+                strips.shutdown(wait=False, cancel_futures=True)
 
 
 def _compute(engine: Engine, plan: ImagePlan, task: Task, image, mask, sums, job: object) -> tuple[dict, list[np.ndarray], int]:
