@@ -36,7 +36,7 @@ if ls .whl/monai-*.whl >/dev/null 2>&1; then
 fi
 
 step 30 env sh -c "nvidia-smi -L; $PY -c 'import torch, os; print(torch.__version__, torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0), os.cpu_count(), \"cpus\")'"
-step 120 tests $PY -m pytest -q -p no:cacheprovider tests/test_exact.py tests/test_pipeline.py
+step 120 tests $PY -m pytest -q -p no:cacheprovider tests/test_exact.py tests/test_pipeline.py tests/test_png.py
 step 60 inspect $PY -m tilerun inspect --device "$DEV"
 # The CLI on the card, fp32 and bf16; then under torchrun with NCCL (one GPU: one rank);
 # then the same folder on the CPU, to compare the class maps and inpaintings file by file.
@@ -73,6 +73,7 @@ step 150 whole-bf16-big $PY bench/engine_vs_whole.py --device "$DEV" --precision
 # A folder big enough to outweigh a fresh process's CUDA/cuDNN warm-up (2 photos of 2048^2
 # held 0.24 s of warm H100 work: BENCHMARKS.md, "Results on a GPU").
 step 240 end-to-end $PY bench/end_to_end.py --device "$DEV" --repeats 2 --big "${E2E_BIG:-12}" --size "$BIG" --patch "ENCODERS_GPU = 8; ENCODE_PIXELS = 2**28" --timeline
+step 120 host $PY bench/host_probe.py
 step 150 tile-sweep $PY bench/tile_sweep.py --device "$DEV" --size "$BIG" --tiles "${TILES:-512,1024,2048}" --batches "${BATCHES:-1,2,4,8}" --repeats 2
 step 90 flops-fp32 $PY bench/flops.py --device "$DEV" --precision fp32 --size "$BIG" --repeats 3
 step 90 flops-bf16 $PY bench/flops.py --device "$DEV" --precision bf16 --size "$BIG" --repeats 3
