@@ -92,7 +92,7 @@ class RankStats:
     tasks: int = 0
     compute_s: float = 0.0
     wait_s: float = 0.0  # main thread waiting for the loader (decode, claims, global sums)
-    decode_s: float = 0.0  # reading and decoding images (in the loader's decoder threads)
+    decode_s: float = 0.0  # the loader reading and decoding images (behind compute)
     bytes_sent: int = 0
 
 
@@ -206,20 +206,6 @@ def encoder_count(device: torch.device) -> int:
     return 1 if device.type == "cpu" else max(1, min(ENCODERS_GPU, os.cpu_count() or 1))
 
 
-#: On a GPU host, images decoded ahead of the one the loader needs, in their own threads:
-#: a 4096^2 JPEG took ~0.24 s to load on one core, as long as the H100 took to compute it.
-DECODE_AHEAD_GPU = 2
-#: Pixels that the images after the current one may hold while decoded ahead (4 bytes a pixel
-#: with the mask: 64 MP ~ 256 MB); an image larger than that is decoded when it is needed, as on CPU.
-DECODE_AHEAD_PIXELS = 64 * 2**20
-
-
-def decode_ahead(device: torch.device) -> int:
-    """Images the loader decodes ahead. CPU: none, the engine's workers use every core and
-    decoding is a small part of a CPU job; GPU: `DECODE_AHEAD_GPU`."""
-    return 0 if device.type == "cpu" else max(0, min(DECODE_AHEAD_GPU, (os.cpu_count() or 1) - 2))
-
-
 class _Loader(threading.Thread):
     """Claims tasks and prepares their inputs ahead of compute (bounded queue)."""
 
@@ -227,52 +213,29 @@ class _Loader(threading.Thread):
         super().__init__(daemon=True, name="tilerun-loader")
         self.ctx, self.engine, self.plans, self.tasks, self.mask_dir = ctx, engine, plans, tasks, mask_dir
         self.q: queue.Queue = queue.Queue(maxsize=depth)
-        self.images: OrderedDict[int, Future] = OrderedDict()
+        self.images: OrderedDict[int, tuple | InputImageError] = OrderedDict()
         self.sums: OrderedDict[int, torch.Tensor | str] = OrderedDict()
         self.stop = threading.Event()
-        self.ahead = decode_ahead(getattr(engine, "device", torch.device("cpu")))  # beyond the next image
-        self.decode_s = 0.0
-        self._decode_lock = threading.Lock()  # decode_s is added to from the decoder threads
-        self._decoders = ThreadPoolExecutor(max(1, self.ahead), thread_name_prefix="tilerun-decode")
-        # Images in task order, each once: what "ahead" means for this process's claims.
-        self._order = list(dict.fromkeys(t.image for t in tasks))
-        self._position = {image: k for k, image in enumerate(self._order)}
-
-    def _decode(self, i: int):
-        t0 = time.perf_counter()
-        p = self.plans[i]
-        try:
-            image, mask = load_image(p.item, mask_dir=self.mask_dir)
-            if mask.shape != (p.height, p.width):
-                raise InputImageError(f"decoded size {mask.shape} differs from its header {(p.height, p.width)}")
-            return image, mask
-        except InputImageError as e:
-            return e
-        except Exception as e:  # the per-file boundary: one bad file costs that file, not the job
-            log.debug("%s: unexpected error while reading", p.item.path, exc_info=True)
-            return InputImageError(f"{type(e).__name__}: {e}")
-        finally:
-            with self._decode_lock:
-                self.decode_s += time.perf_counter() - t0
+        self.decode_s = 0.0  # reading and decoding images
 
     def _image(self, i: int):
         if i not in self.images:
-            self.images[i] = self._decoders.submit(self._decode, i)
-        # This image and the next are kept (pass 1 of i+1 interleaves with pass 2 of i); on a
-        # GPU host up to `ahead` more are decoded meanwhile, within DECODE_AHEAD_PIXELS.
-        pos = self._position[i]
-        pixels = 0
-        for j in self._order[pos + 1 : pos + 2 + self.ahead] if self.ahead else ():
-            pixels += self.plans[j].height * self.plans[j].width
-            if pixels > DECODE_AHEAD_PIXELS:
-                break
-            if j not in self.images:
-                self.images[j] = self._decoders.submit(self._decode, j)
-        # Claims only go forward in task order (at most one image back: pass 2 of i after pass 1
-        # of i+1), so what lies further behind is done here.
-        for j in [j for j in self.images if self._position[j] < pos - 1]:
-            del self.images[j]
-        return self.images[i].result()
+            p = self.plans[i]
+            t0 = time.perf_counter()
+            try:
+                image, mask = load_image(p.item, mask_dir=self.mask_dir)
+                if mask.shape != (p.height, p.width):
+                    raise InputImageError(f"decoded size {mask.shape} differs from its header {(p.height, p.width)}")
+                self.images[i] = (image, mask)
+            except InputImageError as e:
+                self.images[i] = e
+            except Exception as e:  # the per-file boundary: one bad file costs that file, not the job
+                log.debug("%s: unexpected error while reading", p.item.path, exc_info=True)
+                self.images[i] = InputImageError(f"{type(e).__name__}: {e}")
+            self.decode_s += time.perf_counter() - t0
+            while len(self.images) > 2:  # this image and the next: pass 1 of i+1 interleaves with pass 2 of i
+                self.images.popitem(last=False)
+        return self.images[i]
 
     def _global_sums(self, store, i: int):
         """The whole image's sums from every pass-1 chunk, added in tile order; or the error text."""
@@ -310,8 +273,6 @@ class _Loader(threading.Thread):
         except BaseException as e:  # surfaced in the main thread, which owns the process's fate
             self.q.put(e)
             return
-        finally:
-            self._decoders.shutdown(wait=False, cancel_futures=True)
         self.q.put(_DONE)
 
 
