@@ -11,7 +11,9 @@ hole masks. Interleaved, best of ``repeats``:
   writes; not Python start-up, model load or the one-off receptive-field probe, which
   the process wall time below includes);
 * ``compute``: the same images already decoded in memory, `infer_image` on each with the
-  same engine settings, nothing read or written.
+  same engine settings, nothing read or written. Its first run is a cold engine (on a GPU:
+  first kernels and allocations, ~0.5-0.9 s on an H100, bench/first_image.py), as the CLI's
+  fresh process is; the ratio to that run is printed too.
 
 RATIO = compute / cli job time: 1.0 would mean I/O costs nothing.
 
@@ -107,6 +109,10 @@ def main() -> None:
         print(f"compute alone: {fmt_times(compute)}")
         print(f"RATIO compute alone / cli job = {min(compute) / min(cli_job):.3f}  (target >= 0.9)")
         print(f"      compute alone / cli process wall = {min(compute) / min(cli_wall):.3f}")
+        # The CLI is a fresh process: its job includes the device's warm-up (first kernels,
+        # allocations), which best-of-N compute alone has behind it. Compute alone's first run
+        # is the same engine cold.
+        print(f"      compute alone's first run (cold engine, {compute[0]:.2f} s) / cli job = {compute[0] / min(cli_job):.3f}")
         if a.profile:
             prof = subprocess.run([sys.executable, "-m", "cProfile", "-s", "tottime", "-m", "tilerun", *args],
                                   check=True, capture_output=True, text=True).stdout

@@ -198,6 +198,13 @@ ENCODERS_GPU = 4
 #: 64 MP ~ 256 MB). One image larger than that is written alone.
 ENCODE_PIXELS = 64 * 2**20
 
+#: Python's thread switch interval during a job (seconds). The loader and writer run Python
+#: between their C calls, and while one holds the GIL the compute workers' next torch op (a
+#: window is ~1000 of them) waits for it, up to the switch interval: 5 ms by default.
+#: Measured, the CLI job over bench/end_to_end.py's folder on CPU: 18.2 / 19.0 s at 0.5 ms
+#: vs 20.5 / 22.2 s at 5 ms (compute alone: no change).
+SWITCH_INTERVAL = 0.0005
+
 
 def encoder_count(device: torch.device) -> int:
     """PNG encoder threads of rank 0's writer. CPU: the engine's workers already use every
@@ -425,12 +432,8 @@ def run_distributed(
     if writer:
         writer.start()
     loader.start()
-    # The loader and writer run Python between their C calls, and while one holds the GIL
-    # the compute workers' next torch op (a window is ~1000 of them) waits for it, up to the
-    # switch interval: 5 ms by default. Measured, the CLI job over bench/end_to_end.py's
-    # folder: 18.2 / 19.0 s at 0.5 ms vs 20.5 / 22.2 s at 5 ms (compute alone: no change).
     switch = sys.getswitchinterval()
-    sys.setswitchinterval(min(switch, 0.0005))
+    sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
     job = object()
     try:
         while True:
