@@ -1,7 +1,7 @@
 """The writer's host-side pieces on a machine: PNG writing of 4096^2 images on 1-8 threads
 (images in parallel, and one image at a time in strips on a pool), tobytes, stitching a
-4096^2 image from 16 tiles. Ran on the H100 host (BENCHMARKS.md, sixth
-session; bench/logs/gpu-h100-6-host.txt):
+4096^2 image from 16 tiles; file sizes of our PNG encoder vs Pillow's. Ran on the H100 host
+(BENCHMARKS.md, sixth and seventh sessions; bench/logs/gpu-h100-6-host.txt, gpu-h100-8.txt):
 
     python bench/host_probe.py
 """
@@ -46,3 +46,12 @@ for _ in range(4):
         for x in range(0, 4096, 1024):
             out[y:y+1024, x:x+1024] = rgb[y:y+1024, x:x+1024]
 print(f"stitch 4096^2 RGB from 16 tiles into fresh zeros: {(time.perf_counter() - t) / 4:.3f} s")
+# What the encoder's one filter costs in bytes: ours vs Pillow's (five filters tried a row).
+photos = [("4096^2 photo (upscaled)", rgb), ("4096^2 class map (16 classes)", cls)]
+photos += [(p.name, np.asarray(Image.open(p).convert("RGB"))) for p in sorted((Path(__file__).resolve().parent.parent / "sample_images").iterdir())
+           if p.suffix in (".jpg", ".png") and ".mask." not in p.name]
+for name, a in photos:
+    write_png_atomic(a, Path(d) / "ours.png")
+    Image.fromarray(a).save(Path(d) / "pillow.png", compress_level=1, compress_type=3)
+    ours, theirs = (Path(d) / "ours.png").stat().st_size, (Path(d) / "pillow.png").stat().st_size
+    print(f"file size {name}: ours {ours / 1e6:.2f} MB, Pillow {theirs / 1e6:.2f} MB ({ours / theirs - 1:+.0%})")

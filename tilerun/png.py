@@ -1,14 +1,14 @@
 """A PNG encoder for tilerun's outputs: numpy filters, the standard library's zlib, in strips.
 
 Pillow's encoder tries all five PNG filters on every row and compresses the whole image in
-one zlib stream on one thread: 1.4 s for a 4096^2 RGB output on this project's CPU, and on
-a GPU host the encoders, not the card, set the pace (BENCHMARKS.md, GPU). Here every row
+one zlib stream on one thread: 1.1-1.4 s for a 4096^2 RGB output on this project's CPU, and
+on a GPU host the encoders, not the card, set the pace (BENCHMARKS.md, sixth session). Here every row
 gets the "up" filter (one numpy subtraction: a photo's rows resemble the row above), and
 the image is compressed in strips that threads compress at once (zlib lets go of the
 GIL). Each strip but the last ends in a full flush, on a byte boundary with no history,
 so the strips' raw deflate streams concatenate into one valid stream, as pigz does; the
-adler32 checksums combine by arithmetic. One thread: 0.4 s for that image, 14% larger
-files than Pillow's; see BENCHMARKS.md for the figures and the command.
+adler32 checksums combine by arithmetic. One thread: 0.3-0.6 s for that image; files 0-9%
+larger than Pillow's on photos (BENCHMARKS.md, seventh session; bench/host_probe.py).
 
 Lossless like any PNG: every decoder reads back the exact pixels (tests).
 """
@@ -55,8 +55,8 @@ def _strip(rows: np.ndarray, above: np.ndarray | None, level: int, last: bool) -
         filtered[0, 1:] = rows[0]
     else:
         np.subtract(rows[0], above, out=filtered[0, 1:])
-    # zlib's run-length strategy: on this project's outputs fewer bytes and faster than the
-    # default strategy (BENCHMARKS.md, "PNG encoding").
+    # zlib's run-length strategy: fewer bytes and faster than the default strategy (a 4096^2
+    # photo filtered "up": 6.29 vs 7.51 MB, 0.35 vs 0.45 s on this project's CPU).
     z = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_RLE)
     data = z.compress(filtered) + z.flush(zlib.Z_FINISH if last else zlib.Z_FULL_FLUSH)
     return data, zlib.adler32(filtered), filtered.size

@@ -356,7 +356,7 @@ class _Writer(threading.Thread):
         return FileResult(p.key, "ok", outputs, (p.width, p.height), len(p.tiles), seconds + time.perf_counter() - t0)
 
     def run(self) -> None:
-        # PNG encoding is the writer's heaviest part (zlib, ~0.15 s a 2048^2 RGB image on this
+        # PNG encoding is the writer's heaviest part (zlib, ~0.2 s a 2048^2 RGB image on this
         # project's CPU), and zlib lets go of the GIL: `encoders` images at once, and with more
         # than one encoder the strips of each image on as many threads again, so that the last
         # image of a job is not left to one thread after the card is done. The images
