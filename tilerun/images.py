@@ -40,6 +40,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputImageError
 from .png import write_png
+from .tiff import TIFF_EXTENSIONS, NotForTifffile, read_tiff, tiff_size
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -59,7 +60,7 @@ __all__ = [
     "remove_stale_temps",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", *TIFF_EXTENSIONS, ".bmp", ".webp")
 MASK_SUFFIX = ".mask.png"
 # Output kinds and the suffix each adds to a name; "preview" is reserved for the
 # colour preview some commands write, so that it too is never read back as input.
@@ -265,12 +266,24 @@ def _decode(path: Path, convert, *, load: bool = True):
 
 def _displayed_size(im: Image.Image) -> tuple[int, int]:
     w, h = im.size
+    if im.format == "TIFF":
+        # Pillow's TIFF plugin reports the displayed size already and turns the pixels on load.
+        return h, w
     # EXIF orientations 5-8 swap the axes (ImageOps.exif_transpose's table).
     return (w, h) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (h, w)
 
 
+def _tifffile_reads(path: Path) -> bool:
+    return path.suffix.lower() in TIFF_EXTENSIONS and _describe_unreadable(path) is None
+
+
 def image_size(item: InputItem) -> tuple[int, int]:
     """(height, width) of an input as `load_image` will return it (EXIF orientation applied), from its header."""
+    if _tifffile_reads(item.path):
+        try:
+            return tiff_size(item.path)
+        except NotForTifffile:
+            pass
     return _decode(item.path, _displayed_size, load=False)
 
 
@@ -319,8 +332,17 @@ def load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 def load_image(item: InputItem, *, mask_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 HxWx3, bool HxW missing) for one input, or InputImageError with the reason."""
-    rgb, mask = _decode(item.path, to_rgb_and_alpha_mask)
+    """(uint8 HxWx3, bool HxW missing) for one input, or InputImageError with the reason.
+
+    TIFFs go through tifffile when it is installed and reads their layout (`tiff.read_tiff`:
+    tile by tile, no copy beside the uint8 array); everything else through Pillow.
+    """
+    try:
+        if not _tifffile_reads(item.path):
+            raise NotForTifffile("not a TIFF")
+        rgb, mask = read_tiff(item.path, max_pixels=Image.MAX_IMAGE_PIXELS)
+    except NotForTifffile:
+        rgb, mask = _decode(item.path, to_rgb_and_alpha_mask)
     side = sidecar_mask_path(item, mask_dir)
     if side is not None:
         mask = mask | load_mask(side, rgb.shape[:2])
