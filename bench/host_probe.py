@@ -1,7 +1,8 @@
 """The writer's host-side pieces on a machine: PNG writing of 4096^2 images on 1-8 threads
 (images in parallel, and one image at a time in strips on a pool), tobytes, stitching a
-4096^2 image from 16 tiles; file sizes of our PNG encoder vs Pillow's. Ran on the H100 host
-(BENCHMARKS.md, sixth and seventh sessions; bench/logs/gpu-h100-6-host.txt, gpu-h100-8.txt):
+4096^2 image from 16 tiles; file sizes of our PNG encoder vs Pillow's; tiled TIFF writing.
+Ran on the H100 host (BENCHMARKS.md, sixth and seventh sessions; bench/logs/gpu-h100-6-host.txt,
+gpu-h100-8.txt; before the TIFF lines existed):
 
     python bench/host_probe.py
 """
@@ -55,3 +56,10 @@ for name, a in photos:
     Image.fromarray(a).save(Path(d) / "pillow.png", compress_level=1, compress_type=3)
     ours, theirs = (Path(d) / "ours.png").stat().st_size, (Path(d) / "pillow.png").stat().st_size
     print(f"file size {name}: ours {ours / 1e6:.2f} MB, Pillow {theirs / 1e6:.2f} MB ({ours / theirs - 1:+.0%})")
+# Tiled TIFF outputs (--format tiff): tifffile compresses 512^2 tiles on `threads`.
+from tilerun.images import write_tiff_atomic
+for n in (1, 2, 4):
+    t = time.perf_counter()
+    write_tiff_atomic(rgb, Path(d) / "t.inpainted.tif", threads=n)
+    print(f"tiled TIFF, 4096^2 photo, {n} threads: {time.perf_counter() - t:.2f} s, "
+          f"{(Path(d) / 't.inpainted.tif').stat().st_size / 1e6:.2f} MB")

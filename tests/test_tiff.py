@@ -147,3 +147,54 @@ def test_the_cli_writes_for_a_tiled_tiff_what_it_writes_for_the_same_png(tmp_pat
         a, b = (np.asarray(Image.open(tmp_path / f"out-{k}" / name)) for k in ("tif", "png"))
         np.testing.assert_array_equal(a, b)
 
+
+
+# -- outputs ------------------------------------------------------------------------------------------
+
+
+def test_format_tiff_writes_the_same_pixels_and_palette_as_png_and_resumes(tmp_path, run_cli):
+    root = tmp_path / "in"
+    root.mkdir()
+    for i, (h, w) in enumerate([(150, 130), (64, 77)]):
+        data = _pixels((h, w, 3), np.uint8, seed=i)
+        Image.fromarray(data).save(root / f"x{i}.png")
+        Image.fromarray(((np.arange(h * w).reshape(h, w) % 7 == 0) * 255).astype(np.uint8)).save(root / f"x{i}.mask.png")
+    assert run_cli(root, tmp_path / "png").exit_code == 0
+    r = run_cli(root, tmp_path / "tif", "--format", "tiff", "--preview")
+    assert r.exit_code == 0, r.output
+    for i in range(2):
+        for kind in ("pred", "inpainted"):
+            with Image.open(tmp_path / "png" / f"x{i}.{kind}.png") as p, Image.open(tmp_path / "tif" / f"x{i}.{kind}.tif") as t:
+                assert t.mode == p.mode  # P for the class map, RGB for the inpainting
+                np.testing.assert_array_equal(np.asarray(t), np.asarray(p))
+                if kind == "pred":
+                    assert t.getpalette()[:48] == p.getpalette()[:48]
+            with tifffile.TiffFile(tmp_path / "tif" / f"x{i}.{kind}.tif") as tif:
+                assert tif.pages.first.is_tiled
+        assert (tmp_path / "tif" / f"x{i}.preview.png").exists()
+    # Resumed from the stamps in the TIFFs; and never read back as inputs.
+    again = run_cli(root, tmp_path / "tif", "--format", "tiff")
+    assert again.exit_code == 0 and "2 skipped" in again.output, again.output
+    from tilerun.images import find_inputs
+
+    assert find_inputs(tmp_path / "tif") == []
+
+
+def test_write_tiff_atomic_round_trip_with_text(tmp_path):
+    from tilerun.images import read_output_text, write_tiff_atomic
+
+    classes = _pixels((600, 530), np.uint8) % 3  # past one 512 tile both ways
+    write_tiff_atomic(classes, tmp_path / "c.pred.tif", palette=[(255, 0, 0), (0, 255, 0), (0, 0, 255)],
+                      text={"tilerun": '{"digest": "x"}'}, threads=2)
+    with Image.open(tmp_path / "c.pred.tif") as im:
+        np.testing.assert_array_equal(np.asarray(im), classes)
+        np.testing.assert_array_equal(np.asarray(im.convert("RGB"))[0, 0], [[255, 0, 0], [0, 255, 0], [0, 0, 255]][classes[0, 0]])
+    assert read_output_text(tmp_path / "c.pred.tif", "tilerun") == '{"digest": "x"}'
+    assert read_output_text(tmp_path / "c.pred.tif", "other") is None
+
+
+def test_format_tiff_without_tifffile_is_a_usage_error(tmp_path, run_cli, monkeypatch):
+    Image.fromarray(_pixels((20, 20, 3), np.uint8)).save(tmp_path / "a.png")
+    monkeypatch.setattr(tilerun.tiff, "tifffile", None)
+    r = run_cli(tmp_path / "a.png", tmp_path / "out", "--format", "tiff")
+    assert r.exit_code == 2 and "pip install tilerun[tiff]" in r.output

@@ -72,17 +72,19 @@ def main() -> None:
 @click.option("--mask-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of sidecar masks NAME.mask.png at the inputs' relative paths (nonzero = missing).")
 @o.max_pixels_opt
+@o.format_opt
 @o.overwrite_opt
 @click.option("--preview", is_flag=True, help="Also write NAME.preview.png: input with holes | class map | "
               "inpainted, with a legend (at most 1024 px a side).")
 @o.verbose_opt
 @o.quiet_opt
 def run(input_path, output, model_path, tile, halo, batch_size, precision, feature_cache_mib, device, backend,
-        mask_dir, max_pixels, overwrite, preview, verbose, quiet):
+        mask_dir, max_pixels, fmt, overwrite, preview, verbose, quiet):
     """Run the model over INPUT (an image or a folder, recursive) into the folder OUTPUT.
 
     For a/b/NAME.ext writes OUTPUT/a/b/NAME.pred.png (class map, palette PNG) and
-    OUTPUT/a/b/NAME.inpainted.png. Missing pixels: alpha = 0, or a sidecar NAME.mask.png.
+    OUTPUT/a/b/NAME.inpainted.png (with --format tiff: .tif). Missing pixels: alpha = 0, or a
+    sidecar NAME.mask.png.
     """
     _setup_logging(verbose, quiet)
     import torch
@@ -92,6 +94,11 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, featu
 
     if backend == "nccl" and not torch.cuda.is_available():
         raise click.UsageError("--backend nccl needs CUDA; use --backend gloo (or auto) on CPU")
+    if fmt == "tiff":
+        from . import tiff
+
+        if tiff.tifffile is None:
+            raise click.UsageError("--format tiff needs tifffile: pip install tilerun[tiff] (or use --format png)")
     if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
         logging.getLogger("tilerun").setLevel(logging.ERROR)  # other ranks print nothing but errors
     from .images import set_max_pixels
@@ -104,7 +111,8 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, featu
             with session(backend=backend, device=device) as ctx:
                 summary = _run(ctx, input_path, output, model_path=model_path, tile=tile, halo=halo,
                                batch_size=batch_size, precision=precision, feature_cache_mib=feature_cache_mib,
-                               mask_dir=mask_dir, overwrite=overwrite, preview=preview, verbose=verbose, quiet=quiet)
+                               mask_dir=mask_dir, overwrite=overwrite, preview=preview, verbose=verbose, quiet=quiet,
+                               fmt=fmt)
         except DistributedError as e:
             raise click.ClickException(str(e)) from e
     if summary is None:  # not rank 0: rank 0 reports for the job
@@ -115,7 +123,7 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, featu
 
 
 def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_dir, precision="fp32",
-         feature_cache_mib=None, overwrite=False, preview=False, verbose=0, quiet=False):
+         feature_cache_mib=None, overwrite=False, preview=False, verbose=0, quiet=False, fmt="png"):
     from .engine import Engine
     from .images import find_inputs
     from .model import load_model
@@ -149,7 +157,7 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
     # One bar (or log lines) on rank 0 over every process's tiles; other ranks show nothing.
     with Progress(enabled=ctx.rank == 0, quiet=quiet, verbose=verbose) as progress:
         summary = run_job(ctx, engine, items, output, mask_dir=mask_dir, palette=getattr(model, "palette", None),
-                          overwrite=overwrite, progress=progress)
+                          overwrite=overwrite, progress=progress, fmt=fmt)
     if preview and summary is not None:  # rank 0, after its writer: previews of what is on disk
         from .preview import write_previews
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import glob
+import json
 import os
 import re
 import tempfile
@@ -33,14 +34,14 @@ from collections import defaultdict
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputImageError
 from .png import write_png
-from .tiff import TIFF_EXTENSIONS, NotForTifffile, read_tiff, tiff_size
+from .tiff import TIFF_EXTENSIONS, NotForTifffile, read_tiff, tiff_size, write_tiff
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -55,17 +56,31 @@ __all__ = [
     "sidecar_mask_path",
     "to_rgb_and_alpha_mask",
     "set_max_pixels",
-    "read_png_text",
+    "read_output_text",
+    "OUTPUT_FORMATS",
+    "output_suffixes",
     "write_png_atomic",
+    "write_tiff_atomic",
     "remove_stale_temps",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", *TIFF_EXTENSIONS, ".bmp", ".webp")
 MASK_SUFFIX = ".mask.png"
-# Output kinds and the suffix each adds to a name; "preview" is reserved for the
-# colour preview some commands write, so that it too is never read back as input.
-OUTPUT_KINDS = {"pred": ".pred.png", "inpainted": ".inpainted.png", "preview": ".preview.png"}
-_NOT_INPUT_SUFFIXES = (MASK_SUFFIX, *OUTPUT_KINDS.values())
+#: Output file formats (`run --format`): PNG, or tiled TIFF through tifffile (the tiff extra).
+OUTPUT_FORMATS = ("png", "tiff")
+
+
+def output_suffixes(fmt: str = "png") -> dict[str, str]:
+    """Output kinds and the suffix each adds to a name; "preview" (always PNG) is reserved for
+    the colour preview some commands write, so that it too is never read back as input."""
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"output format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
+    ext = ".tif" if fmt == "tiff" else ".png"
+    return {"pred": ".pred" + ext, "inpainted": ".inpainted" + ext, "preview": ".preview.png"}
+
+
+OUTPUT_KINDS = output_suffixes("png")
+_NOT_INPUT_SUFFIXES = (MASK_SUFFIX, *sorted({s for f in OUTPUT_FORMATS for s in output_suffixes(f).values()}))
 _TEMP_SUFFIX = ".tmp"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -117,7 +132,8 @@ def find_inputs(root: str | os.PathLike, *, exclude: Iterable[str | os.PathLike]
 
 
 def plan_outputs(
-    items: Iterable[InputItem], out_dir: str | os.PathLike, *, kinds: Iterable[str] = ("pred", "inpainted")
+    items: Iterable[InputItem], out_dir: str | os.PathLike, *, kinds: Iterable[str] = ("pred", "inpainted"),
+    fmt: str = "png",
 ) -> dict[str, dict[str, Path]]:
     """Output paths of every input, ``{item.key: {kind: path}}``, with the collision rule applied.
 
@@ -143,15 +159,16 @@ def plan_outputs(
         if taken[k] > 1:
             bases[it.key] = f"{bases[it.key]}.{taken[k] - 1}"
     out = Path(out_dir)
+    suffixes = output_suffixes(fmt)
     return {
-        it.key: {kind: out / it.rel.parent / (bases[it.key] + OUTPUT_KINDS[kind]) for kind in kinds} for it in items
+        it.key: {kind: out / it.rel.parent / (bases[it.key] + suffixes[kind]) for kind in kinds} for it in items
     }
 
 
-def output_paths(item: InputItem, out_dir: str | os.PathLike, stem: str | None = None) -> dict[str, Path]:
+def output_paths(item: InputItem, out_dir: str | os.PathLike, stem: str | None = None, *, fmt: str = "png") -> dict[str, Path]:
     """Output paths of one input considered alone (no collision rule: use `plan_outputs` for a job)."""
     base = Path(out_dir) / item.rel.parent / (stem or item.rel.stem)
-    return {kind: base.with_name(base.name + suffix) for kind, suffix in OUTPUT_KINDS.items()}
+    return {kind: base.with_name(base.name + suffix) for kind, suffix in output_suffixes(fmt).items()}
 
 
 # -- decoding --------------------------------------------------------------------------
@@ -352,13 +369,17 @@ def load_image(item: InputItem, *, mask_dir: str | os.PathLike | None = None) ->
 # -- writing -----------------------------------------------------------------------------
 
 
-def read_png_text(path: str | os.PathLike, key: str) -> str | None:
-    """A text chunk of a PNG written by `write_png_atomic`, reading the header only; None if absent or unreadable."""
+def read_output_text(path: str | os.PathLike, key: str) -> str | None:
+    """A text entry of an output written with ``text`` (`write_png_atomic`, `write_tiff_atomic`),
+    reading the header only; None if absent or unreadable."""
     try:
         with Image.open(path) as im:
-            # Our chunks precede the image data, so `info` has them without decoding pixels.
-            value = im.info.get(key)
-    except (OSError, SyntaxError, ValueError):
+            if im.format == "TIFF":  # our entries: a JSON object in the ImageDescription tag
+                value = json.loads(im.tag_v2.get(270, "{}")).get(key)
+            else:
+                # Our chunks precede the image data, so `info` has them without decoding pixels.
+                value = im.info.get(key)
+    except (OSError, SyntaxError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
 
@@ -393,12 +414,30 @@ def write_png_atomic(
     compress_level: int = 1,
     pool: Executor | None = None,
 ) -> None:
-    """Write ``pixels`` as a PNG (`png.write_png`: greyscale, palette indices or RGB) to a
-    hidden temporary file in the same folder, fsync, then rename: never a half-written output.
-
-    ``text`` goes into tEXt chunks before the image data (`read_png_text` reads them back);
-    ``pool`` compresses strips of the image on its threads.
+    """Write ``pixels`` as a PNG (`png.write_png`: greyscale, palette indices or RGB), atomically
+    (`_write_atomic`). ``text`` goes into tEXt chunks before the image data
+    (`read_output_text` reads them back); ``pool`` compresses strips of the image on its threads.
     """
+    _write_atomic(path, lambda f: write_png(f, pixels, palette=palette, text=text, level=compress_level, pool=pool))
+
+
+def write_tiff_atomic(
+    pixels: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    palette: list[tuple[int, int, int]] | None = None,
+    text: dict[str, str] | None = None,
+    threads: int = 1,
+) -> None:
+    """Write ``pixels`` as a tiled TIFF (`tiff.write_tiff`), atomically (`_write_atomic`).
+    ``text``: a JSON object in the ImageDescription tag (`read_output_text` reads it back)."""
+    _write_atomic(path, lambda f: write_tiff(f, pixels, palette=palette,
+                                             description=json.dumps(text or {}, sort_keys=True), threads=threads))
+
+
+def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """``write(f)`` to a hidden temporary file in the same folder, fsync, then rename: never a
+    half-written output."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _IN_FLIGHT_LOCK:
@@ -407,8 +446,9 @@ def write_png_atomic(
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
         _IN_FLIGHT.add(tmp)
     try:
-        with os.fdopen(fd, "wb") as f:
-            write_png(f, pixels, palette=palette, text=text, level=compress_level, pool=pool)
+        os.close(fd)
+        with open(tmp, "wb") as f:  # by name, not fdopen: tifffile reads ``f.name`` as a path
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode

@@ -87,6 +87,15 @@ max_pixels_opt = click.option(
     help="Refuse images with more pixels than this (decompression-bomb guard). "
     "Default: Pillow's limit (about 89 megapixels); 0 = no limit.",
 )
+format_opt = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["png", "tiff"]),  # images.OUTPUT_FORMATS (not imported: --help stays fast)
+    default="png",
+    show_default=True,
+    help="Output files: png, or tiff (tiled, deflate; NAME.pred.tif, NAME.inpainted.tif) for images too big "
+    "for PNG viewers. tiff needs tifffile (pip install tilerun[tiff]).",
+)
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Redo every input even if its outputs exist.")
 verbose_opt = click.option("-v", "--verbose", count=True, help="More output; -v also shows tracebacks.")
 quiet_opt = click.option("-q", "--quiet", is_flag=True, help="Only errors.")

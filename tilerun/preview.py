@@ -136,10 +136,14 @@ def write_preview(
     return path
 
 
+_PRED = (".pred.png", ".pred.tif")
+_INPAINTED = (".inpainted.png", ".inpainted.tif")
+
+
 def preview_path(output: str | os.PathLike) -> Path:
-    """``a/NAME.pred.png`` or ``a/NAME.inpainted.png`` -> ``a/NAME.preview.png``."""
+    """``a/NAME.pred.png`` or ``a/NAME.inpainted.png`` (or ``.tif``) -> ``a/NAME.preview.png``."""
     p = Path(output)
-    for suffix in (".pred.png", ".inpainted.png"):
+    for suffix in _PRED + _INPAINTED:
         if p.name.endswith(suffix):
             return p.with_name(p.name[: -len(suffix)] + ".preview.png")
     raise ValueError(f"not a tilerun output name: {p.name}")
@@ -159,7 +163,7 @@ def write_previews(files, items, *, mask_dir=None, palette=None, max_side: int =
     by_key = {it.key: it for it in items}
     written = []
     for f in files:
-        outputs = [o for o in f.outputs if o.endswith((".pred.png", ".inpainted.png"))]
+        outputs = [o for o in f.outputs if o.endswith(_PRED + _INPAINTED)]
         if not outputs or f.input not in by_key or f.status not in ("ok", "skipped"):
             continue
         target = preview_path(outputs[0])
@@ -171,12 +175,12 @@ def write_previews(files, items, *, mask_dir=None, palette=None, max_side: int =
             pal = palette
             for out in outputs:
                 with Image.open(out) as im:
-                    if out.endswith(".pred.png"):
+                    if out.endswith(_PRED):
                         classes = np.asarray(im)
                         if pal is None and im.getpalette():
                             flat = im.getpalette()
                             pal = [tuple(flat[i : i + 3]) for i in range(0, 3 * (int(classes.max(initial=0)) + 1), 3)]
-                    elif out.endswith(".inpainted.png"):
+                    elif out.endswith(_INPAINTED):
                         rgb = np.asarray(im.convert("RGB"))
             written.append(write_preview(target, image, mask, classes, rgb, pal, max_side=max_side))
         except (InputImageError, OSError) as e:  # a preview is a convenience: its failure costs only itself

@@ -5,7 +5,8 @@ Two records, each written atomically:
 * ``OUTPUT/tilerun-manifest.json`` — the job's **fingerprint**: the settings that change
   output bytes. It claims the folder: a run with another fingerprint refuses
   (`OutputExistsError`, exit 2) unless ``--overwrite``, which rewrites it first.
-* A ``tilerun`` text chunk in every output PNG — the fingerprint digest, the input's
+* A ``tilerun`` text entry in every output (a PNG text chunk; in a TIFF, a key of the JSON
+  object in its ImageDescription) — the fingerprint digest, the input's
   size and mtime, its sidecar mask's, the input's path, and the list of outputs written
   for that input.
   An input is done when every listed output exists and carries the current digest and
@@ -41,7 +42,7 @@ from typing import Any, Iterable, Mapping
 from .errors import OutputExistsError
 from PIL import Image
 
-from .images import InputItem, plan_outputs, read_png_text, sidecar_mask_path
+from .images import InputItem, plan_outputs, read_output_text, sidecar_mask_path
 
 __all__ = [
     "MANIFEST_NAME",
@@ -222,7 +223,7 @@ class Manifest:
         """The parsed stamps of the outputs at ``paths`` (None if one is unreadable)."""
         stamps = {}
         for kind, path in paths.items():
-            raw = read_png_text(path, STAMP_KEY)
+            raw = read_output_text(path, STAMP_KEY)
             if raw is not None:
                 try:
                     stamps[kind] = json.loads(raw)
@@ -275,8 +276,8 @@ class OutputPlan:
     def outputs(self, item: InputItem) -> dict[str, Path]:
         return self.paths[item.key]
 
-    def png_text(self, item: InputItem, kinds: Iterable[str]) -> dict[str, str]:
-        """The text chunks for ``item``'s outputs (pass to `write_png_atomic`'s ``text``)."""
+    def output_text(self, item: InputItem, kinds: Iterable[str]) -> dict[str, str]:
+        """The text entries for ``item``'s outputs (`runner.write_outputs`'s ``text_for``)."""
         ident = self.identities.get(item.key)
         return {} if ident is None else {STAMP_KEY: self.manifest.stamp(ident, kinds)}
 
@@ -305,15 +306,16 @@ def prepare_outputs(
     overwrite: bool = False,
     mask_dir: str | os.PathLike | None = None,
     claim: bool = True,
+    fmt: str = "png",
 ) -> OutputPlan:
     """Plan outputs, check OUTPUT's fingerprint, and split ``items`` into to-do and already done.
 
     Raises OutputExistsError (exit 2) when OUTPUT was made with other settings and
     ``overwrite`` is false. ``claim``: write the manifest (one process of a job, the
     writer); every process may plan and gets the same answer as long as no output of
-    this job has been written yet.
+    this job has been written yet. ``fmt``: the outputs' file format (`images.OUTPUT_FORMATS`).
     """
-    paths = plan_outputs(items, out_dir)
+    paths = plan_outputs(items, out_dir, fmt=fmt)
     manifest = Manifest.load(out_dir, fp, overwrite=overwrite)
     manifest.check_unclaimed(p for kinds in paths.values() for p in kinds.values())
     todo, done, identities, foreign = [], [], {}, []

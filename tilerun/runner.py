@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine import Engine
-from .images import InputItem, write_png_atomic
+from .images import InputItem, write_png_atomic, write_tiff_atomic
 
 __all__ = ["FileResult", "JobSummary", "run_job", "write_outputs"]
 
@@ -49,23 +49,28 @@ class JobSummary:
 
 
 def write_outputs(
-    paths: dict[str, Path], classes: np.ndarray | None, rgb: np.ndarray | None, palette, *, text_for=None, pool=None
+    paths: dict[str, Path], classes: np.ndarray | None, rgb: np.ndarray | None, palette, *, text_for=None, pool=None,
+    threads: int = 1,
 ) -> list[str]:
-    """Write the outputs there are, atomically. ``text_for(kinds)``: PNG text chunks for them
-    (`resume.OutputPlan.png_text`: the resume stamp), the same in every output of one input.
-    ``pool``: threads that compress strips of each image (`png.write_png`).
+    """Write the outputs there are, atomically, as PNG or tiled TIFF by the paths' suffixes.
+    ``text_for(kinds)``: text entries for them (`resume.OutputPlan.output_text`: the resume
+    stamp), the same in every output of one input. ``pool`` compresses a PNG's strips on its
+    threads; a TIFF's tiles are compressed on ``threads`` of tifffile's own.
 
     The class map is a palette image: the pixel is the class index, the palette colours it
     (no palette: every entry black; the indices are the data)."""
     kinds = [k for k, a in (("pred", classes), ("inpainted", rgb)) if a is not None]
     text = text_for(kinds) if text_for else None
     written = []
-    if classes is not None:
-        write_png_atomic(classes, paths["pred"], palette=list(palette or []), text=text, pool=pool)
-        written.append(str(paths["pred"]))
-    if rgb is not None:
-        write_png_atomic(rgb, paths["inpainted"], text=text, pool=pool)
-        written.append(str(paths["inpainted"]))
+    for kind, pixels, pal in (("pred", classes, list(palette or [])), ("inpainted", rgb, None)):
+        if pixels is None:
+            continue
+        path = paths[kind]
+        if path.suffix == ".tif":
+            write_tiff_atomic(pixels, path, palette=pal, text=text, threads=threads)
+        else:
+            write_png_atomic(pixels, path, palette=pal, text=text, pool=pool)
+        written.append(str(path))
     return written
 
 
@@ -80,11 +85,13 @@ def run_job(
     on_tiles=None,
     overwrite: bool = False,
     progress=None,
+    fmt: str = "png",
 ) -> JobSummary | None:
     """Run ``items`` on this process's share of the job (`tilerun.dist.session` gives ``ctx``).
 
     One process or many, the same path: tiles are claimed from the store and rank 0
-    writes every output. Returns the summary on rank 0, None elsewhere.
+    writes every output, as ``fmt`` (`images.OUTPUT_FORMATS`). Returns the summary on rank
+    0, None elsewhere.
     """
     from .scheduler import plan_images, run_distributed
 
@@ -99,7 +106,7 @@ def run_job(
     todo_keys = None
     if ctx.rank == 0:
         fp = fingerprint(model=engine.model, engine=engine)
-        out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True)
+        out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True, fmt=fmt)
         skipped = [FileResult(it.key, "skipped", **out_plan.done_info(it)) for it in out_plan.done]
         todo_keys = json.dumps([it.key for it in out_plan.todo])
     todo = set(json.loads(ctx.share_from_rank0("todo", todo_keys)))

@@ -347,7 +347,8 @@ class _Writer(threading.Thread):
         try:
             if self.outputs is not None:
                 outputs = write_outputs(self.outputs.outputs(p.item), classes, rgb, self.palette, pool=strips,
-                                        text_for=lambda kinds: self.outputs.png_text(p.item, kinds))
+                                        threads=self.encoders,
+                                        text_for=lambda kinds: self.outputs.output_text(p.item, kinds))
             else:
                 outputs = write_outputs(output_paths(p.item, self.out_dir), classes, rgb, self.palette, pool=strips)
         except OSError as e:

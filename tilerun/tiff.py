@@ -1,4 +1,5 @@
-"""TIFF inputs through tifffile (the ``tiff`` extra), decoded tile by tile into uint8 arrays.
+"""TIFF through tifffile (the ``tiff`` extra): inputs decoded tile by tile into uint8 arrays,
+outputs (`run --format tiff`) written as tiled, deflate-compressed TIFFs.
 
 Pillow holds an RGB image at 4 bytes a pixel and `np.asarray` copies it out: a large
 TIFF costs ~2.3x its uint8 pixels on the way in. tifffile decodes each tile (or strip)
@@ -28,11 +29,13 @@ try:
 except ImportError:  # the optional extra: pip install tilerun[tiff]
     tifffile = None
 
-__all__ = ["TIFF_EXTENSIONS", "NotForTifffile", "tiff_size", "read_tiff"]
+__all__ = ["TIFF_EXTENSIONS", "NotForTifffile", "tiff_size", "read_tiff", "write_tiff", "TILE"]
 
 TIFF_EXTENSIONS = (".tif", ".tiff")
 #: Threads decoding one file's tiles (zlib lets go of the GIL).
 DECODE_THREADS = min(4, os.cpu_count() or 1)
+#: Tile side of the TIFFs tilerun writes: viewers and GIS tools read a region by its tiles.
+TILE = 512
 
 
 class NotForTifffile(Exception):
@@ -118,3 +121,39 @@ def read_tiff(path: Path, *, max_pixels: int | None) -> tuple[np.ndarray, np.nda
             # A truncated or corrupt file; left to Pillow, it would fail the same way.
             raise InputImageError(f"cannot decode: {e}") from e
         return rgb, missing
+
+
+def write_tiff(
+    f,
+    pixels: np.ndarray,
+    *,
+    palette: list[tuple[int, int, int]] | None = None,
+    description: str = "",
+    threads: int = 1,
+) -> None:
+    """Write ``pixels`` to the binary file ``f`` as a tiled TIFF (`TILE`^2 tiles, deflate level
+    1, the horizontal predictor): (h, w) uint8 as greyscale, or as palette indices when
+    ``palette`` is given; (h, w, 3) uint8 as RGB. ``threads`` compress tiles at once; tifffile
+    writes them in order, one tile's bytes at a time. BigTIFF past 4 GB.
+    """
+    if tifffile is None:
+        raise RuntimeError("TIFF outputs need tifffile: pip install tilerun[tiff] (or run with --format png)")
+    if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
+        raise ValueError(f"write_tiff takes uint8 (h, w) or (h, w, 3) pixels, got {pixels.dtype} {pixels.shape}")
+    kwargs = {}
+    if pixels.ndim == 3:
+        kwargs["photometric"] = "rgb"
+    elif palette is not None:
+        if len(palette) > 256:
+            raise ValueError(f"a TIFF palette holds at most 256 colours, got {len(palette)}")
+        colormap = np.zeros((3, 256), np.uint16)
+        if palette:
+            colormap[:, : len(palette)] = np.asarray(palette, np.uint16).T * 257  # 8 -> 16 bits
+        kwargs.update(photometric="palette", colormap=colormap)
+    else:
+        kwargs["photometric"] = "minisblack"
+    tifffile.imwrite(
+        f, pixels, tile=(TILE, TILE), compression="zlib", compressionargs={"level": 1}, predictor=pixels.ndim == 3,
+        description=description, metadata=None, bigtiff=pixels.nbytes > 2**32 - 2**25, maxworkers=threads,
+        **kwargs,
+    )
