@@ -1,6 +1,6 @@
 """Benchmark 4: peak RSS of one process for 1024^2, 4096^2 and 8192^2 photos.
 
-    python bench/memory.py [--sizes 1024,4096,8192] [--cli-sizes 1024,8192]
+    python bench/memory.py [--sizes 1024,4096,8192] [--cli-sizes 1024,8192] [--tiff]
 
 Each measurement is a fresh subprocess reading its own peak (ru_maxrss):
 
@@ -9,6 +9,10 @@ Each measurement is a fresh subprocess reading its own peak (ru_maxrss):
   PNGs; also the peak from inference on, with the probe's peak excluded (Linux
   /proc/self/clear_refs), and the uint8 arrays that must scale with the image;
 * ``cli``: ``python -m tilerun run PHOTO OUT`` (ru_maxrss of the child).
+
+``--tiff``: the CLI's photo is a tiled TIFF (read by tifffile) and its outputs are tiled
+TIFFs (``--format tiff``), with ``--max-pixels 0``: for photos past Pillow's comfortable
+range, e.g. ``--sizes "" --cli-sizes 16384 --tiff``.
 
 Limit: 1.5 GB for the 8192^2 photo (issue 5). Pillow's decompression-bomb limit
 (89.5 MP by default) is above 8192^2 = 67.1 MP, so no --max-pixels is needed.
@@ -61,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="1024,4096,8192")
     ap.add_argument("--cli-sizes", default="1024,8192")
+    ap.add_argument("--tiff", action="store_true", help="CLI: tiled TIFF in and out, no pixel limit")
     ap.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
@@ -70,16 +75,23 @@ def main() -> None:
     from PIL import Image
 
     print(machine())
-    sizes = sorted(set(map(int, a.sizes.split(","))) | set(map(int, a.cli_sizes.split(","))))
+    lib_sizes = [int(s) for s in a.sizes.split(",") if s]
+    cli_sizes = [int(s) for s in a.cli_sizes.split(",") if s]
+    sizes = sorted(set(lib_sizes) | set(cli_sizes))
     with tempfile.TemporaryDirectory(prefix="tilerun-mem-") as tmp:
         tmp = Path(tmp)
         for size in sizes:
             folder = tmp / f"in{size}"
             folder.mkdir()
-            path = folder / f"photo{size}.jpg"
-            Image.fromarray(photo(size)).save(path, quality=92)
+            path = folder / f"photo{size}.{'tif' if a.tiff else 'jpg'}"
+            if a.tiff:
+                import tifffile
+
+                tifffile.imwrite(path, photo(size), photometric="rgb", tile=(512, 512), compression="zlib")
+            else:
+                Image.fromarray(photo(size)).save(path, quality=92)
             Image.fromarray(holes(size).astype("uint8") * 255).save(folder / f"photo{size}.mask.png")
-            if str(size) in a.sizes.split(","):
+            if size in lib_sizes:
                 out = tmp / f"lib{size}"
                 out.mkdir()
                 r = subprocess.run([sys.executable, __file__, "--child", str(path), str(out)],
@@ -89,16 +101,19 @@ def main() -> None:
                 print(f"library {size}^2: peak RSS {d['peak_mb']:.0f} MB{verdict}; probe phase {d['probe_peak_mb']:.0f} MB; "
                       f"image phase {d['image_phase_peak_mb']:.0f} MB, of which uint8 image/mask/outputs "
                       f"{d['uint8_arrays_mb']:.0f} MB (tile {d['tile']}, batch {d['batch']})", flush=True)
-            if str(size) in a.cli_sizes.split(","):
+            if size in cli_sizes:
                 # A wrapper process whose only child is the CLI: its RUSAGE_CHILDREN peak is the CLI's alone.
                 wrapper = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
                            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
                 r = subprocess.run([sys.executable, "-c", wrapper, sys.executable, "-m", "tilerun", "run", str(folder),
-                                    str(tmp / f"cli{size}"), "--device", "cpu", "-q"],
+                                    str(tmp / f"cli{size}"), "--device", "cpu", "-q",
+                                    *(["--format", "tiff", "--max-pixels", "0"] if a.tiff else [])],
                                    capture_output=True, text=True, check=True)
                 peak = int(r.stdout.strip().splitlines()[-1])
                 note = "" if size != 8192 else ("  OK (<= 1.5 GB)" if peak / 1024 <= LIMIT_MB else "  OVER 1.5 GB")
-                print(f"cli {size}^2: peak RSS {peak / 1024:.0f} MB{note}", flush=True)
+                kind = " (tiled TIFF in and out)" if a.tiff else ""
+                print(f"cli {size}^2{kind}: peak RSS {peak / 1024:.0f} MB{note}; uint8 image, mask and outputs "
+                      f"{size * size * 8 / 2**20:.0f} MB", flush=True)
 
 
 if __name__ == "__main__":
