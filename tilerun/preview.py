@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .images import write_png_atomic
+from .images import OUTPUT_FORMATS, output_suffixes, write_png_atomic
 
 __all__ = ["make_preview", "write_preview", "write_previews", "preview_path", "HOLE_COLOURS", "MAX_SIDE", "GAP", "TITLE"]
 
@@ -136,8 +136,8 @@ def write_preview(
     return path
 
 
-_PRED = (".pred.png", ".pred.tif")
-_INPAINTED = (".inpainted.png", ".inpainted.tif")
+_PRED = tuple(output_suffixes(f)["pred"] for f in OUTPUT_FORMATS)
+_INPAINTED = tuple(output_suffixes(f)["inpainted"] for f in OUTPUT_FORMATS)
 
 
 def preview_path(output: str | os.PathLike) -> Path:
