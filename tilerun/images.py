@@ -1,5 +1,8 @@
 """Images in, images out: finding inputs, decoding to uint8 RGB + missing mask, naming and writing outputs.
 
+Decoding is Pillow's, except TIFFs that tifffile reads tile by tile (`tiff`); PNG outputs are
+encoded by `png`, TIFF outputs by tifffile.
+
 Conventions (the README's "Inputs, masks and outputs" section says the same for users):
 
 * **Inputs**: files ending in one of `IMAGE_EXTENSIONS` (any case) under INPUT, recursively.
@@ -13,7 +16,8 @@ Conventions (the README's "Inputs, masks and outputs" section says the same for 
   where the sidecar has alpha, transparent pixels are not missing. Masks are in the
   image's *displayed* orientation: EXIF orientation is applied to the image and to the
   mask (each by its own tag) before their sizes are compared.
-* **Outputs**: ``OUTPUT/REL_DIR/NAME.pred.png`` and ``NAME.inpainted.png``. When two inputs
+* **Outputs**: ``OUTPUT/REL_DIR/NAME.pred.png`` and ``NAME.inpainted.png`` (``.tif`` with
+  ``--format tiff``; never read back as inputs in either format). When two inputs
   of one folder share a stem (``x.png`` and ``x.jpg``; compared case-insensitively, since
   macOS and Windows folders are), each keeps its extension: ``x.png.pred.png``,
   ``x.jpg.pred.png``. `plan_outputs` applies this rule over the whole job, never per file.
