@@ -74,6 +74,9 @@ step 150 whole-bf16-big $PY bench/engine_vs_whole.py --device "$DEV" --precision
 # held 0.24 s of warm H100 work: BENCHMARKS.md, "Results on a GPU").
 step 240 end-to-end $PY bench/end_to_end.py --device "$DEV" --repeats 2 --big "${E2E_BIG:-12}" --size "$BIG" --patch "ENCODERS_GPU = 8; ENCODE_PIXELS = 2**28" --timeline
 step 120 host $PY bench/host_probe.py
+if [ "$DEV" = cuda ]; then  # a fresh process's warm-up: the first photo alone, then after a blank image
+    step 60 first-image sh -c "$PY bench/first_image.py && $PY bench/first_image.py --warm 2048"
+fi
 step 150 tile-sweep $PY bench/tile_sweep.py --device "$DEV" --size "$BIG" --tiles "${TILES:-512,1024,2048}" --batches "${BATCHES:-1,2,4,8}" --repeats 2
 step 90 flops-fp32 $PY bench/flops.py --device "$DEV" --precision fp32 --size "$BIG" --repeats 3
 step 90 flops-bf16 $PY bench/flops.py --device "$DEV" --precision bf16 --size "$BIG" --repeats 3
