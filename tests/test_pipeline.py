@@ -122,6 +122,16 @@ def test_features_are_kept_per_image(sensitive_model, sensitive_probe, make_imag
     assert engine._features.used == 0
 
 
+@pytest.mark.parametrize("free, want", [(80 * 2**30, 20 * 2**30), (10 * 2**30, 5 * 2**30)],
+                         ids=["idle card: a quarter", "busy card: half of what is free"])
+def test_the_cuda_default_cache_budget(monkeypatch, free, want):
+    from tilerun.engine import default_feature_cache
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free, 80 * 2**30))
+    assert default_feature_cache(torch.device("cuda", 0)) == want
+    assert default_feature_cache(torch.device("cpu")) == 0
+
+
 def _vm(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

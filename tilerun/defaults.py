@@ -24,7 +24,7 @@ DEFAULT_BATCH_GPU = 8
 #: engine's ``feature_cache``): pass 2 then skips the encoder, 6-11% of a tiled run on an
 #: H100 (BENCHMARKS.md, GPU, sixth session). Per 1024^2 tile in fp32 223 MiB (s0, s1, z of
 #: a 1104^2 window): a 4096^2 photo 3.5 GiB, the two images a job has in flight 7 GiB.
-FEATURE_CACHE_GPU_SHARE = 4
+FEATURE_CACHE_GPU_SHARE = 4  # and at most half the free memory (engine.default_feature_cache)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DEFAULT_PRECISION = "fp32"

@@ -97,10 +97,13 @@ def takes_out_box(model: nn.Module) -> bool:
 def default_feature_cache(device: torch.device) -> int:
     """Bytes of pass-1 features an engine keeps by default: none on CPU, where RAM holds the
     uint8 images (an 8192^2 photo must stay under 1.5 GB); on CUDA a share of the card's
-    memory, which tiles leave mostly idle (1024^2 tiles in batches of 8 peak at ~2 GiB)."""
+    memory, which tiles leave mostly idle (1024^2 tiles in batches of 8 peak at ~2 GiB),
+    and at most half of what is free now: a card other processes already use keeps room
+    for them. (Features that do not fit are recomputed, so a smaller budget is only slower.)"""
     if device.type != "cuda":
         return 0
-    return torch.cuda.get_device_properties(device).total_memory // FEATURE_CACHE_GPU_SHARE
+    free, total = torch.cuda.mem_get_info(device)
+    return min(total // FEATURE_CACHE_GPU_SHARE, free // 2)
 
 
 def takes_features(model: nn.Module) -> bool:

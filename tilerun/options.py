@@ -67,7 +67,8 @@ feature_cache_opt = click.option(
     type=click.IntRange(min=0),
     default=None,
     help="MiB of device memory that keep pass 1's encoder features for pass 2 (which then skips the encoder). "
-    "Bounded: what does not fit is recomputed. Default: a quarter of the GPU's memory on CUDA, 0 (off) on CPU.",
+    "Bounded: what does not fit is recomputed. Default on CUDA: a quarter of the GPU's memory, at most half "
+    "of what is free; 0 (off) on CPU.",
 )
 precision_opt = click.option(
     "--precision",
