@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["TilerunError", "InputImageError", "ModelLoadError", "OutputExistsError", "DistributedError"]
+__all__ = ["TilerunError", "InputImageError", "ModelLoadError", "OutputExistsError", "DistributedError",
+           "too_many_pixels"]
 
 
 class TilerunError(Exception):
@@ -11,6 +12,15 @@ class TilerunError(Exception):
 
 class InputImageError(TilerunError, ValueError):
     """An input image (or its mask) cannot be read or is unusable."""
+
+
+def too_many_pixels(size: str, limit: int) -> InputImageError:
+    """The decompression-bomb refusal, alike from Pillow's path and tifffile's: ``size`` as
+    the reader knows it (e.g. "268,435,456 pixels"), ``limit`` the one that holds."""
+    return InputImageError(
+        f"too many pixels: {size}, over the decompression-bomb limit of {limit:,}; "
+        "raise it with --max-pixels if the image is trusted"
+    )
 
 
 class ModelLoadError(TilerunError, ValueError):

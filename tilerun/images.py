@@ -43,7 +43,7 @@ from typing import BinaryIO, Callable, Iterable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import InputImageError
+from .errors import InputImageError, too_many_pixels
 from .png import write_png
 from .tiff import TIFF_EXTENSIONS, NotForTifffile, read_tiff, tiff_size, write_tiff
 
@@ -271,10 +271,7 @@ def _decode(path: Path, convert, *, load: bool = True):
         # Pillow's error names twice the limit (where it stops warning); name the limit that holds.
         found = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{int(found.group(1)):,} pixels" if found else str(e)
-        raise InputImageError(
-            f"too many pixels: {size}, over the decompression-bomb limit of {Image.MAX_IMAGE_PIXELS:,}; "
-            "raise it with --max-pixels if the image is trusted"
-        ) from e
+        raise too_many_pixels(size, Image.MAX_IMAGE_PIXELS) from e
     except UnidentifiedImageError as e:
         raise InputImageError("not an image Pillow can read (wrong extension or corrupt header)") from e
     except PermissionError as e:
@@ -306,6 +303,15 @@ def image_size(item: InputItem) -> tuple[int, int]:
         except NotForTifffile:
             pass
     return _decode(item.path, _displayed_size, load=False)
+
+
+def _pixels(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if _tifffile_reads(path):
+        try:
+            return read_tiff(path, max_pixels=Image.MAX_IMAGE_PIXELS)
+        except NotForTifffile:
+            pass
+    return _decode(path, to_rgb_and_alpha_mask)
 
 
 def sidecar_mask_path(item: InputItem, mask_dir: str | os.PathLike | None) -> Path | None:
@@ -358,12 +364,7 @@ def load_image(item: InputItem, *, mask_dir: str | os.PathLike | None = None) ->
     TIFFs go through tifffile when it is installed and reads their layout (`tiff.read_tiff`:
     tile by tile, no copy beside the uint8 array); everything else through Pillow.
     """
-    try:
-        if not _tifffile_reads(item.path):
-            raise NotForTifffile("not a TIFF")
-        rgb, mask = read_tiff(item.path, max_pixels=Image.MAX_IMAGE_PIXELS)
-    except NotForTifffile:
-        rgb, mask = _decode(item.path, to_rgb_and_alpha_mask)
+    rgb, mask = _pixels(item.path)
     side = sidecar_mask_path(item, mask_dir)
     if side is not None:
         mask = mask | load_mask(side, rgb.shape[:2])

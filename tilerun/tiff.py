@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputImageError
+from .errors import InputImageError, too_many_pixels
 
 try:
     import tifffile
@@ -95,10 +95,7 @@ def read_tiff(path: Path, *, max_pixels: int | None) -> tuple[np.ndarray, np.nda
         page = _page(tif)
         h, w = page.imagelength, page.imagewidth
         if max_pixels is not None and h * w > max_pixels:
-            raise InputImageError(
-                f"too many pixels: {h * w:,} pixels, over the decompression-bomb limit of {max_pixels:,}; "
-                "raise it with --max-pixels if the image is trusted"
-            )
+            raise too_many_pixels(f"{h * w:,} pixels", max_pixels)
         rgb = np.zeros((h, w, 3), np.uint8)  # zeros: where a file leaves a segment out
         missing = np.zeros((h, w), bool)
         alpha = page.samplesperpixel in (2, 4)
