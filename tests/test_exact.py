@@ -288,3 +288,25 @@ def test_out_box_equals_that_part_of_the_whole_forward(make_image, make_holes):
 
 def test_engine_asks_tilenet_for_the_cores_only(engine):
     assert engine.cores_only  # the exactness tests above therefore run the cropped decoder
+
+
+def test_decoder_shortcuts_equal_their_plain_forms():
+    """TileNet's faster forms of upsample + conv, 1x1 heads and argmin against the plain ops."""
+    from tilerun.model.net import _add_conv_of_upsampled, _argmin_channels, _conv1x1
+
+    g = torch.Generator().manual_seed(0)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 5, 7, 9, generator=g, dtype=torch.float64).contiguous(memory_format=layout)
+        w = torch.randn(4, 5, 3, 3, generator=g, dtype=torch.float64)
+        out = torch.randn(2, 4, 14, 18, generator=g, dtype=torch.float64).contiguous(memory_format=layout)
+        want = out + F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), w, padding=1)
+        torch.testing.assert_close(_add_conv_of_upsampled(out.clone(), x, w), want, rtol=0, atol=1e-12)
+
+        w1, b1 = torch.randn(3, 5, 1, 1, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(_conv1x1(x, w1, b1), F.conv2d(x, w1, b1), rtol=0, atol=1e-12)
+
+    for channels in (1, 2, 5, 16, 17, 200):
+        d = torch.randint(0, 4, (2, channels, 9, 11), generator=g).float()  # many ties: the first index must win
+        for layout in (torch.contiguous_format, torch.channels_last):
+            d = d.contiguous(memory_format=layout)
+            assert torch.equal(_argmin_channels(d), d.argmin(1, keepdim=True))
