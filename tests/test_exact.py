@@ -303,7 +303,10 @@ def test_decoder_shortcuts_equal_their_plain_forms():
         torch.testing.assert_close(_add_conv_of_upsampled(out.clone(), x, w), want, rtol=0, atol=1e-12)
 
         w1, b1 = torch.randn(3, 5, 1, 1, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
-        torch.testing.assert_close(_conv1x1(x, w1, b1), F.conv2d(x, w1, b1), rtol=0, atol=1e-12)
+        torch.testing.assert_close(_conv1x1([x], w1, b1), F.conv2d(x, w1, b1), rtol=0, atol=1e-12)
+        w2 = torch.randn(3, 9, 1, 1, generator=g, dtype=torch.float64)
+        parts = [x, x[:, :4].clone(memory_format=layout)]
+        torch.testing.assert_close(_conv1x1(parts, w2, b1), F.conv2d(torch.cat(parts, 1), w2, b1), rtol=0, atol=1e-12)
 
     for channels in (1, 2, 5, 16, 17, 200):
         d = torch.randint(0, 4, (2, channels, 9, 11), generator=g).float()  # many ties: the first index must win
