@@ -9,8 +9,8 @@ __all__ = ["load_model", "infer_image", "Engine"]
 __version__ = "0.1.0"
 
 # Back CPU tensors of >= 2 MB with transparent huge pages (PyTorch's allocator, Linux, where
-# THP is "madvise" or "always"). The engine trims the heap after every CPU batch (memory:
-# tilerun.engine._release_free_heap), so each window's activations are faulted in afresh;
+# THP is "madvise" or "always"). The engine trims the heap every few CPU batches (memory:
+# tilerun.engine.TRIM_EVERY_BATCHES), so windows' activations are faulted in afresh;
 # in 2 MB pages that is 512x fewer faults. Measured on 2048^2 (2 cores, alternated runs):
 # 6.23-6.44 s vs 7.52-7.98 s with it at 0, peak RSS ~730-770 MB either way; 8192^2
 # unchanged at 1408 MB (BENCHMARKS.md, fourth session).

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import itertools
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,7 +64,7 @@ def _ieee_fp32_convs() -> Iterator[None]:
             torch.backends.cudnn.allow_tf32 = before
 
 
-@functools.cache  # looked up once: _release_free_heap runs after every CPU batch
+@functools.cache  # looked up once: _release_free_heap runs every few CPU batches
 def _glibc():
     """The C library when it is glibc (for its allocator controls), else None (macOS, musl, Windows)."""
     try:
@@ -84,6 +85,23 @@ def _release_free_heap() -> None:
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+# The engine trims the heap once every this many CPU batches (all workers together), not
+# after every one. A trim hands the windows' freed activations back to the OS and the next
+# windows fault them in again, in 4 KB pages (a trim splits the huge ones): after every
+# batch that was 15-20% of a 2-worker run's CPU time (2048^2: 2.5 s of system time a run).
+# Never trimming let glibc's arenas fragment as a run went on. Measured, infer_image on an
+# 8192^2 photo, 2 workers (BENCHMARKS.md, eighth session): every batch 102.9 s, peak RSS
+# 1206 MB; every 4th 89.7 s, 1263 MB; every 16th 77.8 s, 1304 MB; never 87.7 s, 1499 MB.
+TRIM_EVERY_BATCHES = 16
+_batches_run = itertools.count(1)
+
+
+def _after_cpu_batch() -> None:
+    """Trim the heap every `TRIM_EVERY_BATCHES` batches (``next`` on a count is atomic under the GIL)."""
+    if next(_batches_run) % TRIM_EVERY_BATCHES == 0:
+        _release_free_heap()
 
 
 def takes_out_box(model: nn.Module) -> bool:
@@ -462,10 +480,10 @@ class Engine:
             ready = torch.cuda.Event()
             ready.record()
         else:
-            # The window's activations are free now; without this glibc keeps them in the
-            # worker threads' arenas: a 2048^2 photo peaked at 1083 MB, with it 858 MB.
+            # The window's activations are free now; glibc keeps them in the worker threads'
+            # arenas until a trim (see TRIM_EVERY_BATCHES).
             del x, m, out, logits, rgb, img_u8, msk_u8
-            _release_free_heap()
+            _after_cpu_batch()
         return _InFlight(batch, cls_h, rgb_h, ready, out_box is not None)
 
     def compute(
