@@ -124,7 +124,8 @@ def _conv1x1(parts: list[Tensor], weight: Tensor, bias: Tensor) -> Tensor:
         wt = weight[:, start : start + c, 0, 0].t()
         start += c
         x = x.reshape(n * h * w, c)
-        out = torch.addmm(bias, x, wt) if out is None else out.addmm_(x, wt)
+        # In place, so not autocast: the later parts take the first product's dtype.
+        out = torch.addmm(bias, x, wt) if out is None else out.addmm_(x.to(out.dtype), wt.to(out.dtype))
     return out.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
