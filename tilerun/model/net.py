@@ -134,34 +134,19 @@ def _conv1x1(parts: list[Tensor], weight: Tensor, bias: Tensor) -> Tensor:
 PREFILL_MIN_KNOWN = 0.3
 
 
-def _window_sum(x: Tensor, r: int, dim: int) -> Tensor:
-    """Sums over windows of 2r+1 along ``dim`` (zero padding), in O(log r) passes.
-
-    Sums over windows of 1, 2, 4, ... elements are built by doubling, and the 2r+1
-    window is assembled from them: ~5x faster than avg_pool2d's O(r) per element on CPU,
-    with no cancellation (unlike a running sum's differences).
-    """
-    n = x.shape[dim]
-    pad = (r, r, 0, 0) if dim == -1 else (0, 0, r, r)
-    sums = {1: F.pad(x, pad)}
-    size = 1
-    while 2 * size <= 2 * r + 1:
-        a = sums[size]
-        length = a.shape[dim] - size
-        sums[2 * size] = a.narrow(dim, 0, length) + a.narrow(dim, size, length)
-        size *= 2
-    out, offset = None, 0
-    for size in sorted(sums, reverse=True):
-        if 2 * r + 1 - offset >= size:
-            part = sums[size].narrow(dim, offset, n)
-            out = part.clone() if out is None else out.add_(part)
-            offset += size
-    return out
-
-
 def _box(x: Tensor, r: int) -> Tensor:
-    """Mean over a (2r+1)^2 window, separable; zero padding = "unknown" outside the image."""
-    return _window_sum(_window_sum(x, r, -1), r, -2).div_((2 * r + 1) ** 2)
+    """Mean over a (2r+1)^2 window, separable; zero padding = "unknown" outside the image.
+
+    Two depthwise convolutions with ones (a row, then a column), in float32 even under
+    autocast (a half-precision sum of 225 values would be off by ~1%). On NHWC-strided
+    ``x`` they are ~2x faster on CPU than sums over windows built by doubling, and like
+    those they never subtract (a running sum's differences would cancel).
+    """
+    c, k = x.shape[1], 2 * r + 1
+    ones = torch.ones(c, 1, 1, k, dtype=x.dtype, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        rows = F.conv2d(x, ones, padding=(0, r), groups=c)
+        return F.conv2d(rows, ones.view(c, 1, k, 1), padding=(r, 0), groups=c).div_(k * k)
 
 
 def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
@@ -177,9 +162,9 @@ def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
     # the test would make the host wait for the device.
     if known.device.type == "cpu" and bool(known.all()):
         return image
-    # Numerator and denominator filtered together, as contiguous NCHW planes.
+    # Numerator and denominator filtered together, NHWC (see `_box`).
     c = image.shape[1]
-    both = torch.cat([image * known, known], 1).contiguous()
+    both = torch.cat([image * known, known], 1).contiguous(memory_format=torch.channels_last)
     fill = None
     for r in sorted(radii, reverse=True):
         pooled = _box(_box(both, r), r)
