@@ -410,18 +410,29 @@ class TileNet(nn.Module):
         if mask.shape != (image.shape[0], 1, *image.shape[2:]):
             raise ValueError(f"mask must be [N,1,H,W] matching the image, got {tuple(mask.shape)}")
         mask = mask.to(image.dtype)
-        x = torch.cat([image * (1 - mask), mask], 1)
-        h, w = image.shape[-2:]
+        n, _, h, w = image.shape
         ph, pw = -h % self.stride, -w % self.stride
+        # Written in place into one buffer in the image's layout: torch.cat of an NHWC image
+        # and a one-channel mask, then a pad, copied the window twice more (~3 ms on CPU).
+        layout = torch.channels_last if image.stride(1) == 1 and image.shape[1] > 1 else torch.contiguous_format
+        x = torch.empty((n, 4, h + ph, w + pw), dtype=image.dtype, device=image.device, memory_format=layout)
+        torch.mul(image, 1 - mask, out=x[:, :3, :h, :w])
+        x[:, 3:, :h, :w] = mask
         if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
+            x[:, :3, h:, :] = 0
+            x[:, :3, :, w:] = 0
             x[:, 3:, h:, :] = 1
             x[:, 3:, :, w:] = 1
         return x, x[:, 3:]
 
     def _terms(self, z: Tensor, mask: Tensor) -> Tensor:
         known = 1 - F.avg_pool2d(mask, self.stride)
-        return torch.cat([z * known, known], 1)
+        n, c, h, w = z.shape
+        layout = torch.channels_last if z.stride(1) == 1 else torch.contiguous_format
+        terms = torch.empty((n, c + 1, h, w), dtype=z.dtype, device=z.device, memory_format=layout)
+        torch.mul(z, known, out=terms[:, :c])  # in place: torch.cat of mixed layouts copied slowly
+        terms[:, c:] = known
+        return terms
 
     def _palette_on(self, like: Tensor) -> Tensor:
         """The palette as [K, 3] in [0, 1], made once per device and dtype: ``torch.tensor`` on
