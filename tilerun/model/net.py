@@ -416,7 +416,7 @@ class TileNet(nn.Module):
         # and a one-channel mask, then a pad, copied the window twice more (~3 ms on CPU).
         layout = torch.channels_last if image.stride(1) == 1 and image.shape[1] > 1 else torch.contiguous_format
         x = torch.empty((n, 4, h + ph, w + pw), dtype=image.dtype, device=image.device, memory_format=layout)
-        torch.mul(image, 1 - mask, out=x[:, :3, :h, :w])
+        x[:, :3, :h, :w] = image * (1 - mask)  # (out= would not carry gradients: the probe, training)
         x[:, 3:, :h, :w] = mask
         if ph or pw:
             x[:, :3, h:, :] = 0
@@ -430,7 +430,7 @@ class TileNet(nn.Module):
         n, c, h, w = z.shape
         layout = torch.channels_last if z.stride(1) == 1 else torch.contiguous_format
         terms = torch.empty((n, c + 1, h, w), dtype=z.dtype, device=z.device, memory_format=layout)
-        torch.mul(z, known, out=terms[:, :c])  # in place: torch.cat of mixed layouts copied slowly
+        terms[:, :c] = z * known  # torch.cat of mixed layouts copied slowly
         terms[:, c:] = known
         return terms
 
