@@ -94,11 +94,13 @@ def _add_conv_of_upsampled(out: Tensor, x: Tensor, w: Tensor) -> Tensor:
     phases' windows at offset 0 and the odd ones' at 1. Equal to the upsampled form up
     to float rounding; the zero padding at the borders is the same zeros.
     """
+    def fold(k: Tensor, dim: int, odd: int) -> Tensor:  # 3 taps along dim -> the 2 an output phase reads
+        t0, t1, t2 = k.unbind(dim)
+        return torch.stack((t0 + t1, t2) if odd else (t0, t1 + t2), dim)
+
     h, w_ = x.shape[-2:]
     cout = w.shape[0]
-    rows = (torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2), torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2))
-    phases = [torch.stack([r[..., 0], r[..., 1] + r[..., 2]], 3) if b == 0 else torch.stack([r[..., 0] + r[..., 1], r[..., 2]], 3)
-              for r in rows for b in (0, 1)]
+    phases = [fold(fold(w, 2, a), 3, b) for a in (0, 1) for b in (0, 1)]
     y = F.conv2d(x, torch.cat(phases).contiguous(memory_format=torch.channels_last), padding=1)
     grid = out.unflatten(2, (h, 2)).unflatten(4, (w_, 2))  # [N, C, h, 2, w, 2]: output row 2i + a, column 2j + b
     for k, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
@@ -110,9 +112,9 @@ def _conv1x1(parts: list[Tensor], weight: Tensor, bias: Tensor) -> Tensor:
     """``F.conv2d(torch.cat(parts, 1), weight, bias)`` for a 1x1 ``weight`` [out, in, 1, 1].
 
     On NHWC-strided parts (cropped ones are copied, still NHWC): one matrix product per
-    part over its pixels, summed, with no concatenation (the result NHWC-strided too). PyTorch sends 1x1 convolutions on CPU
-    to its unblocked fallback, ~2x slower, and a concatenation of mixed layouts cost
-    ~7 ms a window at quarter resolution.
+    part over its pixels, summed, with no concatenation (the result NHWC-strided too).
+    PyTorch sends 1x1 convolutions on CPU to its unblocked fallback, ~2x slower, and a
+    concatenation of mixed layouts cost ~7 ms a window at quarter resolution.
     """
     n, _, h, w = parts[0].shape
     pixels = [x.permute(0, 2, 3, 1) for x in parts]
@@ -139,7 +141,7 @@ def _box(x: Tensor, r: int) -> Tensor:
 
     Two depthwise convolutions with ones (a row, then a column), in float32 even under
     autocast (a half-precision sum of 225 values would be off by ~1%). On NHWC-strided
-    ``x`` they are ~2x faster on CPU than sums over windows built by doubling, and like
+    ``x`` they are ~1.7x faster on CPU than sums over windows built by doubling, and like
     those they never subtract (a running sum's differences would cancel).
     """
     c, k = x.shape[1], 2 * r + 1
@@ -366,9 +368,9 @@ def _argmin_channels(d: Tensor) -> Tensor:
     """``d.argmin(1, keepdim=True)`` (the first index of the smallest value) for finite ``d``.
 
     Each channel's key is its index, plus the channel count where it is not the minimum;
-    the smallest key is the first minimal channel. Whole-plane ops and two reductions
-    that numpy-style vectorise across pixels: on CPU ~3.5x faster than ``argmin`` over
-    16 channels, which reduces a short run per pixel (4.5 vs 16 ms at 392^2, one thread).
+    the smallest key is the first minimal channel. Elementwise ops on whole planes and two
+    reductions across planes: on CPU ~3.5x faster than ``argmin`` over 16 channels, which
+    reduces a short run per pixel (4.5 vs 16 ms at 392^2, one thread).
     """
     c = d.shape[1]
     dtype = torch.uint8 if 2 * c <= 256 else torch.int32
