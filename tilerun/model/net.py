@@ -416,7 +416,7 @@ class TileNet(nn.Module):
         ph, pw = -h % self.stride, -w % self.stride
         # Written in place into one buffer in the image's layout: torch.cat of an NHWC image
         # and a one-channel mask, then a pad, copied the window twice more (~3 ms on CPU).
-        layout = torch.channels_last if image.stride(1) == 1 and image.shape[1] > 1 else torch.contiguous_format
+        layout = torch.channels_last if image.stride(1) == 1 else torch.contiguous_format
         x = torch.empty((n, 4, h + ph, w + pw), dtype=image.dtype, device=image.device, memory_format=layout)
         x[:, :3, :h, :w] = image * (1 - mask)  # (out= would not carry gradients: the probe, training)
         x[:, 3:, :h, :w] = mask
