@@ -291,8 +291,8 @@ def test_engine_asks_tilenet_for_the_cores_only(engine):
 
 
 def test_decoder_shortcuts_equal_their_plain_forms():
-    """TileNet's faster forms of upsample + conv, 1x1 heads and argmin against the plain ops."""
-    from tilerun.model.net import _add_conv_of_upsampled, _argmin_channels, _conv1x1
+    """TileNet's faster forms of upsample + conv and of 1x1 heads against the plain ops."""
+    from tilerun.model.net import _add_conv_of_upsampled, _conv1x1
 
     g = torch.Generator().manual_seed(0)
     for layout in (torch.contiguous_format, torch.channels_last):
@@ -308,8 +308,20 @@ def test_decoder_shortcuts_equal_their_plain_forms():
         parts = [x, x[:, :4].clone(memory_format=layout)]
         torch.testing.assert_close(_conv1x1(parts, w2, b1), F.conv2d(torch.cat(parts, 1), w2, b1), rtol=0, atol=1e-12)
 
-    for channels in (1, 2, 5, 16, 17, 200):
+
+def test_first_extreme_is_argmax_and_argmin():
+    """The engine's class map and TileNet's nearest palette class: the first index, as argmax's."""
+    from tilerun.channels import first_extreme
+
+    g = torch.Generator().manual_seed(0)
+    for channels in (1, 2, 5, 16, 17, 128, 129, 200):
         d = torch.randint(0, 4, (2, channels, 9, 11), generator=g).float()  # many ties: the first index must win
         for layout in (torch.contiguous_format, torch.channels_last):
             d = d.contiguous(memory_format=layout)
-            assert torch.equal(_argmin_channels(d), d.argmin(1, keepdim=True))
+            for keepdim in (False, True):
+                assert torch.equal(first_extreme(d, largest=True, keepdim=keepdim), d.argmax(1, keepdim=keepdim))
+                assert torch.equal(first_extreme(d, largest=False, keepdim=keepdim), d.argmin(1, keepdim=keepdim))
+        view = d.contiguous(memory_format=torch.channels_last)[..., 1:8, 2:9]  # a cropped NHWC view, as a tile's core
+        assert torch.equal(first_extreme(view, largest=True), view.argmax(1))
+    flat = torch.randn(50, 16, generator=g)
+    assert torch.equal(first_extreme(flat, largest=True), flat.argmax(1))

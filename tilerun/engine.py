@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .defaults import (DEFAULT_BATCH, DEFAULT_PRECISION, DEFAULT_TILE, FEATURE_CACHE_GPU_SHARE, PRECISIONS,
                        default_batch, default_tile)
+from .channels import first_extreme
 from .geometry import Tile, grid, round_up
 from .receptive import ModelProbe, probe_model
 
@@ -462,7 +463,7 @@ class Engine:
         cuda = self.device.type == "cuda"
         cls_h = rgb_h = None
         if logits is not None:
-            cls_d = logits.argmax(1).to(torch.uint8)
+            cls_d = first_extreme(logits, largest=True).to(torch.uint8)
             cls_h = self._host(tuple(cls_d.shape)).copy_(cls_d, non_blocking=cuda)
         if rgb is not None:
             rgb_d = rgb.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..channels import first_extreme
 from ..geometry import round_up
 
 __all__ = ["TileNetConfig", "TileNet", "local_fill", "harmonic_fill"]
@@ -364,21 +365,6 @@ class Decoder(nn.Module):
         return logits, rgb
 
 
-def _argmin_channels(d: Tensor) -> Tensor:
-    """``d.argmin(1, keepdim=True)`` (the first index of the smallest value) for finite ``d``.
-
-    Each channel's key is its index, plus the channel count where it is not the minimum;
-    the smallest key is the first minimal channel. Elementwise ops on whole planes and two
-    reductions across planes: on CPU ~3.5x faster than ``argmin`` over 16 channels, which
-    reduces a short run per pixel (4.5 vs 16 ms at 392^2, one thread).
-    """
-    c = d.shape[1]
-    dtype = torch.uint8 if 2 * c <= 256 else torch.int32
-    keys = torch.arange(c, dtype=dtype, device=d.device)[None, :, None, None]
-    first = (d != d.amin(1, keepdim=True)).to(dtype).mul_(c).add_(keys).amin(1, keepdim=True)
-    return first.long().clamp_max_(c - 1)  # a NaN plane would leave every key >= c
-
-
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 in full-resolution pixels
 
 
@@ -454,7 +440,7 @@ class TileNet(nn.Module):
         with torch.autocast(fill.device.type, enabled=False):
             d2 = ((fill**2).sum(1, keepdim=True) - 2 * F.conv2d(fill, pal[:, :, None, None])
                   + (pal**2).sum(1)[None, :, None, None])
-        return _argmin_channels(d2)
+        return first_extreme(d2, largest=False, keepdim=True)
 
     def _add_class_prior(self, logits: Tensor, fill: Tensor) -> Tensor:
         """``logits + prior_scale * log P(class)``, P the palette class of each pre-filled colour,
