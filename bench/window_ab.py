@@ -29,7 +29,7 @@ def net_at(ref: str) -> types.ModuleType:
                          capture_output=True, text=True, check=True).stdout
     module = types.ModuleType("tilerun_net_at_ref")
     sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(src.replace("from ..geometry import", "from tilerun.geometry import"), f"{ref}:net.py", "exec"), module.__dict__)
+    exec(compile(src.replace("from ..", "from tilerun."), f"{ref}:net.py", "exec"), module.__dict__)
     return module
 
 

@@ -174,11 +174,11 @@ def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
         num, den = pooled[:, :c], pooled[:, c:]
         mean = num / den.clamp_min(1e-6)
         if fill is None:
-            fill = torch.where(den > 1e-6, mean, torch.full_like(mean, 0.5))
-        else:
-            a = (den / PREFILL_MIN_KNOWN).clamp(0, 1)
-            fill = a * mean + (1 - a) * fill
-    return image * known + fill * (1 - known)
+            fill = torch.where(den > 1e-6, mean, 0.5)
+        else:  # a * mean + (1 - a) * fill in one op: each op broadcasting den over NHWC's inner axis is slow
+            fill = torch.lerp(fill, mean, (den / PREFILL_MIN_KNOWN).clamp_(0, 1))
+    # known is 0 or 1, so this is image * known + fill * (1 - known) to the bit, in one op.
+    return torch.where(known.bool(), image, fill)
 
 
 # Spectral radius assumed for the Jacobi iteration in `harmonic_fill`: that of a hole some
