@@ -48,14 +48,21 @@ def holes(size: int, *, seed: int = 0) -> np.ndarray:
     return mask
 
 
-def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int) -> dict[str, list[float]]:
-    """Run each function ``repeats`` times, interleaved; seconds per run, per name."""
+def interleaved(fns: dict[str, Callable[[], object]], *, repeats: int,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Run each function ``repeats`` times, interleaved; seconds per run, per name.
+
+    ``cpu``: also filled with each run's process CPU seconds (all threads), which other
+    tenants' load moves less than the wall time on a shared machine.
+    """
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             times[name].append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - c0)
     return times
 
 
