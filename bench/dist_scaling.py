@@ -9,7 +9,7 @@ photos, and one 3072x3072 photo. Runs are interleaved (1, N, 1, N, ...) and the 
 * ``job``: the report's ``seconds`` (listing, tiling, computing, writing), the part that
   parallelises;
 * ``wall``: the whole command, including Python and torch start-up and the model probe
-  that every process pays once.
+  (rank 0's, unless the probe cache holds it).
 
 Also from the report: bytes each process sent through the store per image, and the
 seconds each process waited for work (decode, claims, global sums).

@@ -44,16 +44,16 @@ def other_model_file(tmp_path_factory, sensitive_model) -> Path:
 @pytest.fixture
 def run_cli(monkeypatch, sensitive_model, sensitive_probe, model_file) -> Callable[..., Result]:
     """``run_cli(INPUT, OUTPUT, *options, model=model_file)`` -> click Result of ``tilerun run`` with ``--tile 64``."""
-    import tilerun.engine as engine_mod
+    import tilerun.receptive as receptive
     from tilerun.cli import main
 
-    real = engine_mod.probe_model
+    real = receptive.probe_model
 
     def probe(model, **kw):
         same = getattr(model, "cfg", None) == sensitive_model.cfg
         return sensitive_probe if same else real(model, **kw)
 
-    monkeypatch.setattr(engine_mod, "probe_model", probe)
+    monkeypatch.setattr(receptive, "probe_model", probe)  # what the CLI's probe_cached calls
 
     def invoke(input_path, output, *options: str, model: Path | None = model_file, tile: int = 64) -> Result:
         args = ["run", str(input_path), str(output), "--tile", str(tile), "--device", "cpu", *map(str, options)]

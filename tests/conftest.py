@@ -25,6 +25,23 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _probe_cache(tmp_path_factory):
+    """The CLI's remembered probes (`receptive.probe_cached`) in a folder of this session's
+    own, never the user's ~/.cache: the first CLI run of a model probes it, later ones reuse."""
+    import os
+
+    from tilerun.receptive import CACHE_ENV
+
+    before = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("probe-cache"))
+    yield
+    if before is None:
+        del os.environ[CACHE_ENV]
+    else:
+        os.environ[CACHE_ENV] = before
+
+
 @pytest.fixture
 def make_image() -> Callable[..., np.ndarray]:
     """``make_image(h, w, seed=0)``: uint8 HxWx3 noise over the full 0..255 range.

@@ -289,3 +289,47 @@ def test_hook_with_unbounded_global_terms_runs_whole_images(make_image, whole_fo
     img = make_image(40, 50, seed=22)
     classes, _ = infer_image(engine, img)
     assert np.array_equal(classes, whole_forward(model, img)[0])
+
+
+def test_probe_is_remembered_per_model_identity(tmp_path, monkeypatch):
+    """The CLI's probe cache: measured once per model file and code, then read back; another
+    model file, an import path (no identity) or a damaged entry is probed afresh."""
+    import tilerun.receptive as receptive
+    from tilerun.model import model_identity
+
+    monkeypatch.setenv(receptive.CACHE_ENV, str(tmp_path))
+    calls = []
+    real = receptive.probe_model
+    monkeypatch.setattr(receptive, "probe_model", lambda m: calls.append(m) or real(m))
+    model = ConvStack(2)
+    first, kept = receptive.probe_cached(model, "model-a")
+    assert kept is None and len(calls) == 1 and (first.radius, first.stride) == (2, 1)
+    again, kept = receptive.probe_cached(model, "model-a")
+    assert again == first and kept is not None and kept.parent == tmp_path / "probes" and len(calls) == 1
+
+    receptive.probe_cached(ConvStack(3), "model-b")  # another file: measured, not taken from model-a's
+    assert len(calls) == 2 and receptive.probe_cached(ConvStack(3), "model-b")[0].radius == 3
+    assert receptive.probe_cached(model, None)[1] is None and len(calls) == 3  # an import path: always probed
+
+    kept.write_text('{"stride": "4"}')  # damaged: probed again and rewritten
+    assert receptive.probe_cached(model, "model-a") == (first, None) and len(calls) == 4
+    assert receptive.probe_cached(model, "model-a")[1] == kept
+
+    monkeypatch.setenv(receptive.CACHE_ENV, "")  # set empty: no cache at all
+    assert receptive.cache_dir() is None and receptive.probe_cached(model, "model-a")[1] is None and len(calls) == 5
+
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"one")
+    before = model_identity(weights)
+    weights.write_bytes(b"two")
+    assert model_identity(weights) != before and model_identity("tests.helpers:make") is None
+
+
+def test_a_cache_that_cannot_be_written_only_costs_the_probe(tmp_path, monkeypatch):
+    import tilerun.receptive as receptive
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(receptive.CACHE_ENV, str(blocker / "cache"))  # mkdir fails under a file
+    probe, kept = receptive.probe_cached(ConvStack(1), "model-a")
+    assert (probe.radius, kept) == (1, None) and list(tmp_path.iterdir()) == [blocker]

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -134,14 +135,19 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
     if not items:
         raise click.UsageError(f"no images found in {input_path}")
     model = load_model(model_path)
+    from .model import model_identity
+    from .receptive import ModelProbe, probe_cached
+
     probe = None
-    if ctx.distributed:  # measured once, on rank 0: the probe is deterministic, N copies would only cost CPU
+    if ctx.rank == 0:  # measured once, on rank 0: the probe is deterministic, N copies would only cost CPU
+        t0 = time.perf_counter()
+        probe, kept = probe_cached(model, model_identity(model_path))
+        log.debug("receptive field: %s", f"as measured before ({kept})" if kept else f"probed in {time.perf_counter() - t0:.1f} s")
+    if ctx.distributed:
         import dataclasses
         import json
 
-        from .receptive import ModelProbe, probe_model
-
-        mine = json.dumps(dataclasses.asdict(probe_model(model))) if ctx.rank == 0 else None
+        mine = json.dumps(dataclasses.asdict(probe)) if ctx.rank == 0 else None
         probe = ModelProbe(**json.loads(ctx.share_from_rank0("probe", mine)))
     try:
         engine = Engine(model, tile=tile, halo=halo, batch_size=batch_size, device=ctx.device, probe=probe,

@@ -21,7 +21,14 @@ brought by the user, still tiles exactly.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -29,7 +36,8 @@ from torch import Tensor
 
 from .geometry import round_up
 
-__all__ = ["Receptive", "measure_radius", "measure_stride", "grid_anchored", "probe_model", "ModelProbe"]
+__all__ = ["Receptive", "measure_radius", "measure_stride", "grid_anchored", "probe_model", "ModelProbe",
+           "probe_cached", "cache_dir"]
 
 Fn = Callable[[Tensor, Tensor], Tensor]
 
@@ -234,3 +242,61 @@ def probe_model(model: torch.nn.Module, *, trials: int = 3) -> ModelProbe:
     if radius is not None and not grid_anchored(fwd, radius=radius, stride=stride):
         radius = None  # not tile-exact: the engine then runs whole images
     return ModelProbe(stride=stride, radius=radius, global_radius=global_radius, has_global=hook)
+
+
+# -- the probe remembered ---------------------------------------------------------------
+# The CLI probes its model every run: 2.9 s of float64 forwards and gradients on this
+# project's CPU, more than half of a small job's start-up. A probe is a function of the
+# model's bytes and of the code that runs and measures it, so it is kept on disk under a
+# hash of both: a changed weight file, any change to tilerun's code or another torch
+# version is a new key, and the probe runs again. A model named by an import path has no
+# such bytes (its factory's code and arguments can change freely): it is always probed.
+CACHE_ENV = "TILERUN_CACHE_DIR"  # where the probes are kept; set to "" to keep none
+
+
+def cache_dir() -> Path | None:
+    """``$TILERUN_CACHE_DIR``, else ``$XDG_CACHE_HOME/tilerun``, else ``~/.cache/tilerun``;
+    None when ``TILERUN_CACHE_DIR`` is set empty."""
+    if CACHE_ENV in os.environ:
+        return Path(os.environ[CACHE_ENV]) if os.environ[CACHE_ENV] else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tilerun"
+
+
+@functools.cache
+def _code_identity() -> str:
+    """A hash of tilerun's own source files and torch's version."""
+    h = hashlib.sha256(torch.__version__.encode())
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def probe_cached(model: torch.nn.Module, identity: str | None) -> tuple[ModelProbe, Path | None]:
+    """`probe_model`, or what it measured before for the same ``identity`` (a hash of the
+    model's file, see `tilerun.model.model_identity`; None: always probe) and the same
+    code. Returns the probe and the cache file it came from (None: measured now). A cache
+    that cannot be read or written is skipped: the probe then runs, as without one."""
+    folder = cache_dir()
+    if identity is None or folder is None:
+        return probe_model(model), None
+    key = hashlib.sha256(f"{identity}\0{_code_identity()}".encode()).hexdigest()[:32]
+    path = folder / "probes" / f"{key}.json"
+    try:
+        fields = json.loads(path.read_text())
+        probe = ModelProbe(**fields)
+        if isinstance(probe.has_global, bool) and all(
+                isinstance(getattr(probe, k), int | None) for k in ("stride", "radius", "global_radius")):
+            return probe, path
+    except (OSError, ValueError, TypeError):  # absent, unreadable or not a probe: measure
+        pass
+    probe = probe_model(model)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(dataclasses.asdict(probe)))
+        os.replace(tmp, path)  # atomic: a concurrent run reads the old file or the new one
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return probe, None

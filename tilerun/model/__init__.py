@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .loading import ModelOutputs, check_contract, load_model, model_format, tile_exact_warning
+from .loading import ModelOutputs, check_contract, load_model, model_format, model_identity, tile_exact_warning
 from .net import TileNet, TileNetConfig, default_palette
 from .weights import DEFAULT_WEIGHTS, init_tilenet, load_tilenet, read_metadata, save_tilenet
 
@@ -20,4 +20,5 @@ __all__ = [
     "check_contract",
     "model_format",
     "tile_exact_warning",
+    "model_identity",
 ]

@@ -58,6 +58,7 @@ __all__ = [
     "check_contract",
     "ExportedModel",
     "tile_exact_warning",
+    "model_identity",
 ]
 
 # `package.module:factory` (or `module:attr.attr`): dotted identifiers, one colon.
@@ -368,6 +369,25 @@ def load_model(spec: str | os.PathLike | None = None, *, check: bool = True) -> 
     model.outputs = outputs
     model.tilerun_source = source
     return model
+
+
+def model_identity(spec: str | os.PathLike | None) -> str | None:
+    """A hash of what `load_model` builds from ``spec``, for remembering its probe
+    (`tilerun.receptive.probe_cached`): the model file's bytes; None for an import path,
+    whose factory may build another model at every call."""
+    import hashlib
+
+    if spec is None:
+        if not DEFAULT_WEIGHTS.exists():
+            return "tilenet-init"  # init_tilenet's fixed seed: the code alone decides it
+        spec = DEFAULT_WEIGHTS
+    if is_import_path(os.fspath(spec)):
+        return None
+    h = hashlib.sha256()
+    with open(spec, "rb") as f:
+        while chunk := f.read(2**20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def tile_exact_warning(probe, *, tile: int | None, halo: int | None) -> str | None:
