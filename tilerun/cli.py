@@ -143,6 +143,10 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
         t0 = time.perf_counter()
         probe, kept = probe_cached(model, model_identity(model_path))
         log.debug("receptive field: %s", f"as measured before ({kept})" if kept else f"probed in {time.perf_counter() - t0:.1f} s")
+        if not kept:
+            from .engine import _release_free_heap
+
+            _release_free_heap()  # the probe's float64 tensors, as the Engine does after its own probe
     if ctx.distributed:
         import dataclasses
         import json
