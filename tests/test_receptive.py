@@ -333,3 +333,16 @@ def test_a_cache_that_cannot_be_written_only_costs_the_probe(tmp_path, monkeypat
     monkeypatch.setenv(receptive.CACHE_ENV, str(blocker / "cache"))  # mkdir fails under a file
     probe, kept = receptive.probe_cached(ConvStack(1), "model-a")
     assert (probe.radius, kept) == (1, None) and list(tmp_path.iterdir()) == [blocker]
+
+
+def test_cache_folder_follows_the_environment(tmp_path, monkeypatch):
+    import tilerun.receptive as receptive
+
+    monkeypatch.delenv(receptive.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert receptive.cache_dir() == tmp_path / "tilerun"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert receptive.cache_dir() == tmp_path / "home" / ".cache" / "tilerun"
+    monkeypatch.setattr(receptive.Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))))
+    assert receptive.cache_dir() is None

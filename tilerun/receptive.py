@@ -256,10 +256,15 @@ CACHE_ENV = "TILERUN_CACHE_DIR"  # where the probes are kept; set to "" to keep 
 
 def cache_dir() -> Path | None:
     """``$TILERUN_CACHE_DIR``, else ``$XDG_CACHE_HOME/tilerun``, else ``~/.cache/tilerun``;
-    None when ``TILERUN_CACHE_DIR`` is set empty."""
+    None when ``TILERUN_CACHE_DIR`` is set empty or there is no home folder."""
     if CACHE_ENV in os.environ:
         return Path(os.environ[CACHE_ENV]) if os.environ[CACHE_ENV] else None
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tilerun"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "tilerun"
+    try:
+        return Path.home() / ".cache" / "tilerun"
+    except RuntimeError:  # no HOME and no passwd entry (some containers): keep nothing
+        return None
 
 
 @functools.cache
