@@ -2,7 +2,7 @@ PY ?= python3
 OUT ?= out
 NPROC ?= 2
 
-.PHONY: install test run run-dist bench clean
+.PHONY: install test test-isa run run-dist bench clean
 
 # torch first: the pinned CPU wheel is on this machine's disk; an unpinned torch
 # would pull a multi-GB CUDA build. A machine that already has torch keeps it.
@@ -12,6 +12,13 @@ install:
 
 test:
 	$(PY) -m pytest -q
+
+# The exactness and CLI tests as on CPUs without AVX-512/AMX: ATen's portable kernels, and
+# oneDNN held to AVX2. Outputs must not depend on the instruction set.
+ISA_TESTS ?= tests/test_exact.py tests/test_cli_core.py
+test-isa:
+	ATEN_CPU_CAPABILITY=default $(PY) -m pytest -q $(ISA_TESTS)
+	ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -q $(ISA_TESTS)
 
 run:
 	$(PY) -m tilerun run sample_images $(OUT)
