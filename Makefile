@@ -29,9 +29,9 @@ run-dist:
 clean:
 	rm -rf $(OUT) .pytest_cache build *.egg-info
 
-# Issue 4: the shipped weights and the inpainting-quality benchmark.
+# The shipped weights (docs/training.md) and the inpainting-quality benchmark.
 # coffee and chelsea are held out of training: bench/quality.py measures on them.
-# Six stages: stage 1 without the class prior (1500 steps, batch 4); stage 2 adds the
+# Seven stages: stage 1 without the class prior (1500 steps, batch 4); stage 2 adds the
 # class prior and a hole MSE term and continues from stage 1 (800 steps, batch 8, lower
 # peak rate); stage 3 continues at half that rate (400 steps); stage 4 is the long run
 # (16000 steps in bf16 autocast, which AMX makes ~1.5x faster per step on this CPU, with
@@ -89,7 +89,7 @@ bench-quality:
 	$(PY) -c "import cv2, skimage" 2>/dev/null || $(PY) -m pip install opencv-python-headless scikit-image
 	$(PY) bench/quality.py --write BENCHMARKS.md --figure docs/quality.png
 
-# Issue 5: performance benchmarks (bench/*.py; results, commands and machine in BENCHMARKS.md).
+# Performance benchmarks (bench/*.py; results, commands and machine in BENCHMARKS.md).
 # monai is installed with torch pinned to the version already here, so pip cannot swap torch.
 BENCH_OUT ?= build/bench
 .PHONY: bench
@@ -106,7 +106,7 @@ bench:
 	$(PY) bench/tile_sweep.py > $(BENCH_OUT)/tile_sweep.txt && cat $(BENCH_OUT)/tile_sweep.txt
 	$(MAKE) bench-dist
 
-# Issue 3: torchrun 2 processes x 1 thread vs 1 process x 1 thread.
+# Distributed speed-up: torchrun 2 processes x 1 thread vs 1 process x 1 thread.
 .PHONY: bench-dist
 bench-dist:
 	mkdir -p $(BENCH_OUT)

@@ -3,7 +3,7 @@
 Decoding is Pillow's, except TIFFs that tifffile reads tile by tile (`tiff`); PNG outputs are
 encoded by `png`, TIFF outputs by tifffile.
 
-Conventions (the README's "Inputs, masks and outputs" section says the same for users):
+Conventions (docs/formats.md says the same for users):
 
 * **Inputs**: files ending in one of `IMAGE_EXTENSIONS` (any case) under INPUT, recursively.
   Never inputs: hidden names (``.x``), sidecar masks (``*.mask.png``), files named like

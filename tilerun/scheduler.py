@@ -209,7 +209,7 @@ SWITCH_INTERVAL = 0.0005
 def encoder_count(device: torch.device) -> int:
     """PNG encoder threads of rank 0's writer. CPU: the engine's workers already use every
     core, so one. A GPU leaves the cores to the host side, where encoding was most of a
-    run (BENCHMARKS.md, GPU)."""
+    run (python bench/end_to_end.py --device cuda --timeline)."""
     return 1 if device.type == "cpu" else max(1, min(ENCODERS_GPU, os.cpu_count() or 1))
 
 

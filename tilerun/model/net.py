@@ -425,7 +425,7 @@ class TileNet(nn.Module):
     def _palette_on(self, like: Tensor) -> Tensor:
         """The palette as [K, 3] in [0, 1], made once per device and dtype: ``torch.tensor`` on
         a CUDA device copies from pageable memory and so waits for the whole queue, which
-        stalled the engine's pipeline once a forward (BENCHMARKS.md, GPU)."""
+        stalled the engine's pipeline once a forward (bench/engine_vs_whole.py --device cuda --profile)."""
         key = (like.device, like.dtype, tuple(map(tuple, self.palette)))
         cached = getattr(self, "_palette_cache", None)
         if cached is None or cached[0] != key:
