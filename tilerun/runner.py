@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from .engine import Engine
+from .errors import Interrupted
 from .images import InputItem, write_png_atomic, write_tiff_atomic
+from .report import REPORT_NAME
 
 __all__ = ["FileResult", "JobSummary", "run_job", "write_outputs"]
 
@@ -21,7 +24,7 @@ log = logging.getLogger("tilerun")
 @dataclass
 class FileResult:
     input: str
-    status: str  # "ok" | "failed" | "skipped"
+    status: str  # "ok" | "failed" | "skipped" | "interrupted" (not done: the run was stopped)
     outputs: list[str] = field(default_factory=list)
     size: tuple[int, int] | None = None
     tiles: int = 0
@@ -86,18 +89,24 @@ def run_job(
     overwrite: bool = False,
     progress=None,
     fmt: str = "png",
+    started: float | None = None,
 ) -> JobSummary | None:
     """Run ``items`` on this process's share of the job (`tilerun.dist.session` gives ``ctx``).
 
     One process or many, the same path: tiles are claimed from the store and rank 0
     writes every output, as ``fmt`` (`images.OUTPUT_FORMATS`). Returns the summary on rank
-    0, None elsewhere.
+    0, None elsewhere. ``started``: `time.perf_counter` when the command began (default:
+    now), for the summary's and the report's seconds.
+
+    Ctrl-C or SIGTERM (`errors.Interrupted`, or a plain KeyboardInterrupt) once the work
+    has started: rank 0 writes the report -- the inputs written so far ``ok``, the rest
+    ``interrupted`` -- and raises `errors.Interrupted` with them; a rerun resumes.
     """
     from .scheduler import plan_images, run_distributed
 
     from .resume import fingerprint, prepare_outputs
 
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if started is None else started
     # Resume and the collision rule: rank 0 alone reads and claims OUTPUT (it may exist
     # on the first node only) and tells the others what is left to do.
     # OutputExistsError -> exit 2 on rank 0, and torchrun stops the rest.
@@ -112,25 +121,45 @@ def run_job(
     todo = set(json.loads(ctx.share_from_rank0("todo", todo_keys)))
     plans, failed = plan_images(engine, [it for it in items if it.key in todo], world_size=ctx.world_size)
     if progress is not None:  # `progress.Progress`: rank 0's writer sees every process's tiles
-        progress.set_totals(tiles=sum(len(p.tiles) for p in plans), images=len(plans),
+        # Every input counts: those already done and those that failed here are done at once.
+        progress.set_totals(tiles=sum(len(p.tiles) for p in plans), images=len(items),
                             pixels=sum(p.height * p.width for p in plans))
+        progress.advance(images=len(skipped) + len(failed), failed=len(failed), skipped=len(skipped))
         on_tiles = on_tiles or progress.on_tiles
     if ctx.rank == 0:
         paths_by_key = {it.key: it.path for it in items}  # name bad files as the writer does: by path
         for f in failed:
             log.error("%s: %s", paths_by_key[f.input], f.error)
-    results, stats = run_distributed(
-        ctx, engine, plans, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles, outputs=out_plan
-    )
+    try:
+        results, stats = run_distributed(
+            ctx, engine, plans, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles, outputs=out_plan
+        )
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        if ctx.rank != 0:
+            raise Interrupted(signum) from e
+        written = getattr(e, "results", None) or []
+        summary = _record(items, out_dir, out_plan, fp, skipped + failed + written, t0, [], interrupted=signum)
+        raise Interrupted(signum, results=summary.files, report=Path(out_dir) / REPORT_NAME) from e
     if ctx.rank != 0:
         return None
+    return _record(items, out_dir, out_plan, fp, skipped + failed + results, t0, stats)
+
+
+def _record(items, out_dir, out_plan, fp, results, t0, stats, *, interrupted: int | None = None) -> JobSummary:
+    """Rank 0, its writer done: the job's summary, in input order, and its report. Interrupted:
+    the inputs without a result are ``interrupted``."""
     from .images import remove_stale_temps
     from .report import write_report
 
     # Rank 0 wrote every output and its writer is done: leftovers are a killed run's.
     remove_stale_temps(out_plan.all_paths())
-    by_key = {r.input: r for r in skipped + failed + results}
-    ordered = [by_key[it.key] for it in items if it.key in by_key]
+    by_key = {r.input: r for r in results}
+    if interrupted:
+        ordered = [by_key.get(it.key) or FileResult(it.key, "interrupted") for it in items]
+    else:
+        ordered = [by_key[it.key] for it in items if it.key in by_key]
     summary = JobSummary(ordered, time.perf_counter() - t0, stats)
-    write_report(out_dir, summary.files, seconds=summary.seconds, settings=dict(fp.settings), ranks=stats)
+    write_report(out_dir, summary.files, seconds=summary.seconds, settings=dict(fp.settings), ranks=stats,
+                 interrupted=signal.Signals(interrupted).name if interrupted else None)
     return summary
