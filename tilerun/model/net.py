@@ -331,8 +331,11 @@ class Predictor(nn.Module):
         self.logits = nn.Conv2d(cfg.width, cfg.classes, 1)
 
     def forward(self, z: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        # FiLM: the global vector scales and shifts every feature cell alike.
-        gamma, beta = self.global_mlp(g)[:, :, None, None].chunk(2, dim=1)
+        # FiLM: the global vector scales and shifts every feature cell alike. One image's vector
+        # at a time: a batch of one runs the Linear layers on a matrix-vector kernel, a bigger
+        # batch on a matrix-matrix one, and the two round differently (MKL; the engine's
+        # batches of 1 and 8 were apart in the last bits of every tile).
+        gamma, beta = torch.cat([self.global_mlp(row) for row in g.split(1)])[:, :, None, None].chunk(2, dim=1)
         h = z * (1 + gamma) + beta
         for conv in self.convs:
             h = F.relu(conv(h), inplace=True)
