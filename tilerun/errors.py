@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["TilerunError", "InputImageError", "ModelLoadError", "OutputExistsError", "DistributedError",
-           "too_many_pixels"]
+__all__ = ["TilerunError", "InputImageError", "ModelLoadError", "OutputExistsError", "OutputBusyError",
+           "DistributedError", "too_many_pixels"]
 
 
 class TilerunError(Exception):
@@ -29,6 +29,10 @@ class ModelLoadError(TilerunError, ValueError):
 
 class OutputExistsError(TilerunError, FileExistsError):
     """Outputs exist from a run with other settings; rerun with --overwrite."""
+
+
+class OutputBusyError(OutputExistsError):
+    """Another running job holds OUTPUT (`resume.OutputLock`); wait for it or choose another OUTPUT."""
 
 
 class DistributedError(TilerunError, RuntimeError):
