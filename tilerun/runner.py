@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -86,51 +87,55 @@ def run_job(
     overwrite: bool = False,
     progress=None,
     fmt: str = "png",
+    verify_inputs: bool = False,
 ) -> JobSummary | None:
     """Run ``items`` on this process's share of the job (`tilerun.dist.session` gives ``ctx``).
 
     One process or many, the same path: tiles are claimed from the store and rank 0
     writes every output, as ``fmt`` (`images.OUTPUT_FORMATS`). Returns the summary on rank
-    0, None elsewhere.
+    0, None elsewhere. The writer holds OUTPUT (`resume.OutputLock`) for the whole job:
+    a second job into it raises `OutputBusyError` (exit 2).
     """
     from .scheduler import plan_images, run_distributed
 
-    from .resume import fingerprint, prepare_outputs
+    from .resume import OutputLock, fingerprint, prepare_outputs
 
     t0 = time.perf_counter()
     # Resume and the collision rule: rank 0 alone reads and claims OUTPUT (it may exist
     # on the first node only) and tells the others what is left to do.
     # OutputExistsError -> exit 2 on rank 0, and torchrun stops the rest.
-    out_plan = fp = None
-    skipped: list[FileResult] = []
-    todo_keys = None
-    if ctx.rank == 0:
-        fp = fingerprint(model=engine.model, engine=engine)
-        out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True, fmt=fmt)
-        skipped = [FileResult(it.key, "skipped", **out_plan.done_info(it)) for it in out_plan.done]
-        todo_keys = json.dumps([it.key for it in out_plan.todo])
-    todo = set(json.loads(ctx.share_from_rank0("todo", todo_keys)))
-    plans, failed = plan_images(engine, [it for it in items if it.key in todo], world_size=ctx.world_size)
-    if progress is not None:  # `progress.Progress`: rank 0's writer sees every process's tiles
-        progress.set_totals(tiles=sum(len(p.tiles) for p in plans), images=len(plans),
-                            pixels=sum(p.height * p.width for p in plans))
-        on_tiles = on_tiles or progress.on_tiles
-    if ctx.rank == 0:
-        paths_by_key = {it.key: it.path for it in items}  # name bad files as the writer does: by path
-        for f in failed:
-            log.error("%s: %s", paths_by_key[f.input], f.error)
-    results, stats = run_distributed(
-        ctx, engine, plans, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles, outputs=out_plan
-    )
-    if ctx.rank != 0:
-        return None
-    from .images import remove_stale_temps
-    from .report import write_report
+    with OutputLock(out_dir) if ctx.is_writer else contextlib.nullcontext() as lock:
+        out_plan = fp = None
+        skipped: list[FileResult] = []
+        todo_keys = None
+        if ctx.rank == 0:
+            fp = fingerprint(model=engine.model, engine=engine)
+            out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True,
+                                       fmt=fmt, verify_inputs=verify_inputs)
+            skipped = [FileResult(it.key, "skipped", **out_plan.done_info(it)) for it in out_plan.done]
+            todo_keys = json.dumps([it.key for it in out_plan.todo])
+        todo = set(json.loads(ctx.share_from_rank0("todo", todo_keys)))
+        plans, failed = plan_images(engine, [it for it in items if it.key in todo], world_size=ctx.world_size)
+        if progress is not None:  # `progress.Progress`: rank 0's writer sees every process's tiles
+            progress.set_totals(tiles=sum(len(p.tiles) for p in plans), images=len(plans),
+                                pixels=sum(p.height * p.width for p in plans))
+            on_tiles = on_tiles or progress.on_tiles
+        if ctx.rank == 0:
+            paths_by_key = {it.key: it.path for it in items}  # name bad files as the writer does: by path
+            for f in failed:
+                log.error("%s: %s", paths_by_key[f.input], f.error)
+        results, stats = run_distributed(
+            ctx, engine, plans, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles, outputs=out_plan
+        )
+        if ctx.rank != 0:
+            return None
+        from .images import remove_stale_temps
+        from .report import write_report
 
-    # Rank 0 wrote every output and its writer is done: leftovers are a killed run's.
-    remove_stale_temps(out_plan.all_paths())
-    by_key = {r.input: r for r in skipped + failed + results}
-    ordered = [by_key[it.key] for it in items if it.key in by_key]
-    summary = JobSummary(ordered, time.perf_counter() - t0, stats)
-    write_report(out_dir, summary.files, seconds=summary.seconds, settings=dict(fp.settings), ranks=stats)
-    return summary
+        # Rank 0 wrote every output and its writer is done: leftovers are ours or a killed run's.
+        remove_stale_temps(out_plan.all_paths(), since=lock.since)
+        by_key = {r.input: r for r in skipped + failed + results}
+        ordered = [by_key[it.key] for it in items if it.key in by_key]
+        summary = JobSummary(ordered, time.perf_counter() - t0, stats)
+        write_report(out_dir, summary.files, seconds=summary.seconds, settings=dict(fp.settings), ranks=stats)
+        return summary
