@@ -60,9 +60,11 @@ its outputs' code is unknown, so only ``--overwrite`` can vouch for them.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
+import logging
 import os
 import socket
 import stat
@@ -95,6 +97,8 @@ __all__ = [
     "prepare_outputs",
     "write_json_atomic",
 ]
+
+log = logging.getLogger("tilerun")
 
 MANIFEST_NAME = "tilerun-manifest.json"
 LOCK_NAME = ".tilerun.lock"
@@ -328,13 +332,22 @@ class OutputLock:
                 f"{self.path.parent} is in use by another tilerun job ({holder or 'starting'}); "
                 "wait for it to finish, or choose another OUTPUT"
             ) from None
-        except BaseException:
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # A filesystem without locks (some FUSE and NFS mounts without lockd): run, and say so.
+            log.warning("cannot lock %s (%s): a second job into this OUTPUT would not be stopped",
+                        self.path, e.strerror)
+            return self
+        started = time.strftime("%Y-%m-%d %H:%M:%S %z")
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}\n".encode(), 0)
+            self.since = os.fstat(fd).st_mtime
+        except BaseException:  # OUTPUT full: let go of it
             os.close(fd)
             raise
-        started = time.strftime("%Y-%m-%d %H:%M:%S %z")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}, since {started}\n".encode(), 0)
-        self.since = os.fstat(fd).st_mtime
         self._fd = fd
         return self
 
