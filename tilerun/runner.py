@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -90,6 +91,7 @@ def run_job(
     progress=None,
     fmt: str = "png",
     started: float | None = None,
+    verify_inputs: bool = False,
 ) -> JobSummary | None:
     """Run ``items`` on this process's share of the job (`tilerun.dist.session` gives ``ctx``).
 
@@ -101,59 +103,66 @@ def run_job(
     Ctrl-C or SIGTERM (`errors.Interrupted`, or a plain KeyboardInterrupt) once the work
     has started: rank 0 writes the report -- the inputs written so far ``ok``, the rest
     ``interrupted`` -- and raises `errors.Interrupted` with them; a rerun resumes.
+
+    The writer holds OUTPUT (`resume.OutputLock`) for the whole job: a second job into it
+    raises `OutputBusyError` (exit 2).
     """
     from .scheduler import plan_images, run_distributed
 
-    from .resume import fingerprint, prepare_outputs
+    from .resume import OutputLock, fingerprint, prepare_outputs
 
     t0 = time.perf_counter() if started is None else started
     # Resume and the collision rule: rank 0 alone reads and claims OUTPUT (it may exist
     # on the first node only) and tells the others what is left to do.
     # OutputExistsError -> exit 2 on rank 0, and torchrun stops the rest.
-    out_plan = fp = None
-    skipped: list[FileResult] = []
-    todo_keys = None
-    if ctx.rank == 0:
-        fp = fingerprint(model=engine.model, engine=engine)
-        out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True, fmt=fmt)
-        skipped = [FileResult(it.key, "skipped", **out_plan.done_info(it)) for it in out_plan.done]
-        todo_keys = json.dumps([it.key for it in out_plan.todo])
-    todo = set(json.loads(ctx.share_from_rank0("todo", todo_keys)))
-    plans, failed = plan_images(engine, [it for it in items if it.key in todo], world_size=ctx.world_size)
-    if progress is not None:  # `progress.Progress`: rank 0's writer sees every process's tiles
-        # Every input counts: those already done and those that failed here are done at once.
-        progress.set_totals(tiles=sum(len(p.tiles) for p in plans), images=len(items),
-                            pixels=sum(p.height * p.width for p in plans))
-        progress.advance(images=len(skipped) + len(failed), failed=len(failed), skipped=len(skipped))
-        on_tiles = on_tiles or progress.on_tiles
-    if ctx.rank == 0:
-        paths_by_key = {it.key: it.path for it in items}  # name bad files as the writer does: by path
-        for f in failed:
-            log.error("%s: %s", paths_by_key[f.input], f.error)
-    try:
-        results, stats = run_distributed(
-            ctx, engine, plans, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles, outputs=out_plan
-        )
-    except KeyboardInterrupt as e:
-        signum = getattr(e, "signum", signal.SIGINT)
+    with OutputLock(out_dir) if ctx.is_writer else contextlib.nullcontext() as lock:
+        out_plan = fp = None
+        skipped: list[FileResult] = []
+        todo_keys = None
+        if ctx.rank == 0:
+            fp = fingerprint(model=engine.model, engine=engine)
+            out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True,
+                                       fmt=fmt, verify_inputs=verify_inputs)
+            skipped = [FileResult(it.key, "skipped", **out_plan.done_info(it)) for it in out_plan.done]
+            todo_keys = json.dumps([it.key for it in out_plan.todo])
+        todo = set(json.loads(ctx.share_from_rank0("todo", todo_keys)))
+        plans, failed = plan_images(engine, [it for it in items if it.key in todo], world_size=ctx.world_size)
+        if progress is not None:  # `progress.Progress`: rank 0's writer sees every process's tiles
+            # Every input counts: those already done and those that failed here are done at once.
+            progress.set_totals(tiles=sum(len(p.tiles) for p in plans), images=len(items),
+                                pixels=sum(p.height * p.width for p in plans))
+            progress.advance(images=len(skipped) + len(failed), failed=len(failed), skipped=len(skipped))
+            on_tiles = on_tiles or progress.on_tiles
+        if ctx.rank == 0:
+            paths_by_key = {it.key: it.path for it in items}  # name bad files as the writer does: by path
+            for f in failed:
+                log.error("%s: %s", paths_by_key[f.input], f.error)
+        try:
+            results, stats = run_distributed(
+                ctx, engine, plans, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles,
+                outputs=out_plan)
+        except KeyboardInterrupt as e:
+            signum = getattr(e, "signum", signal.SIGINT)
+            if ctx.rank != 0:
+                raise Interrupted(signum) from e
+            written = getattr(e, "results", None) or []
+            summary = _record(items, out_dir, out_plan, fp, skipped + failed + written, t0, [], interrupted=signum,
+                              since=lock.since)
+            raise Interrupted(signum, results=summary.files, report=Path(out_dir) / REPORT_NAME) from e
         if ctx.rank != 0:
-            raise Interrupted(signum) from e
-        written = getattr(e, "results", None) or []
-        summary = _record(items, out_dir, out_plan, fp, skipped + failed + written, t0, [], interrupted=signum)
-        raise Interrupted(signum, results=summary.files, report=Path(out_dir) / REPORT_NAME) from e
-    if ctx.rank != 0:
-        return None
-    return _record(items, out_dir, out_plan, fp, skipped + failed + results, t0, stats)
+            return None
+        return _record(items, out_dir, out_plan, fp, skipped + failed + results, t0, stats, since=lock.since)
 
 
-def _record(items, out_dir, out_plan, fp, results, t0, stats, *, interrupted: int | None = None) -> JobSummary:
+def _record(items, out_dir, out_plan, fp, results, t0, stats, *, interrupted: int | None = None,
+            since: float | None = None) -> JobSummary:
     """Rank 0, its writer done: the job's summary, in input order, and its report. Interrupted:
     the inputs without a result are ``interrupted``."""
     from .images import remove_stale_temps
     from .report import write_report
 
-    # Rank 0 wrote every output and its writer is done: leftovers are a killed run's.
-    remove_stale_temps(out_plan.all_paths())
+    # Rank 0 wrote every output and its writer is done: leftovers are ours or a killed run's.
+    remove_stale_temps(out_plan.all_paths(), since=since)
     by_key = {r.input: r for r in results}
     if interrupted:
         ordered = [by_key.get(it.key) or FileResult(it.key, "interrupted") for it in items]
