@@ -193,10 +193,12 @@ def test_changed_weights_probe_again(probes, make_image, monkeypatch, how):
 def test_a_changed_layer_probes_again(probes, make_image, monkeypatch):
     monkeypatch.setenv(receptive.CACHE_ENV, "")
     model = ConvStack(1)
-    assert receptive.probe_for(model).radius == 1
+    assert receptive.probe_for(model)[0].radius == 1
     model.convs[0].dilation = (3, 3)  # same weights, wider reach
     model.convs[0].padding = (3, 3)
-    assert receptive.probe_for(model).radius == 3 and len(probes) == 2
+    probe, measured = receptive.probe_for(model)
+    assert probe.radius == 3 and measured and len(probes) == 2
+    assert receptive.probe_for(model) == (probe, False)
 
 
 def test_big_models_rehash_when_a_tensor_moves(probes, monkeypatch):
@@ -217,7 +219,7 @@ def test_big_models_rehash_when_a_tensor_moves(probes, monkeypatch):
 
 def test_an_identical_model_object_reads_the_disk_cache(probes):
     a, b = ConvStack(2), ConvStack(2)  # same class (source known), same seeded weights
-    assert receptive.probe_for(a) == receptive.probe_for(b) and len(probes) == 1
+    assert receptive.probe_for(a) == (receptive.probe_for(b)[0], True) and len(probes) == 1
     entries = list((receptive.cache_dir() / "probes").iterdir())
     assert len(entries) == 1
 

@@ -292,8 +292,11 @@ class Engine:
             # the input's layout, and the activations keep it from layer to layer.
             self.model.to(memory_format=torch.channels_last)
         if probe is None:
-            probe = probe_for(model)  # measured once per model and weights (on disk too), then reused
-            _release_free_heap()  # after a probe, its float64 tensors; 0.1 ms when none ran
+            probe, measured = probe_for(model)  # measured once per model and weights (on disk too), then reused
+            if measured:
+                # The probe's float64 tensors. Not after every Engine: a trim hands back the last
+                # image's memory too, which the next one faults in again (python bench/infer_loop.py).
+                _release_free_heap()
         self.probe = probe
         stride = self.probe.stride
         if tile < 0 or tile % stride:

@@ -195,7 +195,7 @@ def inspect_model(
     batch_size = default_batch(kind) if batch_size is None else batch_size
     t0 = time.perf_counter()
     outputs = check_contract(model)
-    probe = probe_for(model)  # the one Engine and infer_image reuse (kept per model, and on disk)
+    probe, _ = probe_for(model)  # the one Engine and infer_image reuse (kept per model, and on disk)
     params = list(model.parameters())
     notes = []
     if not probe.tile_exact:

@@ -422,17 +422,17 @@ def probe_cached(model: torch.nn.Module, identity: str | None) -> tuple[ModelPro
 
 
 # -- one probe per model object ----------------------------------------------------------
-# `infer_image(model, image)` builds an Engine per call; without this each call probed
-# again (5-18 s a photo). A model object keeps its probe for as long as its weights and
-# structure hash the same (`_model_key`); another process finds it on disk when the
-# model's source code is known too (`_code_key`).
-_probes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (model key, disk identity, probe)
+# `infer_image(model, image)` builds an Engine per call; each call used to probe again
+# (issue 20: 5-18 s a photo). A model object keeps its probe for as long as its weights
+# and structure hash the same (`_model_key`); another process finds it on disk when the
+# model's code is known too (`_code_key`). bench/infer_loop.py: the loop vs one Engine.
+_probes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (model key, fingerprint, probe)
 _probes_lock = threading.Lock()
-# Above this many bytes of parameters and buffers, a model is rehashed only when one of its
-# tensors is replaced or its version counter moves (an optimizer step, load_state_dict,
-# an in-place op under no_grad), not on a write through ``.data``, which bumps no counter.
-# Below it every call hashes every byte: 1.3 ms for TileNet's 1.2 MiB here; sha256 ran at
-# 0.9 GB/s on this CPU, so the limit costs ~70 ms a call at most.
+# Below this many bytes of parameters and buffers (TileNet: 1.2 MiB) every call hashes every
+# byte, whatever wrote them. Above it, sha256's ~1 GB/s would cost each call more than its
+# forwards: the bytes are hashed again only when a tensor is replaced or its version
+# counter moves (an optimizer step, load_state_dict, an in-place op under no_grad), not on
+# a write through ``.data``, which bumps no counter.
 HASH_EVERY_CALL_BYTES = 64 * 2**20
 
 
@@ -568,17 +568,18 @@ def _code_key(model: torch.nn.Module) -> str | None:
     return h.hexdigest()
 
 
-def probe_for(model: torch.nn.Module) -> ModelProbe:
-    """``model``'s probe, measured once per model object and state of its weights: kept on
-    the object (`_model_key`: changed weights or layers measure it again) and on disk under
-    its code too (`probe_cached`; not when that code cannot be known, see `_code_key`)."""
+def probe_for(model: torch.nn.Module) -> tuple[ModelProbe, bool]:
+    """``model``'s probe and whether it was measured now (not remembered), once per model
+    object and state of its weights: kept on the object (`_model_key`: changed weights or
+    layers measure it again) and on disk under its code too (`probe_cached`; not when that
+    code cannot be known, see `_code_key`)."""
     with _probes_lock:  # one probe at a time: a second thread waits for the first one's result
         before = _probes.get(model)
         key, fingerprint = _model_key(model, before and (before[0], before[1]))
         if before is not None and before[0] == key:
-            return before[2]
+            return before[2], False
         code = _code_key(model)
         identity = None if code is None else hashlib.sha256(f"model-object\0{key}\0{code}".encode()).hexdigest()
-        probe, _ = probe_cached(model, identity)
+        probe, kept = probe_cached(model, identity)
         _probes[model] = (key, fingerprint, probe)
-        return probe
+        return probe, kept is None
