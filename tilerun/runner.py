@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -86,31 +85,36 @@ def run_job(
     overwrite: bool = False,
     progress=None,
     fmt: str = "png",
+    model_id: str | None = None,
 ) -> JobSummary | None:
     """Run ``items`` on this process's share of the job (`tilerun.dist.session` gives ``ctx``).
 
     One process or many, the same path: tiles are claimed from the store and rank 0
     writes every output, as ``fmt`` (`images.OUTPUT_FORMATS`). Returns the summary on rank
-    0, None elsewhere.
+    0, None elsewhere. ``model_id``: `tilerun.model.model_identity` of the model (None: the
+    loaded weights' digest), which every process must share, as the options and inputs.
     """
-    from .scheduler import plan_images, run_distributed
+    from .scheduler import JobPlan, job_settings, plan_job, run_distributed
 
     from .resume import fingerprint, prepare_outputs
 
     t0 = time.perf_counter()
+    if ctx.distributed:  # before anything is written: a process that differs stops every process
+        ctx.agree_settings(job_settings(engine, items, model_id=model_id, fmt=fmt))
     # Resume and the collision rule: rank 0 alone reads and claims OUTPUT (it may exist
     # on the first node only) and tells the others what is left to do.
     # OutputExistsError -> exit 2 on rank 0, and torchrun stops the rest.
-    out_plan = fp = None
+    # Rank 0 alone plans the work (sizes, claims) and every process follows that one plan.
+    out_plan = fp = job = None
     skipped: list[FileResult] = []
-    todo_keys = None
+    failed: list[FileResult] = []
     if ctx.rank == 0:
         fp = fingerprint(model=engine.model, engine=engine)
         out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True, fmt=fmt)
         skipped = [FileResult(it.key, "skipped", **out_plan.done_info(it)) for it in out_plan.done]
-        todo_keys = json.dumps([it.key for it in out_plan.todo])
-    todo = set(json.loads(ctx.share_from_rank0("todo", todo_keys)))
-    plans, failed = plan_images(engine, [it for it in items if it.key in todo], world_size=ctx.world_size)
+        job, failed = plan_job(engine, out_plan.todo, world_size=ctx.world_size)
+    job = JobPlan.from_json(ctx.share_from_rank0("plan", job.to_json() if job is not None else None))
+    plans = job.image_plans(items)
     if progress is not None:  # `progress.Progress`: rank 0's writer sees every process's tiles
         progress.set_totals(tiles=sum(len(p.tiles) for p in plans), images=len(plans),
                             pixels=sum(p.height * p.width for p in plans))
