@@ -119,14 +119,19 @@ def _two_nodes(args: list[str], threads: tuple[str, str] = ("1", "1")) -> list[t
            "-m", "tilerun", "run", *args]
     agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env=dict(_env(), OMP_NUM_THREADS=n)) for n in threads]
-    return [(a.returncode, a.communicate(timeout=TIMEOUT)[1]) for a in agents]
+    errs = [a.communicate(timeout=TIMEOUT)[1] for a in agents]
+    return [(a.returncode, err) for a, err in zip(agents, errs)]
 
 
 def test_two_nodes_with_other_thread_counts_match_one_process(inputs, tmp_path):
     """Nodes with other core counts (OMP_NUM_THREADS 2 and 1) split a job as rank 0 planned it, and the
     bytes are one process's. --batch-size 1 gives the images enough batches that the two thread
-    counts would pick other claim sizes (a node's own plan numbered the same task differently:
-    pixels left zero, or a wait on a task no rank computes)."""
+    counts would pick other claim sizes (when each node planned for itself, it numbered the same
+    task differently: pixels left zero, or, with these two images, a wait on a task no rank computes)."""
+    shared, inputs = inputs, tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/small.jpg"):
+        (inputs / name).write_bytes((shared / name).read_bytes())
     ref = tmp_path / "ref"
     r = run_tilerun([str(inputs), str(ref), "--tile", "64", "--batch-size", "1"])
     assert r.returncode == 0, r.stderr

@@ -167,14 +167,21 @@ class Context:
              ranks: Sequence[int] | None = None) -> None:
         """Until every key in ``keys`` is set, however long that takes while the job lives.
 
-        Polls (`Store.check`, which never blocks: a `Store.wait` that times out makes c10d
-        print a warning each time), at most POLL_MAX_S apart and a tenth of the wait so far,
-        so that a result that comes soon is seen soon. Now and then checks the heartbeat of
+        Polls (`Store.check`, which never blocks: a TCPStore `wait` that times out makes
+        c10d print a warning each time), at most POLL_MAX_S apart and a tenth of the wait so
+        far, so that a result that comes soon is seen soon; one process waits in slices. Now and then checks the heartbeat of
         the rank that claimed the first missing key (`claimed`), else of ``ranks`` (default:
         every rank that has not finished): one silent for ``stall_timeout`` seconds ends the
         job with a DistributedError naming it and ``describe(key)``.
         """
         keys = list(keys)
+        if not self.distributed:  # a HashStore's wait blocks no other thread and prints nothing
+            while True:
+                try:
+                    store.wait(keys, timedelta(seconds=POLL_MAX_S * 10))
+                    return
+                except dist.DistStoreError:
+                    continue
         # Liveness costs a few store calls a rank: every tenth of the limit is soon enough.
         every = max(POLL_MAX_S, self.stall_timeout / 10)
         start = checked = time.monotonic()
