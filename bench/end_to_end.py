@@ -10,7 +10,7 @@ hole masks. Interleaved, best of ``repeats``:
   from OUT/tilerun-report.json (listing, decoding, both passes, PNG encoding, atomic
   writes; not Python start-up, model load or the receptive-field probe, which the
   process wall time below includes: the probe only in a run that finds none kept for
-  this model and code in the probe cache, README "How it stays exact");
+  this model and code in the probe cache, docs/exactness.md);
 * ``compute``: the same images already decoded in memory, `infer_image` on each with the
   same engine settings, nothing read or written. Its first run is a cold engine (on a GPU:
   first kernels and allocations, ~0.5-0.9 s on an H100, bench/first_image.py), as the CLI's

@@ -1,15 +1,15 @@
 #!/bin/sh
-# Issue 5, benchmark 6: the prepared GPU run, one call on a lent card (4.5 minutes on an H100).
+# The prepared GPU run: one call on a lent card (4.5 minutes on an H100).
 # Installs nothing (MONAI, a pure-Python wheel, only if one lies in .whl/). Runs the CUDA
 # code paths (pinned uint8 transfers, one batch in flight, IEEE fp32 convolutions,
-# autocast, NCCL under torchrun) and the benchmarks of issue 5 on the card, most needed
+# autocast, NCCL under torchrun) and the GPU rows of BENCHMARKS.md on the card, most needed
 # first; each step has its own time limit so that one hang costs one step, not the run.
 #
 # Usage: sh bench/gpu.sh [LOG]            (LOG default: gpu.txt; everything goes there too)
 # Rehearse the script on a CPU machine:  DEV=cpu SIZE=256 BIG=512 sh bench/gpu.sh /tmp/g.txt
 # Some steps only: ONLY="whole-fp32 monai" sh bench/gpu.sh
 DEV=${DEV:-cuda}
-SIZE=${SIZE:-2048}  # issue 5's benchmark 1 size
+SIZE=${SIZE:-2048}  # the engine-vs-whole benchmark's photo side
 BIG=${BIG:-4096}    # a size that fills a GPU better
 LOG=${1:-gpu.txt}
 PY=${PY:-python3}
@@ -71,7 +71,7 @@ step 150 whole-bf16 $PY bench/engine_vs_whole.py --device "$DEV" --precision bf1
 step 150 whole-fp32-big $PY bench/engine_vs_whole.py --device "$DEV" --precision fp32 --size "$BIG" --repeats 3 --profile
 step 150 whole-bf16-big $PY bench/engine_vs_whole.py --device "$DEV" --precision bf16 --size "$BIG" --repeats 3
 # A folder big enough to outweigh a fresh process's CUDA/cuDNN warm-up (2 photos of 2048^2
-# held 0.24 s of warm H100 work: BENCHMARKS.md, "Results on a GPU").
+# held 0.24 s of warm H100 work: python bench/end_to_end.py --device cuda).
 step 240 end-to-end $PY bench/end_to_end.py --device "$DEV" --repeats 2 --big "${E2E_BIG:-12}" --size "$BIG" --patch "ENCODERS_GPU = 8; ENCODE_PIXELS = 2**28" --timeline
 step 120 host $PY bench/host_probe.py
 if [ "$DEV" = cuda ]; then  # a fresh process's warm-up: the first photo alone, then after a blank image

@@ -1,8 +1,8 @@
 """The writer's host-side pieces on a machine: PNG writing of 4096^2 images on 1-8 threads
 (images in parallel, and one image at a time in strips on a pool), tobytes, stitching a
 4096^2 image from 16 tiles; file sizes of our PNG encoder vs Pillow's; tiled TIFF writing.
-Ran on the H100 host (BENCHMARKS.md, sixth and seventh sessions; bench/logs/gpu-h100-6-host.txt,
-gpu-h100-8.txt; before the TIFF lines existed):
+Ran on the H100 host (bench/logs/gpu-h100-6-host.txt, gpu-h100-8.txt; before the TIFF
+lines existed):
 
     python bench/host_probe.py
 """

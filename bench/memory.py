@@ -14,7 +14,7 @@ Each measurement is a fresh subprocess reading its own peak (ru_maxrss):
 TIFFs (``--format tiff``), with ``--max-pixels 0``: for photos past Pillow's comfortable
 range, e.g. ``--sizes "" --cli-sizes 16384 --tiff``.
 
-Limit: 1.5 GB for the 8192^2 photo (issue 5). Pillow's decompression-bomb limit
+Limit: 1.5 GB for the 8192^2 photo. Pillow's decompression-bomb limit
 (89.5 MP by default) is above 8192^2 = 67.1 MP, so no --max-pixels is needed.
 """
 

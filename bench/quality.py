@@ -1,4 +1,4 @@
-"""Inpainting quality of tilerun's default weights vs classical inpainting (issue 4).
+"""Inpainting quality of tilerun's default weights vs classical inpainting.
 
 On photos held out of training (coffee and chelsea: `make weights` excludes them), with
 fixed-seed holes and random noise under them, measures on the hole pixels only:
@@ -41,7 +41,7 @@ CASES = [
     ("boxes", "box", "crop", TRIALS),
     ("large boxes", "box", None, 1),
 ]
-SECTION = "## Quality (issue 4)"
+SECTION = "## Quality"
 
 
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
@@ -157,7 +157,7 @@ def _provenance(training: dict) -> str:
     if not runs:
         return head
     return (f"{head}; {len(runs)} training runs, {total / 60:.0f} min of training in all "
-            "(a shared 2-core CPU; see README, Training)")
+            "(a shared 2-core CPU; see docs/training.md)")
 
 
 def _table(rows: dict, model, *, crop: int, model_name: str) -> str:
@@ -203,7 +203,7 @@ def _table(rows: dict, model, *, crop: int, model_name: str) -> str:
     ]
     lines += [
         "",
-        "Targets (issue 4): tilerun ≥ the better classical method + 0.5 dB on strokes and on boxes, and class "
+        "Targets: tilerun ≥ the better classical method + 0.5 dB on strokes and on boxes, and class "
         "accuracy ≥ nearest-known. Strokes, thin strokes and boxes are sized like the training holes (relative to "
         f"the {crop}-pixel training crop, drawn once per {crop}x{crop} area of the photo); large boxes (up to 45% of the photo's short side) reach far beyond the model's "
         "receptive field, where only the global summary informs a hole's middle: shown, not a target.",
@@ -247,7 +247,7 @@ def write_section(path: Path, text: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--write", type=Path, default=None, help="Markdown file whose issue-4 section to (re)write.")
+    ap.add_argument("--write", type=Path, default=None, help="Markdown file whose Quality section to (re)write.")
     ap.add_argument("--model", type=Path, default=None, help="Weights to measure (default: the shipped ones).")
     ap.add_argument("--figure", type=Path, default=None, help="PNG of a few results (e.g. docs/quality.png).")
     args = ap.parse_args()

@@ -1,6 +1,7 @@
 """A model that computes next to nothing (1x1 convolutions), so that a CLI job over it is
 the host side alone: decoding, windows, results through the scheduler, stitching, PNGs.
-It is how this project's CPU stands in for a GPU host's (BENCHMARKS.md, sixth session):
+It is how a CPU stands in for a GPU host, whose CLI job is mostly this host side
+(python bench/end_to_end.py --device cuda --timeline shows it there):
 
     PYTHONPATH=bench tilerun run FOLDER OUT --model trivial_model:make --tile 1024 --overwrite
 """

@@ -1,6 +1,6 @@
 """Bring your own model to tilerun: the contract, a TorchScript file, a .pt2 and a factory.
 
-The contract (README "Own models"): ``forward(image, mask)`` with ``image`` float
+The contract (README "Your own model"): ``forward(image, mask)`` with ``image`` float
 [N,3,H,W] in [0,1] and ``mask`` float [N,1,H,W], 1 = missing, returns
 ``(logits [N,K,H,W], rgb [N,3,H,W])`` -- or only one of them. Any H and W must work
 (tiles at image borders are smaller). tilerun measures the receptive field and stride

@@ -1,4 +1,4 @@
-"""User experience: `tilerun inspect`, previews, progress."""
+"""User experience: `tilerun inspect`, previews, progress, and exits and messages that tell the truth."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
+
+from cli_fixtures import model_file, run_cli  # noqa: F401  (fixtures)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -200,3 +203,194 @@ def test_run_shows_progress_lines(monkeypatch, tmp_path, make_image):
     assert res.exit_code == 0, res.output
     # a: 3x3 tiles, b: 2x5 tiles of 16 px cores; 40*33 + 17*70 pixels.
     assert re.search(r"2/2 images, 19/19 tiles \(100%\), [\d.]+ tiles/s, [\d.]+ MP/s, done", res.output), res.output
+
+
+# -- exits and messages that tell the truth ------------------------------------------------
+
+
+def test_progress_counts_every_input_with_its_failures(tmp_path, run_cli, monkeypatch, make_image):
+    """Inputs that fail at their header (never planned) and at decoding count as done, with a failure."""
+    from PIL import Image
+
+    import tilerun.progress as progress_mod
+
+    monkeypatch.setattr(progress_mod, "LOG_INTERVAL", 0.0)
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(make_image(20, 24, seed=i)).save(root / f"ok{i}.png")
+    (root / "header.png").write_bytes(b"not a png")  # fails before planning
+    whole = (root / "ok0.png").read_bytes()
+    (root / "truncated.png").write_bytes(whole[: len(whole) // 2])  # fails at decoding
+    res = run_cli(root, tmp_path / "out")
+    assert res.exit_code == 1, res.output
+    assert re.search(r"5/5 images \(2 failed\), (\d+)/\1 tiles \(100%\)", res.output), res.output
+    res = run_cli(root, tmp_path / "out")  # the failures again, the rest already done
+    assert re.search(r"5/5 images \(2 failed, 3 already done\), ", res.output), res.output
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--device", "cuda"], "--device"),
+    (["--device", "cuda:7"], "--device"),
+    (["--device", "gpu"], "is not a device"),
+    (["--backend", "mpi"], "--backend"),
+    (["--tile", "-1"], "--tile"),
+    (["--halo", "-1"], "--halo"),
+    (["--batch-size", "0"], "--batch-size"),
+    (["--format", "tiff"], "--format tiff needs tifffile"),
+])
+def test_usage_errors_exit_2_before_anything_runs(tmp_path, run_cli, monkeypatch, make_image, options, message):
+    import torch
+    from PIL import Image
+
+    import tilerun.model
+    import tilerun.tiff
+
+    if options[-1].startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    monkeypatch.setattr(tilerun.tiff, "tifffile", None)  # as without the tiff extra
+    monkeypatch.setattr(tilerun.model, "load_model", None)  # a usage error must not get as far as the model
+    (tmp_path / "in").mkdir()
+    Image.fromarray(make_image(8, 8)).save(tmp_path / "in" / "x.png")
+    res = run_cli(tmp_path / "in", tmp_path / "out", *options)
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output and "internal error" not in res.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["rocket_out.png", "x.JPG", "scan.tif"])
+def test_output_named_like_an_image_is_refused(tmp_path, run_cli, make_image, name):
+    from PIL import Image
+
+    Image.fromarray(make_image(8, 8)).save(tmp_path / "rocket.jpg")
+    res = run_cli(tmp_path / "rocket.jpg", tmp_path / "out" / name)
+    assert res.exit_code == 2, res.output
+    assert "looks like an image file name" in res.output and "give a folder" in res.output
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "out" / name).mkdir(parents=True)  # a folder that exists is a folder, whatever its name
+    assert run_cli(tmp_path / "rocket.jpg", tmp_path / "out" / name).exit_code == 0
+
+
+def test_probe_is_announced_once_and_the_summary_counts_the_whole_command(tmp_path, run_cli, monkeypatch,
+                                                                          make_image):
+    import time
+
+    from PIL import Image
+
+    import tilerun.model
+    from tilerun.receptive import CACHE_ENV
+
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))  # a first run: nothing measured yet
+    real = tilerun.model.load_model
+
+    def slow_load(*a, **kw):  # time spent before the job proper (loading, probing) is the user's time too
+        time.sleep(1.0)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tilerun.model, "load_model", slow_load)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(make_image(12, 12)).save(tmp_path / "in" / "x.png")
+    res = run_cli(tmp_path / "in", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert res.output.count("measuring the model's receptive field") == 1, res.output
+    assert float(re.search(r"in ([\d.]+)s ->", res.output).group(1)) >= 1.0, res.output
+    res = run_cli(tmp_path / "in", tmp_path / "out2")
+    assert res.exit_code == 0 and "measuring" not in res.output, res.output  # remembered
+
+
+SLOW_MODEL = '''
+import time
+import torch
+from own_model import OwnModel
+
+class Slow(OwnModel):
+    def forward(self, image, mask):
+        if torch.is_inference_mode_enabled():  # the job's forwards, not the probe's
+            time.sleep(0.4)
+        return super().forward(image, mask)
+
+def make_model():
+    torch.manual_seed(0)
+    return Slow()
+'''
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    import os
+
+    (tmp_path / "slow_model.py").write_text(SLOW_MODEL)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(EXAMPLES), env.get("PYTHONPATH", "")])
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+@pytest.mark.parametrize("sig, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupt_writes_the_report_and_a_rerun_resumes(tmp_path, make_image, sig, status):
+    """A real process, Ctrl-C (or a scheduler's SIGTERM) mid-job: the report says what was done."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from PIL import Image
+
+    root, out = tmp_path / "in", tmp_path / "out"
+    root.mkdir()
+    names = [f"im{i}.png" for i in range(6)]
+    for i, name in enumerate(names):
+        Image.fromarray(make_image(32, 32, seed=i)).save(root / name)
+    cmd = [sys.executable, "-m", "tilerun", "run", str(root), str(out), "--model", "slow_model:make_model",
+           "--tile", "32", "--device", "cpu"]
+    env = _env(tmp_path)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("*.inpainted.png")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == status, err
+    assert "Traceback" not in err and "Aborted" not in err
+    last = err.strip().splitlines()[-1]
+    assert f"interrupted by {sig}" in last and "rerunning the same command resumes" in last, err
+    report = json.loads((out / "tilerun-report.json").read_text())
+    assert report["interrupted"] == sig
+    status_of = {f["input"]: f["status"] for f in report["files"]}
+    done = {n for n in names if (out / n.replace(".png", ".inpainted.png")).exists()}
+    assert done and {n for n, s in status_of.items() if s == "ok"} == done  # the report matches the disk
+    assert {s for n, s in status_of.items() if n not in done} == {"interrupted"} and len(status_of) == len(names)
+    assert f"{len(done)} ok, 0 failed, 0 skipped (already done), {len(names) - len(done)} not done" in last
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    if sig == "SIGINT":
+        rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+        assert rerun.returncode == 0, rerun.stderr
+        assert f"{len(names) - len(done)} ok, 0 failed, {len(done)} skipped" in rerun.stderr, rerun.stderr
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_failed_inputs_under_torchrun_are_results_not_crashes(tmp_path, make_image, strict):
+    """Under torchrun, a job that completed exits 0 with its failures in the summary and the
+    report: a worker's exit 1 reads as a crash (torchrun's ChildFailedError traceback, and a
+    restart with --max-restarts). --strict asks for exit 1."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(3):
+        Image.fromarray(make_image(20, 20, seed=i)).save(root / f"ok{i}.png")
+    (root / "corrupt.png").write_bytes(b"\x89PNG not really")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "tilerun",
+           "run", str(root), str(tmp_path / "out"), "--model", "own_model:make_model", "--tile", "16",
+           "--device", "cpu", *(["--strict"] if strict else [])]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), timeout=300)
+    assert "3 ok, 1 failed, 0 skipped" in p.stderr, p.stderr
+    if strict:
+        assert p.returncode == 1, p.stderr
+    else:
+        assert p.returncode == 0, p.stderr
+        assert "Traceback" not in p.stderr and "ChildFailedError" not in p.stderr
+        assert "--strict makes it 1" in p.stderr

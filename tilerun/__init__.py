@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 # tilerun.engine.TRIM_EVERY_BATCHES), so windows' activations are faulted in afresh;
 # in 2 MB pages that is 512x fewer faults. Measured on 2048^2 (2 cores, alternated runs):
 # 6.23-6.44 s vs 7.52-7.98 s with it at 0, peak RSS ~730-770 MB either way; 8192^2
-# unchanged at 1408 MB (BENCHMARKS.md, fourth session).
+# unchanged at 1408 MB (python bench/memory.py --sizes 8192).
 # PyTorch reads the variable at its first allocation of >= 2 MB, hence here, on import,
 # before any; a value already set (e.g. 0 to opt out) is kept. Process-wide.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")

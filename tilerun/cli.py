@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -48,6 +50,55 @@ def _error_boundary(verbose: int) -> Iterator[None]:
         raise click.ClickException(f"internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)") from e
 
 
+@contextlib.contextmanager
+def _interrupts(output: Path, *, started: float) -> Iterator[None]:
+    """Ctrl-C and SIGTERM end the command with 128 + the signal (130, 143: the shell's
+    convention) and one line saying what was done and that a rerun resumes.
+
+    Both signals raise `errors.Interrupted` in the main thread, once: the job writes its
+    report on the way out (`runner.run_job`). Later signals are ignored meanwhile -- under
+    torchrun each worker gets Ctrl-C from the terminal and again from the agent (which sends
+    SIGKILL to a worker that outstays 30 s); batch schedulers send SIGTERM.
+    """
+    from .errors import Interrupted
+
+    received: list[int] = []
+
+    def handler(signum, frame):
+        if not received:
+            received.append(signum)
+            raise Interrupted(signum)
+
+    main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    except Interrupted as e:
+        from .report import summary_line
+
+        if os.environ.get("RANK", "0") == "0":  # -q too: the status alone would not say that a rerun resumes
+            seconds = time.perf_counter() - started
+            log.error("%s", summary_line(e.results, seconds=seconds, out_dir=output, interrupted=e.signal_name)
+                      if e.report else f"interrupted by {e.signal_name}; rerunning the same command resumes")
+        sys.exit(128 + e.signum)
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _check_output(output: Path) -> None:
+    """OUTPUT is a folder; a name like an image file (``out/x.png``) is a mistake, refused
+    before anything is written, unless that folder exists."""
+    from .images import IMAGE_EXTENSIONS, OUTPUT_FORMATS, output_suffixes
+
+    suffixes = {*IMAGE_EXTENSIONS, *(Path(s).suffix for f in OUTPUT_FORMATS for s in output_suffixes(f).values())}
+    if not output.is_dir() and output.suffix.lower() in suffixes:
+        raise click.UsageError(
+            f"OUTPUT {output} looks like an image file name, but OUTPUT is the folder the outputs go into "
+            f"(NAME.pred.png, NAME.inpainted.png); give a folder, e.g. {output.with_suffix('')}"
+        )
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
     level = logging.ERROR if quiet else logging.DEBUG if verbose > 1 else logging.INFO
     logging.basicConfig(level=level, format="tilerun: %(message)s", stream=sys.stderr, force=True)
@@ -55,8 +106,12 @@ def _setup_logging(verbose: int, quiet: bool) -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="tilerun")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Exact tiled inference of an image model over folders of images: class maps and inpainting."""
+    # Before the command's options are parsed (--device imports torch): the summary's seconds
+    # are the whole command's, as a user's clock sees them.
+    ctx.meta["tilerun.started"] = time.perf_counter()
 
 
 @main.command()
@@ -75,57 +130,75 @@ def main() -> None:
 @o.max_pixels_opt
 @o.format_opt
 @o.overwrite_opt
+@o.verify_inputs_opt
 @o.stall_timeout_opt
 @click.option("--preview", is_flag=True, help="Also write NAME.preview.png: input with holes | class map | "
               "inpainted, with a legend (at most 1024 px a side).")
+@click.option("--strict", is_flag=True, help="Under torchrun, exit 1 when any input failed (the default there "
+              "is 0: see Exit status in the README). Without torchrun a failed input always means exit 1.")
 @o.verbose_opt
 @o.quiet_opt
 def run(input_path, output, model_path, tile, halo, batch_size, precision, feature_cache_mib, device, backend,
-        mask_dir, max_pixels, fmt, overwrite, stall_timeout, preview, verbose, quiet):
+        mask_dir, max_pixels, fmt, overwrite, verify_inputs, stall_timeout, preview, strict, verbose, quiet):
     """Run the model over INPUT (an image or a folder, recursive) into the folder OUTPUT.
 
     For a/b/NAME.ext writes OUTPUT/a/b/NAME.pred.png (class map, palette PNG) and
     OUTPUT/a/b/NAME.inpainted.png (with --format tiff: .tif). Missing pixels: alpha = 0, or a
     sidecar NAME.mask.png.
+
+    Exit status: 0 every input done (or already done); 1 some inputs failed (listed in
+    OUTPUT/tilerun-report.json; under torchrun only with --strict); 2 usage; 130 Ctrl-C,
+    143 SIGTERM (the report says what was done; rerunning the same command resumes).
     """
+    started = click.get_current_context().meta.get("tilerun.started", time.perf_counter())
     _setup_logging(verbose, quiet)
-    import torch
+    _check_output(output)
+    with _interrupts(output, started=started):
+        import torch
 
-    from .dist import launched_by_torchrun, session
-    from .errors import DistributedError
+        from .dist import launched_by_torchrun, session
+        from .errors import DistributedError
 
-    if backend == "nccl" and not torch.cuda.is_available():
-        raise click.UsageError("--backend nccl needs CUDA; use --backend gloo (or auto) on CPU")
-    if fmt == "tiff":
-        from . import tiff
+        if backend == "nccl" and not torch.cuda.is_available():
+            raise click.UsageError("--backend nccl needs CUDA; use --backend gloo (or auto) on CPU")
+        if fmt == "tiff":
+            from . import tiff
 
-        if tiff.tifffile is None:
-            raise click.UsageError("--format tiff needs tifffile: pip install tilerun[tiff] (or use --format png)")
-    if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
-        logging.getLogger("tilerun").setLevel(logging.ERROR)  # other ranks print nothing but errors
-    from .images import set_max_pixels
-    from .report import summary_line
+            if tiff.tifffile is None:
+                raise click.UsageError("--format tiff needs tifffile: pip install tilerun[tiff] (or use --format png)")
+        if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
+            logging.getLogger("tilerun").setLevel(logging.ERROR)  # other ranks print nothing but errors
+        from .images import set_max_pixels
+        from .report import summary_line
 
-    if max_pixels is not None:
-        set_max_pixels(None if max_pixels == 0 else max_pixels)
-    with _error_boundary(verbose):
-        try:
-            with session(backend=backend, device=device, stall=stall_timeout) as ctx:
-                summary = _run(ctx, input_path, output, model_path=model_path, tile=tile, halo=halo,
-                               batch_size=batch_size, precision=precision, feature_cache_mib=feature_cache_mib,
-                               mask_dir=mask_dir, overwrite=overwrite, preview=preview, verbose=verbose, quiet=quiet,
-                               fmt=fmt)
-        except DistributedError as e:
-            raise click.ClickException(str(e)) from e
+        if max_pixels is not None:
+            set_max_pixels(None if max_pixels == 0 else max_pixels)
+        with _error_boundary(verbose):
+            try:
+                with session(backend=backend, device=device, stall=stall_timeout) as ctx:
+                    summary = _run(ctx, input_path, output, model_path=model_path, tile=tile, halo=halo,
+                                   batch_size=batch_size, precision=precision, feature_cache_mib=feature_cache_mib,
+                                   mask_dir=mask_dir, overwrite=overwrite, preview=preview, verbose=verbose,
+                                   quiet=quiet, fmt=fmt, started=started, verify_inputs=verify_inputs)
+            except DistributedError as e:
+                raise click.ClickException(str(e)) from e
     if summary is None:  # not rank 0: rank 0 reports for the job
         sys.exit(0)
     log.info("%s", summary_line(summary.files, seconds=summary.seconds, out_dir=output))
     # 0: every input done (or already done); 1: some inputs failed (see the report); 2: usage.
+    # Under torchrun a failed input is a result of the job, not a crash: a worker's exit 1
+    # makes torchrun print a traceback ("ChildFailedError ... FAILED") and, with --max-restarts,
+    # restart every worker, which would fail the same inputs again. --strict asks for 1 anyway.
+    if summary.failed and launched_by_torchrun() and not strict:
+        log.info("exit status 0: under torchrun, failed inputs are in the report, not in the exit status "
+                 "(--strict makes it 1)")
+        sys.exit(0)
     sys.exit(1 if summary.failed else 0)
 
 
 def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_dir, precision="fp32",
-         feature_cache_mib=None, overwrite=False, preview=False, verbose=0, quiet=False, fmt="png"):
+         feature_cache_mib=None, overwrite=False, preview=False, verbose=0, quiet=False, fmt="png", started=None,
+         verify_inputs=False):
     from .engine import Engine
     from .images import find_inputs
     from .model import load_model
@@ -143,7 +216,10 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
     probe = None
     if ctx.rank == 0:  # measured once, on rank 0: the probe is deterministic, N copies would only cost CPU
         t0 = time.perf_counter()
-        probe, kept = probe_cached(model, identity)
+        probe, kept = probe_cached(model, identity, announce=lambda: log.info(
+            "measuring the model's receptive field and stride (%s; seconds to a minute)",
+            "once per model file: later runs reuse it" if identity is not None
+            else "every run: a model given as package.module:factory is not cached"))
         log.debug("receptive field: %s", f"as measured before ({kept})" if kept else f"probed in {time.perf_counter() - t0:.1f} s")
         if not kept:
             from .engine import _release_free_heap
@@ -169,7 +245,8 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
     # One bar (or log lines) on rank 0 over every process's tiles; other ranks show nothing.
     with Progress(enabled=ctx.rank == 0, quiet=quiet, verbose=verbose) as progress:
         summary = run_job(ctx, engine, items, output, mask_dir=mask_dir, palette=getattr(model, "palette", None),
-                          overwrite=overwrite, progress=progress, fmt=fmt, model_id=identity)
+                          overwrite=overwrite, progress=progress, fmt=fmt, started=started,
+                          verify_inputs=verify_inputs, model_id=identity)
     if preview and summary is not None:  # rank 0, after its writer: previews of what is on disk
         from .preview import write_previews
 

@@ -93,8 +93,9 @@ def _release_free_heap() -> None:
 # windows fault them in again, in 4 KB pages (a trim splits the huge ones): after every
 # batch that was 15-20% of a 2-worker run's CPU time (2048^2: 2.5 s of system time a run).
 # Never trimming let glibc's arenas fragment as a run went on. Measured, infer_image on an
-# 8192^2 photo, 2 workers (BENCHMARKS.md, eighth session): every batch 102.9 s, peak RSS
-# 1206 MB; every 4th 89.7 s, 1263 MB; every 16th 77.8 s, 1304 MB; never 87.7 s, 1499 MB.
+# 8192^2 photo, 2 workers, this constant set per run (python bench/memory.py --sizes 8192
+# prints the peak): every batch 102.9 s, peak RSS 1206 MB; every 4th 89.7 s, 1263 MB;
+# every 16th 77.8 s, 1304 MB; never 87.7 s, 1499 MB.
 TRIM_EVERY_BATCHES = 16
 _batches_run = itertools.count(1)
 
@@ -273,13 +274,13 @@ class Engine:
             raise ValueError(f"--precision fp16 needs a CUDA device (got {self.device}); use bf16 or fp32")
         self.precision = precision
         if channels_last is None:
-            # Measured: CPU ~1.9x faster in NHWC. H100 (BENCHMARKS.md): fp32 tiles ran
+            # Measured: CPU ~1.9x faster in NHWC. H100 (bench/engine_vs_whole.py --device cuda): fp32 tiles ran
             # 1.16-1.18x faster in NCHW; bf16 0.99-1.06x faster in NHWC: NHWC for half precisions.
             channels_last = self.device.type == "cpu" or precision != "fp32"
         self.channels_last = channels_last
         if workers is None:
             # CPU: one single-threaded forward per core beats one forward on all cores,
-            # ~1.3x for TileNet on 2 cores (BENCHMARKS.md): a layer's ops are too small to
+            # ~1.3x for TileNet on 2 cores (python bench/engine_vs_whole.py): a layer's ops are too small to
             # split well, independent tiles are not. The device queue is the GPU's parallelism.
             workers = torch.get_num_threads() if self.device.type == "cpu" else 1
         if workers < 1:
@@ -473,7 +474,7 @@ class Engine:
             # Known pixels are the input's bytes, exactly (whatever the model's float round
             # trip did to them); only holes take the model's colours. Here rather than on the
             # host: numpy's boolean indexing took ~70 ms a 1024^2 tile, which on a GPU was
-            # most of the run (BENCHMARKS.md, GPU).
+            # most of the run (python bench/engine_vs_whole.py --device cuda).
             rgb_d = torch.where(msk_u8[..., None].bool(), rgb_d, img_u8)
             rgb_h = self._host(tuple(rgb_d.shape)).copy_(rgb_d, non_blocking=cuda)
         ready = None

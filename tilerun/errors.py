@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-__all__ = ["TilerunError", "InputImageError", "ModelLoadError", "OutputExistsError", "DistributedError",
-           "too_many_pixels"]
+import signal
+from pathlib import Path
+
+__all__ = ["TilerunError", "InputImageError", "ModelLoadError", "OutputExistsError", "OutputBusyError",
+           "DistributedError", "Interrupted", "too_many_pixels"]
 
 
 class TilerunError(Exception):
@@ -31,5 +34,29 @@ class OutputExistsError(TilerunError, FileExistsError):
     """Outputs exist from a run with other settings; rerun with --overwrite."""
 
 
+class OutputBusyError(OutputExistsError):
+    """Another running job holds OUTPUT (`resume.OutputLock`); wait for it or choose another OUTPUT."""
+
+
 class DistributedError(TilerunError, RuntimeError):
     """The process group is misconfigured or a peer failed."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (a batch scheduler, torchrun's agent) stopped a job.
+
+    A KeyboardInterrupt, so that no ``except Exception`` boundary swallows it. ``results``:
+    the inputs decided so far (`runner.FileResult`s; None: none known); ``report``: the
+    report written for them on the way out, if any.
+    """
+
+    def __init__(self, signum: int = signal.SIGINT, *, results: list | None = None,
+                 report: Path | None = None) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+        self.results = results
+        self.report = report
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name

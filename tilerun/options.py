@@ -34,6 +34,30 @@ class ModelSpec(click.ParamType):
                   "or package.module:factory", param, ctx)
 
 
+class DeviceSpec(click.ParamType):
+    """auto, or a torch device that exists here (cpu, cuda, cuda:N, ...): a bad one is a usage
+    error (exit 2) before anything is loaded, not a failure of the job."""
+
+    name = "DEVICE"
+
+    def convert(self, value, param, ctx):
+        if value == "auto":
+            return value
+        import torch
+
+        try:
+            dev = torch.device(value)
+        except RuntimeError:
+            self.fail(f"{value!r} is not a device: use auto, cpu, cuda or cuda:N", param, ctx)
+        backend = getattr(torch, dev.type, None)  # torch.cuda, torch.xpu, torch.mps: is_available()
+        if dev.type != "cpu" and hasattr(backend, "is_available") and not backend.is_available():
+            self.fail(f"{value}: {dev.type.upper()} is not available on this machine; use --device cpu (or auto)",
+                      param, ctx)
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            self.fail(f"{value}: this machine has {torch.cuda.device_count()} CUDA devices (cuda:0 ...)", param, ctx)
+        return value
+
+
 model_opt = click.option(
     "--model",
     "model_path",
@@ -44,20 +68,20 @@ model_opt = click.option(
 )
 tile_opt = click.option(
     "--tile",
-    type=int,
+    type=click.IntRange(min=0),
     default=None,
     help=f"Core side of a tile in pixels, a multiple of the model stride; 0 = whole image. "
     f"Default (measured): {DEFAULT_TILE} on CPU, {DEFAULT_TILE_GPU} on CUDA.",
 )
 halo_opt = click.option(
     "--halo",
-    type=int,
+    type=click.IntRange(min=0),
     default=None,
     help="Context around each tile core. Default: the model's measured receptive field (exact).",
 )
 batch_opt = click.option(
     "--batch-size",
-    type=int,
+    type=click.IntRange(min=1),
     default=None,
     help=f"Tiles per forward. Default (measured): {DEFAULT_BATCH} on CPU, {DEFAULT_BATCH_GPU} on CUDA.",
 )
@@ -79,7 +103,8 @@ precision_opt = click.option(
     "faster and approximate.",
 )
 device_opt = click.option(
-    "--device", default="auto", show_default=True, help="auto (CUDA when available), cpu, cuda, cuda:N."
+    "--device", type=DeviceSpec(), default="auto", show_default=True,
+    help="auto (CUDA when available), cpu, cuda, cuda:N.",
 )
 max_pixels_opt = click.option(
     "--max-pixels",
@@ -98,6 +123,11 @@ format_opt = click.option(
     "for PNG viewers. tiff needs tifffile (pip install tilerun[tiff]).",
 )
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Redo every input even if its outputs exist.")
+verify_inputs_opt = click.option(
+    "--verify-inputs", is_flag=True,
+    help="Resume by every input's whole content (a full hash, recorded in the outputs) rather than its size, "
+    "mtime and sampled blocks. Outputs of a run without it are redone.",
+)
 verbose_opt = click.option("-v", "--verbose", count=True, help="More output; -v also shows tracebacks.")
 quiet_opt = click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 backend_opt = click.option(

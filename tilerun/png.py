@@ -2,13 +2,13 @@
 
 Pillow's encoder tries all five PNG filters on every row and compresses the whole image in
 one zlib stream on one thread: 1.1-1.4 s for a 4096^2 RGB output on this project's CPU, and
-on a GPU host the encoders, not the card, set the pace (BENCHMARKS.md, sixth session). Here every row
+on a GPU host the encoders, not the card, set the pace (bench/end_to_end.py --device cuda). Here every row
 gets the "up" filter (one numpy subtraction: a photo's rows resemble the row above), and
 the image is compressed in strips that threads compress at once (zlib lets go of the
 GIL). Each strip but the last ends in a full flush, on a byte boundary with no history,
 so the strips' raw deflate streams concatenate into one valid stream, as pigz does; the
 adler32 checksums combine by arithmetic. One thread: 0.3-0.6 s for that image; files 0-9%
-larger than Pillow's on photos (BENCHMARKS.md, seventh session; bench/host_probe.py).
+larger than Pillow's on photos (python bench/host_probe.py).
 
 Lossless like any PNG: every decoder reads back the exact pixels (tests).
 """

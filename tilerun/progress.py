@@ -39,8 +39,9 @@ def _duration(seconds: float) -> str:
 class Progress:
     """Counts tiles, pixels and images done against the job's totals and shows them.
 
-    ``total_*`` may be set later with `set_totals` (the runner knows them only after
-    planning, which skips finished and unreadable inputs).
+    ``total_*`` may be set later with `set_totals` (the runner knows the tiles only after
+    planning). Images count every input of the job: one that failed is done, with a failure,
+    and one already done by an earlier run is done from the start.
     """
 
     def __init__(
@@ -61,7 +62,7 @@ class Progress:
         self.tty = self._isatty(self.stream) if tty is None else tty
         self.verbose = verbose
         self.interval = interval if interval is not None else LOG_INTERVAL_VERBOSE if verbose else LOG_INTERVAL
-        self.tiles = self.pixels = self.images = 0
+        self.tiles = self.pixels = self.images = self.failed = self.skipped = 0
         self.total_tiles, self.total_images, self.total_pixels = total_tiles, total_images, total_pixels
         self._lock = threading.Lock()  # the scheduler calls from its writer thread
         self._t0 = time.perf_counter()
@@ -103,15 +104,19 @@ class Progress:
                 self._bar.total = tiles
                 self._bar.refresh()
 
-    def advance(self, *, tiles: int = 0, pixels: int | None = None, images: int = 0) -> None:
+    def advance(self, *, tiles: int = 0, pixels: int | None = None, images: int = 0, failed: int = 0,
+                skipped: int = 0) -> None:
         """Count work done. ``pixels`` None: ``tiles`` times the job's mean tile area (the
-        scheduler's callback knows tile counts only; the sum is exact once every tile is in)."""
+        scheduler's callback knows tile counts only; the sum is exact once every tile is in).
+        ``failed`` and ``skipped`` (already done): how many of ``images`` were."""
         with self._lock:
             if pixels is None:
                 pixels = round(tiles * self.total_pixels / self.total_tiles) if self.total_tiles else 0
             self.tiles += tiles
             self.pixels += pixels
             self.images += images
+            self.failed += failed
+            self.skipped += skipped
             if not self.active:
                 return
             if self._bar is not None:
@@ -123,18 +128,23 @@ class Progress:
                     self._last_log = now
                     log.info("%s", self.line())
 
-    def on_tiles(self, tiles: int, images: int) -> None:
-        """The scheduler's ``on_tiles(tiles, images)`` callback."""
-        self.advance(tiles=tiles, images=images)
+    def on_tiles(self, tiles: int, images: int, failed: int = 0) -> None:
+        """The scheduler's ``on_tiles(tiles, images, failed=0)`` callback."""
+        self.advance(tiles=tiles, images=images, failed=failed)
 
     # -- showing ---------------------------------------------------------------------
     @property
     def elapsed(self) -> float:
         return time.perf_counter() - self._t0
 
+    def _images(self) -> str:
+        """``7/7 images (2 failed, 3 already done)``."""
+        notes = [f"{n} {what}" for n, what in ((self.failed, "failed"), (self.skipped, "already done")) if n]
+        return f"{self.images}/{self.total_images} images" + (f" ({', '.join(notes)})" if notes else "")
+
     def _postfix(self) -> str:
         mps = self.pixels / 1e6 / max(self.elapsed, 1e-9)
-        return f"{self.images}/{self.total_images} images, {mps:.2f} MP/s"
+        return f"{self._images()}, {mps:.2f} MP/s"
 
     def line(self) -> str:
         """One log line: images, tiles, rates and ETA."""
@@ -144,7 +154,7 @@ class Progress:
         left = self.total_tiles - self.tiles
         eta = _duration(left / rate) if rate > 0 and left > 0 else "--:--" if left > 0 else "done"
         return (
-            f"{self.images}/{self.total_images} images, {self.tiles}/{self.total_tiles} tiles{pct}, "
+            f"{self._images()}, {self.tiles}/{self.total_tiles} tiles{pct}, "
             f"{rate:.1f} tiles/s, {self.pixels / 1e6 / el:.2f} MP/s, "
             f"{'ETA ' + eta if eta != 'done' else 'done'} after {_duration(el)}"
         )

@@ -277,13 +277,17 @@ def _code_identity() -> str:
     return h.hexdigest()
 
 
-def probe_cached(model: torch.nn.Module, identity: str | None) -> tuple[ModelProbe, Path | None]:
+def probe_cached(model: torch.nn.Module, identity: str | None, *,
+                 announce: Callable[[], None] | None = None) -> tuple[ModelProbe, Path | None]:
     """`probe_model`, or what it measured before for the same ``identity`` (a hash of the
     model's file, see `tilerun.model.model_identity`; None: always probe) and the same
     code. Returns the probe and the cache file it came from (None: measured now). A cache
-    that cannot be read or written is skipped: the probe then runs, as without one."""
+    that cannot be read or written is skipped: the probe then runs, as without one.
+    ``announce()`` is called just before a probe runs (the CLI says why it waits)."""
+    measure = announce or (lambda: None)
     folder = cache_dir()
     if identity is None or folder is None:
+        measure()
         return probe_model(model), None
     key = hashlib.sha256(f"{identity}\0{_code_identity()}".encode()).hexdigest()[:32]
     path = folder / "probes" / f"{key}.json"
@@ -295,6 +299,7 @@ def probe_cached(model: torch.nn.Module, identity: str | None) -> tuple[ModelPro
             return probe, path
     except (OSError, ValueError, TypeError):  # absent, unreadable or not a probe: measure
         pass
+    measure()
     probe = probe_model(model)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     try:

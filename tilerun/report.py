@@ -2,7 +2,9 @@
 
 Written once, at the end of a job, by the one process that writes the summary (rank 0),
 atomically, so a reader never sees half a report. A rerun replaces it: inputs resumed
-from an earlier run are listed as ``skipped`` with their outputs.
+from an earlier run are listed as ``skipped`` with their outputs. A job stopped by Ctrl-C
+or SIGTERM writes it too: what was written is ``ok``, the inputs not done ``interrupted``,
+and ``interrupted`` names the signal.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from typing import Any, Iterable
 
 from .resume import write_json_atomic
 
-__all__ = ["REPORT_NAME", "REPORT_FIELDS", "write_report", "summary_line"]
+__all__ = ["REPORT_NAME", "REPORT_FIELDS", "STATUSES", "write_report", "summary_line"]
 
 REPORT_NAME = "tilerun-report.json"
 # Per input; `outputs` relative to OUTPUT, `size` [width, height], `seconds` spent on it in this run.
 REPORT_FIELDS = ("input", "status", "outputs", "size", "tiles", "seconds", "error")
+STATUSES = ("ok", "failed", "skipped", "interrupted")
 _FORMAT = "tilerun.report/1"
 
 
@@ -43,7 +46,10 @@ def _entry(result: Any, out_dir: Path | None = None) -> dict[str, Any]:
 
 
 def _counts(entries: list[dict[str, Any]]) -> dict[str, int]:
-    return {s: sum(e["status"] == s for e in entries) for s in ("ok", "failed", "skipped")}
+    counts = {s: sum(e["status"] == s for e in entries) for s in STATUSES}
+    if not counts["interrupted"]:  # a run that was not stopped keeps report/1's three counts
+        del counts["interrupted"]
+    return counts
 
 
 def write_report(
@@ -53,14 +59,17 @@ def write_report(
     seconds: float,
     settings: dict[str, Any] | None = None,
     ranks: Iterable[Any] = (),
+    interrupted: str | None = None,
 ) -> Path:
-    """Write the JSON report of ``results`` (runner `FileResult`s or dicts with `REPORT_FIELDS`) into ``out_dir``."""
+    """Write the JSON report of ``results`` (runner `FileResult`s or dicts with `REPORT_FIELDS`) into
+    ``out_dir``. ``seconds``: the whole command's; ``interrupted``: the signal that stopped the job."""
     entries = [_entry(r, Path(out_dir)) for r in results]
     path = Path(out_dir) / REPORT_NAME
     doc = {
         "format": _FORMAT,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "seconds": round(seconds, 3),
+        "interrupted": interrupted,
         "counts": _counts(entries),
         "settings": settings or {},
         "files": entries,
@@ -71,10 +80,14 @@ def write_report(
     return path
 
 
-def summary_line(results: Iterable[Any], *, seconds: float, out_dir: str | os.PathLike) -> str:
-    """``3 ok, 1 failed, 2 skipped (already done) in 4.2s -> OUT (report: OUT/tilerun-report.json)``."""
+def summary_line(results: Iterable[Any], *, seconds: float, out_dir: str | os.PathLike,
+                 interrupted: str | None = None) -> str:
+    """``3 ok, 1 failed, 2 skipped (already done) in 4.2s -> OUT (report: OUT/tilerun-report.json)``;
+    ``seconds`` the whole command's. Interrupted: how many are not done, and that a rerun resumes."""
     c = _counts([_entry(r) for r in results])
-    return (
-        f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped (already done) in {seconds:.1f}s "
+    stopped = f", {c.get('interrupted', 0)} not done (interrupted by {interrupted})" if interrupted else ""
+    line = (
+        f"{c['ok']} ok, {c['failed']} failed, {c['skipped']} skipped (already done){stopped} in {seconds:.1f}s "
         f"-> {out_dir} (report: {Path(out_dir) / REPORT_NAME})"
     )
+    return line + "; rerunning the same command resumes" if interrupted else line

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import struct
 import sys
 import threading
@@ -51,12 +52,12 @@ import torch
 
 from .dist import Context
 from .engine import Engine
-from .errors import InputImageError
+from .errors import InputImageError, Interrupted
 from .geometry import Tile, grid
 from .images import InputItem, image_size, load_image, output_paths
 from .runner import FileResult, write_outputs
 
-__all__ = ["ImagePlan", "JobPlan", "PlannedImage", "Task", "plan_job", "plan_images", "job_settings", "task_order",
+__all__ = ["ImagePlan", "JobPlan", "PlannedImage", "Task", "plan_job", "job_settings", "task_order",
            "run_distributed", "RankStats"]
 
 log = logging.getLogger("tilerun")
@@ -253,14 +254,6 @@ def plan_job(engine: Engine, items: list[InputItem], *, world_size: int = 1) -> 
     return JobPlan.for_engine(engine, tuple(images)), failed
 
 
-def plan_images(
-    engine: Engine, items: list[InputItem], *, world_size: int = 1
-) -> tuple[list[ImagePlan], list[FileResult]]:
-    """`plan_job` on one process: the images with their tiles and chunks."""
-    plan, failed = plan_job(engine, items, world_size=world_size)
-    return plan.image_plans(items), failed
-
-
 def job_settings(engine: Engine, items: list[InputItem], *, model_id: str | None, fmt: str) -> dict[str, Any]:
     """What every rank of a job must agree on (`Context.agree_settings`), by the option that sets it.
 
@@ -356,7 +349,7 @@ SWITCH_INTERVAL = 0.0005
 def encoder_count(device: torch.device) -> int:
     """PNG encoder threads of rank 0's writer. CPU: the engine's workers already use every
     core, so one. A GPU leaves the cores to the host side, where encoding was most of a
-    run (BENCHMARKS.md, GPU)."""
+    run (python bench/end_to_end.py --device cuda --timeline)."""
     return 1 if device.type == "cpu" else max(1, min(ENCODERS_GPU, os.cpu_count() or 1))
 
 
@@ -441,7 +434,10 @@ class _Writer(threading.Thread):
         self.ctx, self.engine, self.plans, self.out_dir, self.palette = ctx, engine, plans, out_dir, palette
         self.on_tiles = on_tiles
         self.outputs = outputs  # resume.OutputPlan: collision-free paths and resume stamps
-        self.results: list[FileResult] = []
+        self.results: list[FileResult] = []  # each input as it is decided (outputs on disk when ok)
+        self._pool: ThreadPoolExecutor | None = None
+        self._stopped = False
+        self._lock = threading.Lock()  # `abandon` (main thread) against new writes (this thread)
         self.error: BaseException | None = None
         self.bytes_received = 0
         # This process's own pass-2 results, by task key, handed over in memory: packing
@@ -503,8 +499,23 @@ class _Writer(threading.Thread):
                 outputs = write_outputs(output_paths(p.item, self.out_dir), classes, rgb, self.palette, pool=strips)
         except OSError as e:
             log.error("%s: cannot write output: %s", p.item.path, e)
-            return FileResult(p.key, "failed", size=(p.width, p.height), tiles=len(p.tiles), error=f"cannot write output: {e}")
-        return FileResult(p.key, "ok", outputs, (p.width, p.height), len(p.tiles), seconds + time.perf_counter() - t0)
+            result = FileResult(p.key, "failed", size=(p.width, p.height), tiles=len(p.tiles),
+                                error=f"cannot write output: {e}")
+        else:
+            result = FileResult(p.key, "ok", outputs, (p.width, p.height), len(p.tiles),
+                                seconds + time.perf_counter() - t0)
+        self.results.append(result)  # here, not when the writer collects it: `abandon` reports it
+        return result
+
+    def abandon(self) -> list[FileResult]:
+        """Stop (an interrupt): the writes in flight finish, no other starts. Returns the
+        inputs decided so far; the outputs of each one that is ok are complete on disk."""
+        with self._lock:
+            self._stopped = True
+            pool = self._pool
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return list(self.results)
 
     def run(self) -> None:
         # PNG encoding is the writer's heaviest part (zlib, ~0.2 s a 2048^2 RGB image on this
@@ -521,18 +532,23 @@ class _Writer(threading.Thread):
             p, job = pending.popleft()
             pixels -= p.height * p.width
             result = job.result() if isinstance(job, Future) else job
-            if self.on_tiles and result.status == "ok":
-                self.on_tiles(0, 1)
-            self.results.append(result)
+            if self.on_tiles:
+                self.on_tiles(0, 1, failed=int(result.status != "ok"))
 
         strips = ThreadPoolExecutor(self.encoders, thread_name_prefix="tilerun-zlib") if self.encoders > 1 else None
         try:
             store = self.ctx.store_client()
             with ThreadPoolExecutor(self.encoders, thread_name_prefix="tilerun-png") as pool:
+                self._pool = pool
                 for p in self.plans:
                     while pending and (len(pending) >= self.encoders or pixels + p.height * p.width > ENCODE_PIXELS):
                         finish()
                     got = self._gather(store, p)
+                    with self._lock:
+                        if self._stopped:
+                            return
+                        if isinstance(got, FileResult):
+                            self.results.append(got)
                     job = got if isinstance(got, FileResult) else pool.submit(self._write, p, *got, strips)
                     pending.append((p, job))
                     pixels += p.height * p.width
@@ -557,6 +573,11 @@ def _compute(engine: Engine, plan: ImagePlan, task: Task, image, mask, sums, job
         header_tiles.append([r.tile.index, r.classes is not None, r.rgb is not None])
         arrays += [a for a in (r.classes, r.rgb) if a is not None]
     return {"tiles": header_tiles}, arrays, len(tiles)
+
+
+def _interrupted(e: KeyboardInterrupt, writer: _Writer | None) -> Interrupted:
+    """``e`` as `Interrupted`, with what rank 0's writer wrote (it writes no more)."""
+    return Interrupted(getattr(e, "signum", signal.SIGINT), results=writer.abandon() if writer else None)
 
 
 def run_distributed(
@@ -623,6 +644,8 @@ def run_distributed(
             stats.tasks += 1
             stats.bytes_sent += len(payload)
             store.set(task.key, payload)
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: rank 0 says what it wrote, for the report
+        raise _interrupted(e, writer) from e
     finally:
         loader.stop.set()
         sys.setswitchinterval(switch)
@@ -631,7 +654,10 @@ def run_distributed(
     store.set(f"stats/{ctx.rank}", json.dumps(stats.__dict__))
     if not writer:
         return [], [stats]
-    writer.join()
+    try:
+        writer.join()
+    except KeyboardInterrupt as e:
+        raise _interrupted(e, writer) from e
     if writer.error:
         raise writer.error
     ctx.wait(store, [f"stats/{r}" for r in range(ctx.world_size)], describe=lambda k: f"rank {k[6:]}'s last task")

@@ -5,7 +5,7 @@ Pillow holds an RGB image at 4 bytes a pixel and `np.asarray` copies it out: a l
 TIFF costs ~2.3x its uint8 pixels on the way in. tifffile decodes each tile (or strip)
 of the file on a few threads straight into the uint8 RGB array and the missing mask,
 so reading costs the arrays the engine needs and a tile: memory grows with the image
-only through its uint8 pixels (BENCHMARKS.md, seventh session).
+only through its uint8 pixels (python bench/tiff_memory.py).
 
 Layouts read here: 8- or 16-bit grey or RGB, with or without an alpha channel
 (alpha == 0 is missing, as for every input), pixels interleaved, uncompressed or

@@ -65,7 +65,7 @@ log = logging.getLogger("tilerun")
 # The pre-fill of trained models: local means out to a tent of radius 14, then 22 harmonic
 # sweeps; the reach (14 + 22 = 36 pixels, +1 for the decoder layer it enters) stays inside
 # the network's own 39-pixel receptive field, so it costs no halo. On the held-out photos
-# this pre-fill alone beats biharmonic inpainting (bench/quality.py, BENCHMARKS.md).
+# this pre-fill alone beats biharmonic inpainting (python bench/quality.py).
 DEFAULT_PREFILL = (1, 3, 7)
 DEFAULT_PREFILL_ITERATIONS = 22
 
@@ -378,7 +378,7 @@ def merge(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike) -> Path
     The design document's last step: replicas trained in parallel (here: runs from one
     start with other seeds) and merged. Averaging the weights of fine-tunes of one start
     lands between them in a flat region of the loss (Wortsman et al. 2022, "Model soups");
-    measured for the shipped weights in README, Training. The replicas must share the
+    measured for the shipped weights in docs/training.md. The replicas must share the
     architecture and the palette (their classes mean the same colours).
     """
     paths = [Path(p) for p in paths]
@@ -424,7 +424,7 @@ def train(
     """Train a TileNet on the images under ``image_paths`` into ``out`` (.safetensors).
 
     ``stop_at`` ends this run after that step (checkpointed) without changing the
-    recipe, e.g. to split training over sessions; ``resume`` continues from ``out``.
+    recipe, e.g. to split training over several runs; ``resume`` continues from ``out``.
     ``init_from`` starts from another run's weights and palette instead of the init (the
     images may differ: a later stage can add photos); parameters the architecture has
     and that file lacks keep their init.
