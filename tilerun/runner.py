@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import signal
 import time
@@ -92,13 +91,16 @@ def run_job(
     fmt: str = "png",
     started: float | None = None,
     verify_inputs: bool = False,
+    model_id: str | None = None,
 ) -> JobSummary | None:
     """Run ``items`` on this process's share of the job (`tilerun.dist.session` gives ``ctx``).
 
     One process or many, the same path: tiles are claimed from the store and rank 0
     writes every output, as ``fmt`` (`images.OUTPUT_FORMATS`). Returns the summary on rank
     0, None elsewhere. ``started``: `time.perf_counter` when the command began (default:
-    now), for the summary's and the report's seconds.
+    now), for the summary's and the report's seconds. ``model_id``: `tilerun.model.model_identity`
+    of the model (None: the loaded weights' digest), which every process must share, as the
+    options and inputs.
 
     Ctrl-C or SIGTERM (`errors.Interrupted`, or a plain KeyboardInterrupt) once the work
     has started: rank 0 writes the report -- the inputs written so far ``ok``, the rest
@@ -107,26 +109,29 @@ def run_job(
     The writer holds OUTPUT (`resume.OutputLock`) for the whole job: a second job into it
     raises `OutputBusyError` (exit 2).
     """
-    from .scheduler import plan_images, run_distributed
+    from .scheduler import JobPlan, job_settings, plan_job, run_distributed
 
     from .resume import OutputLock, fingerprint, prepare_outputs
 
     t0 = time.perf_counter() if started is None else started
+    if ctx.distributed:  # before anything is written: a process that differs stops every process
+        ctx.agree_settings(job_settings(engine, items, model_id=model_id, fmt=fmt))
     # Resume and the collision rule: rank 0 alone reads and claims OUTPUT (it may exist
     # on the first node only) and tells the others what is left to do.
     # OutputExistsError -> exit 2 on rank 0, and torchrun stops the rest.
+    # Rank 0 alone plans the work (sizes, claims) and every process follows that one plan.
     with OutputLock(out_dir) if ctx.is_writer else contextlib.nullcontext() as lock:
-        out_plan = fp = None
+        out_plan = fp = job = None
         skipped: list[FileResult] = []
-        todo_keys = None
+        failed: list[FileResult] = []
         if ctx.rank == 0:
             fp = fingerprint(model=engine.model, engine=engine)
             out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True,
                                        fmt=fmt, verify_inputs=verify_inputs)
             skipped = [FileResult(it.key, "skipped", **out_plan.done_info(it)) for it in out_plan.done]
-            todo_keys = json.dumps([it.key for it in out_plan.todo])
-        todo = set(json.loads(ctx.share_from_rank0("todo", todo_keys)))
-        plans, failed = plan_images(engine, [it for it in items if it.key in todo], world_size=ctx.world_size)
+            job, failed = plan_job(engine, out_plan.todo, world_size=ctx.world_size)
+        job = JobPlan.from_json(ctx.share_from_rank0("plan", job.to_json() if job is not None else None))
+        plans = job.image_plans(items)
         if progress is not None:  # `progress.Progress`: rank 0's writer sees every process's tiles
             # Every input counts: those already done and those that failed here are done at once.
             progress.set_totals(tiles=sum(len(p.tiles) for p in plans), images=len(items),

@@ -3,9 +3,11 @@
 The design document's central task assignment, on the c10d store that torchrun already
 runs (an in-process HashStore when there is no torchrun):
 
-* **Work list.** Every process lists the inputs and cuts them into tiles the same way
-  and checks that all agree. Tiles are grouped into *chunks* of up to ``batch_size``
-  tiles of one window shape; a task is one chunk of one pass of one image. Order:
+* **Work list.** Every process checks that it runs with rank 0's model, options and
+  inputs (`job_settings`); rank 0 alone plans the job (`JobPlan`: sizes, geometry, claim
+  sizes) and every process cuts tiles and chunks from that one plan, so a task number
+  means the same work everywhere. A chunk is whole engine batches (up to ``batch_size``
+  tiles of one window shape); a task is one chunk of one pass of one image. Order:
   pass 1 of image i+1 comes before pass 2 of image i, so the global sums a pass-2
   chunk needs are usually ready when it is claimed.
 * **Claims.** ``store.add("claim", 1)`` hands out task numbers: each task is computed
@@ -23,8 +25,9 @@ runs (an in-process HashStore when there is no torchrun):
   image while the main thread computes; rank 0's writer thread gathers finished images
   and hands them to PNG encoder threads (`encoder_count`).
 
-No collective runs after the start, so uneven work never leaves a process waiting in
-one; a process that dies takes the job down through torchrun.
+No collective runs, so uneven work never leaves a process waiting in one; a process
+that dies takes the job down through torchrun, and one that stops (no heartbeat) is
+named by whoever waits for its work (`Context.wait`): no wait times out on long work.
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -50,11 +53,12 @@ import torch
 from .dist import Context
 from .engine import Engine
 from .errors import InputImageError, Interrupted
-from .geometry import Tile
+from .geometry import Tile, grid
 from .images import InputItem, image_size, load_image, output_paths
 from .runner import FileResult, write_outputs
 
-__all__ = ["ImagePlan", "Task", "plan_images", "task_order", "run_distributed", "RankStats"]
+__all__ = ["ImagePlan", "JobPlan", "PlannedImage", "Task", "plan_job", "job_settings", "task_order",
+           "run_distributed", "RankStats"]
 
 log = logging.getLogger("tilerun")
 
@@ -97,20 +101,53 @@ class RankStats:
     bytes_sent: int = 0
 
 
-def _chunks(tiles: list[Tile], batch: int, per_claim: int) -> list[list[int]]:
-    """Tiles in batches of one window shape (up to ``batch``), ``per_claim`` batches to a chunk.
+def _core_box(t: Tile) -> tuple[int, int, int, int]:
+    ys, xs = t.core_in_window()
+    return (ys.start, ys.stop, xs.start, xs.stop)
 
-    The batches are the same whatever ``per_claim`` (hence the world size) is, so are the
-    bits; a chunk may span window shapes (the engine runs each batch on its own).
+
+def _chunks(tiles: list[Tile], batch: int, per_claim: int, *, cores: bool = False,
+            global_tiles: list[Tile] | None = None, global_cores: bool = False) -> list[list[int]]:
+    """Tile indices in claims of about ``per_claim`` engine batches, in the order the engine runs them.
+
+    The engine batches a call's tiles as `Engine._batches` does: runs of consecutive tiles
+    with one key (pass 2: the window shape, and the core's place in it with ``cores``;
+    pass 1: the same of ``global_tiles``, the pass-1 windows, with ``global_cores``), each
+    run cut every ``batch`` tiles. A batch's members change its float bits, so a claim
+    starts only where both passes' batches over the whole image end: the batches, hence
+    the bits, are the same whatever ``per_claim`` (rank 0's choice, from its core count).
     """
-    order = sorted(tiles, key=lambda t: (t.window_shape, t.index))
-    batches: list[list[int]] = []
-    for t in order:
-        if batches and len(batches[-1]) < batch and tiles[batches[-1][0]].window_shape == t.window_shape:
-            batches[-1].append(t.index)
-        else:
-            batches.append([t.index])
-    return [[i for b in batches[k : k + per_claim] for i in b] for k in range(0, len(batches), per_claim)]
+    def pass2(t: Tile) -> tuple:
+        return (t.window_shape, _core_box(t) if cores else ())
+
+    def pass1(t: Tile) -> tuple:
+        if global_tiles is None:
+            return ()
+        g = global_tiles[t.index]
+        return (g.window_shape, _core_box(g) if global_cores else ())
+
+    order = sorted(tiles, key=lambda t: (pass2(t), pass1(t), t.index))
+
+    def batch_starts(key: Callable[[Tile], tuple]) -> set[int]:
+        starts, run = set(), 0
+        for i, t in enumerate(order):
+            run = 0 if i == 0 or key(t) != key(order[i - 1]) else run
+            if run % batch == 0:
+                starts.add(i)
+            run += 1
+        return starts
+
+    starts2 = batch_starts(pass2)
+    cuts = starts2 & batch_starts(pass1) if global_tiles is not None else starts2
+    chunks: list[list[int]] = []
+    batches = 0
+    for i, t in enumerate(order):
+        if i in cuts and (not chunks or batches >= per_claim):
+            chunks.append([])
+            batches = 0
+        batches += i in starts2
+        chunks[-1].append(t.index)
+    return chunks
 
 
 # Batches per engine worker in one claim when a single process runs the job. Each claim
@@ -121,33 +158,124 @@ def _chunks(tiles: list[Tile], batch: int, per_claim: int) -> list[list[int]]:
 CLAIM_BATCHES_ALONE = 8
 
 
-def plan_images(
-    engine: Engine, items: list[InputItem], *, world_size: int = 1
-) -> tuple[list[ImagePlan], list[FileResult]]:
-    plans, failed = [], []
+@dataclass(frozen=True)
+class PlannedImage:
+    key: str  # `InputItem.key`: the input's path relative to INPUT
+    height: int
+    width: int
+    claim: int  # engine batches to a claim
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """The work of one job: made by rank 0, used as it is by every rank.
+
+    Every task number means the same chunk of the same image on every rank because no
+    rank computes its own: the plan carries the geometry and, per image, its size and
+    claim size; tiles and chunks follow from them by pure functions (`tiles`, `chunks`).
+    Compact JSON (`to_json`): a few numbers an image, no pixels.
+    """
+
+    tile: int
+    halo: int
+    global_halo: int
+    stride: int
+    batch_size: int
+    global_pass: bool  # pass 1 (the model's global sums) before pass 2
+    cores: bool  # the engine batches pass 2 by core place too (`Engine.cores_only`)
+    global_cores: bool  # ... and pass 1 (it keeps pass 2's features)
+    images: tuple[PlannedImage, ...] = ()
+
+    @classmethod
+    def for_engine(cls, engine: Engine, images: tuple[PlannedImage, ...] = ()) -> JobPlan:
+        return cls(tile=engine.tile, halo=engine.halo, global_halo=engine.global_halo, stride=engine.stride,
+                   batch_size=engine.batch_size, global_pass=engine.uses_global,
+                   cores=bool(getattr(engine, "cores_only", False)),
+                   global_cores=bool(getattr(engine, "keeps_features", False) and getattr(engine, "cores_only", False)),
+                   images=tuple(images))
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["images"] = [[i.key, i.height, i.width, i.claim] for i in self.images]
+        return json.dumps(d, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> JobPlan:
+        d = json.loads(text)
+        d["images"] = tuple(PlannedImage(*row) for row in d["images"])
+        return cls(**d)
+
+    def tiles(self, image: PlannedImage, *, halo: int | None = None) -> list[Tile]:
+        return grid(image.height, image.width, tile=self.tile, halo=self.halo if halo is None else halo,
+                    stride=self.stride)
+
+    def chunks(self, image: PlannedImage) -> list[list[int]]:
+        tiles = self.tiles(image)
+        global_tiles = self.tiles(image, halo=self.global_halo) if self.global_pass else None
+        return _chunks(tiles, self.batch_size, image.claim, cores=self.cores, global_tiles=global_tiles,
+                       global_cores=self.global_cores)
+
+    def image_plans(self, items: list[InputItem]) -> list[ImagePlan]:
+        """The images with their tiles and chunks; ``items``: this process's inputs (every planned key among them)."""
+        by_key = {it.key: it for it in items}
+        plans = []
+        for image in self.images:
+            chunks = self.chunks(image)
+            by_pass = {PASS_MAIN: chunks}
+            if self.global_pass:
+                by_pass[PASS_GLOBAL] = chunks  # the same tiles in the same claims
+            plans.append(ImagePlan(len(plans), by_key[image.key], image.height, image.width, self.tiles(image), by_pass))
+        return plans
+
+
+def plan_job(engine: Engine, items: list[InputItem], *, world_size: int = 1) -> tuple[JobPlan, list[FileResult]]:
+    """Rank 0's plan for ``items`` (headers only: sizes, EXIF rotation applied), and the inputs it cannot read."""
+    images, failed = [], []
+    b = engine.batch_size
+    workers = getattr(engine, "workers", 1)
     for item in items:
         try:
-            h, w = image_size(item)  # header only, EXIF rotation applied
+            h, w = image_size(item)
         except InputImageError as e:
             failed.append(FileResult(item.key, "failed", error=str(e)))
             continue
-        tiles = engine.tiles(h, w)
         # A claim is one batch per engine worker (CPU: one per core this process owns),
         # so that it keeps the process busy; with several processes, fewer if that leaves
         # an image under ~4 claims a pass, so a small image still spreads over them. One
         # process balances with nobody: CLAIM_BATCHES_ALONE batches per worker, because the
         # workers wait for each other at the end of every claim (measured below).
-        # Always whole batches: the batches, hence the bits, are the same for any world size.
-        b = engine.batch_size
-        workers = getattr(engine, "workers", 1)
+        # Rank 0's workers decide it for every rank: a node with other cores only runs its
+        # claims faster or slower (`_chunks`: the bits do not depend on the claim size).
         per_claim = workers * CLAIM_BATCHES_ALONE
         if world_size > 1:
-            per_claim = min(workers, -(-len(tiles) // (4 * b)))
-        chunks = {PASS_MAIN: _chunks(tiles, b, max(1, per_claim))}
-        if engine.uses_global:
-            chunks[PASS_GLOBAL] = chunks[PASS_MAIN]  # the same tiles in the same claims
-        plans.append(ImagePlan(len(plans), item, h, w, tiles, chunks))
-    return plans, failed
+            n_tiles = len(grid(h, w, tile=engine.tile, halo=engine.halo, stride=engine.stride))
+            per_claim = min(workers, -(-n_tiles // (4 * b)))
+        images.append(PlannedImage(item.key, h, w, max(1, per_claim)))
+    return JobPlan.for_engine(engine, tuple(images)), failed
+
+
+def job_settings(engine: Engine, items: list[InputItem], *, model_id: str | None, fmt: str) -> dict[str, Any]:
+    """What every rank of a job must agree on (`Context.agree_settings`), by the option that sets it.
+
+    The model by its identity (`tilerun.model.model_identity`: the file's bytes; else the
+    loaded weights, `resume.model_digest`), and everything that changes output bits. Not
+    the engine's worker count: it may differ by node and changes only speed.
+    """
+    if model_id is None:
+        from .resume import model_digest
+
+        model_id = model_digest(engine.model)
+    return {
+        "--model": f"sha256 {model_id[:16]}",
+        "--tile": engine.tile,
+        "--halo": engine.halo,
+        "--batch-size": engine.batch_size,
+        "--precision": engine.precision,
+        "--feature-cache": "on" if getattr(engine, "keeps_features", False) else "off",
+        "--format": fmt,
+        "the probed receptive field": asdict(engine.probe),
+        "the inputs": [it.key for it in items],
+    }
 
 
 def task_order(plans: list[ImagePlan]) -> list[Task]:
@@ -164,6 +292,17 @@ def task_order(plans: list[ImagePlan]) -> list[Task]:
             pass1(plans[i + 1])
         tasks.extend(Task(p.index, PASS_MAIN, c) for c in range(len(p.chunks[PASS_MAIN])))
     return tasks
+
+
+def _describer(plans: list[ImagePlan]) -> Callable[[str], str]:
+    """A task's store key as words, for the stall message."""
+
+    def describe(key: str) -> str:
+        _, i, pass_, c = key.split("/")
+        p = plans[int(i)]
+        return f"{p.item.key} (pass {pass_}, chunk {int(c) + 1} of {len(p.chunks[int(pass_)])})"
+
+    return describe
 
 
 # -- payloads: a JSON header and raw arrays, nothing pickled -----------------------------
@@ -225,6 +364,7 @@ class _Loader(threading.Thread):
         self.sums: OrderedDict[int, torch.Tensor | str] = OrderedDict()
         self.stop = threading.Event()
         self.decode_s = 0.0  # reading and decoding images
+        self.describe = _describer(plans)
 
     def _image(self, i: int):
         if i not in self.images:
@@ -250,7 +390,7 @@ class _Loader(threading.Thread):
         if i not in self.sums:
             p = self.plans[i]
             keys = [Task(i, PASS_GLOBAL, c).key for c in range(len(p.chunks[PASS_GLOBAL]))]
-            store.wait(keys)
+            self.ctx.wait(store, keys, describe=self.describe)
             partials: dict[int, torch.Tensor] = {}
             error = None
             for k in keys:
@@ -273,6 +413,7 @@ class _Loader(threading.Thread):
                 if n >= len(self.tasks):
                     break
                 task = self.tasks[n]
+                self.ctx.claimed(store, task.key)
                 loaded = self._image(task.image)
                 sums = None
                 if not isinstance(loaded, Exception) and task.pass_ == PASS_MAIN and self.engine.uses_global:
@@ -303,6 +444,7 @@ class _Writer(threading.Thread):
         # them, the store's set and get took ~0.4 s of CPU per 4096^2 image (HashStore),
         # on a GPU host as long as the card's compute. The store carries a marker.
         self.local: dict[str, tuple[dict, list[np.ndarray]]] = {}
+        self.describe = _describer(plans)
 
     def _gather(self, store, p: ImagePlan) -> FileResult | tuple[np.ndarray | None, np.ndarray | None, float]:
         """The image's uint8 outputs from its chunks in the store (its keys deleted), and the
@@ -313,10 +455,10 @@ class _Writer(threading.Thread):
         compute_s = 0.0
         for c in range(len(p.chunks[PASS_MAIN])):
             key = Task(p.index, PASS_MAIN, c).key
-            store.wait([key])
+            self.ctx.wait(store, [key], describe=self.describe)
             data = store.get(key)
             self.bytes_received += len(data)
-            store.delete_key(key)
+            self.ctx.forget(store, key)
             header, arrays = _unpack(data)
             if header.get("local"):
                 header, arrays = self.local.pop(key)
@@ -451,10 +593,11 @@ def run_distributed(
 ) -> tuple[list[FileResult], list[RankStats]]:
     """Compute this process's share of ``plans``; on rank 0 also write every output.
 
+    ``plans``: `JobPlan.image_plans` of rank 0's plan, the same on every rank.
+
     Returns (per-file results, per-rank stats) on rank 0, ([], [own stats]) elsewhere.
     """
     tasks = task_order(plans)
-    ctx.agree(json.dumps([[p.key, p.height, p.width, len(p.tiles)] for p in plans]), "the work list")
     store = ctx.store_client()
     stats = RankStats(ctx.rank)
     writer = _Writer(ctx, engine, plans, out_dir, palette, on_tiles, outputs) if ctx.is_writer else None
@@ -517,6 +660,6 @@ def run_distributed(
         raise _interrupted(e, writer) from e
     if writer.error:
         raise writer.error
-    store.wait([f"stats/{r}" for r in range(ctx.world_size)])
+    ctx.wait(store, [f"stats/{r}" for r in range(ctx.world_size)], describe=lambda k: f"rank {k[6:]}'s last task")
     all_stats = [RankStats(**json.loads(store.get(f"stats/{r}"))) for r in range(ctx.world_size)]
     return writer.results, all_stats
