@@ -97,12 +97,13 @@ class OutputWriter:
         self._pending: deque[tuple[int, Future]] = deque()
         self._pixels = 0
         self._lock = threading.Lock()
+        self._submit_lock = threading.Lock()
         self.results: list[tuple[str, list[str] | None, str | None, float]] = []  # key, outputs, error, seconds
         self.images_written = 0
         self.bytes_written = 0
         self.on_written: Callable[[str], None] | None = None
 
-    def _job(self, key: str, canvas: Canvas, seconds: float) -> tuple[str, list[str] | None, str | None, float]:
+    def _job(self, key: str, canvas: Canvas, seconds: float, after) -> tuple[str, list[str] | None, str | None, float]:
         t0 = time.perf_counter()
         try:
             outputs = self._write(key, canvas.classes, canvas.rgb, self._strips)
@@ -118,6 +119,8 @@ class OutputWriter:
         with self._lock:
             self.images_written += 1
             self.bytes_written += size
+        if after is not None:
+            after()
         if self.on_written is not None:
             self.on_written(key)
         return key, outputs, None, seconds + time.perf_counter() - t0
@@ -127,19 +130,25 @@ class OutputWriter:
         self._pixels -= pixels
         self.results.append(fut.result())
 
-    def submit(self, key: str, canvas: Canvas, seconds: float = 0.0) -> None:
-        """Queue ``canvas`` (complete, error-free) to be written as ``key``'s outputs."""
+    def submit(self, key: str, canvas: Canvas, seconds: float = 0.0, *, after: Callable[[], None] | None = None) -> None:
+        """Queue ``canvas`` (complete, error-free) to be written as ``key``'s outputs; ``after()``
+        runs once they are written (a spread image's part store is removed then, not before)."""
+        with self._submit_lock:  # the main thread (whole images) and the finisher (spread ones)
+            self._submit(key, canvas, seconds, after)
+
+    def _submit(self, key, canvas, seconds, after) -> None:
         px = canvas.height * canvas.width
         while self._pending and (len(self._pending) > self.encoders or self._pixels + px > self.max_pixels):
             self._finish_one()
-        self._pending.append((px, self._pool.submit(self._job, key, canvas, seconds)))
+        self._pending.append((px, self._pool.submit(self._job, key, canvas, seconds, after)))
         self._pixels += px
 
     def close(self) -> list[tuple[str, list[str] | None, str | None, float]]:
         """Wait for every write; the results (key, outputs, error, seconds), in submission order."""
         try:
-            while self._pending:
-                self._finish_one()
+            with self._submit_lock:
+                while self._pending:
+                    self._finish_one()
         finally:
             self._pool.shutdown(wait=True)
             if self._strips is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .engine import Engine
 from .errors import Interrupted
@@ -90,60 +91,122 @@ def run_job(
     progress=None,
     fmt: str = "png",
     started: float | None = None,
+    shared_output: bool | None = None,
 ) -> JobSummary | None:
     """Run ``items`` on this process's share of the job (`tilerun.dist.session` gives ``ctx``).
 
-    One process or many, the same path: tiles are claimed from the store and rank 0
-    writes every output, as ``fmt`` (`images.OUTPUT_FORMATS`). Returns the summary on rank
-    0, None elsewhere. ``started``: `time.perf_counter` when the command began (default:
-    now), for the summary's and the report's seconds.
+    One process or many, the same road: plan -> claim -> compute -> assemble -> write
+    (`work`). Every process writes the images it finishes, as ``fmt``
+    (`images.OUTPUT_FORMATS`). ``shared_output``: whether every process sees the same
+    OUTPUT (None: tested, `parts.shared_output`). Returns the summary on rank 0, None
+    elsewhere. ``started``: `time.perf_counter` when the command began (default: now), for
+    the summary's and the report's seconds.
 
     Ctrl-C or SIGTERM (`errors.Interrupted`, or a plain KeyboardInterrupt) once the work
-    has started: rank 0 writes the report -- the inputs written so far ``ok``, the rest
-    ``interrupted`` -- and raises `errors.Interrupted` with them; a rerun resumes.
+    has started: rank 0 writes the report -- the inputs it knows written so far ``ok``, the
+    rest ``interrupted`` -- and raises `errors.Interrupted` with them; a rerun resumes.
     """
-    from .scheduler import plan_images, run_distributed
-
-    from .resume import fingerprint, prepare_outputs
+    from .assemble import encoder_count
+    from .images import plan_outputs
+    from .owners import assign
+    from .resume import Manifest, OutputPlan, fingerprint, prepare_outputs
+    from .scheduler import plan_images
+    from .work import run_worker
 
     t0 = time.perf_counter() if started is None else started
-    # Resume and the collision rule: rank 0 alone reads and claims OUTPUT (it may exist
-    # on the first node only) and tells the others what is left to do.
+    # Resume and the collision rule: rank 0 alone reads and claims OUTPUT and tells the
+    # others what is left to do and what each output's stamp says (the inputs' identities).
     # OutputExistsError -> exit 2 on rank 0, and torchrun stops the rest.
-    out_plan = fp = None
+    fp = fingerprint(model=engine.model, engine=engine)
+    out_plan = None
     skipped: list[FileResult] = []
-    todo_keys = None
+    mine = None
     if ctx.rank == 0:
-        fp = fingerprint(model=engine.model, engine=engine)
         out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True, fmt=fmt)
         skipped = [FileResult(it.key, "skipped", **out_plan.done_info(it)) for it in out_plan.done]
-        todo_keys = json.dumps([it.key for it in out_plan.todo])
-    todo = set(json.loads(ctx.share_from_rank0("todo", todo_keys)))
+        mine = json.dumps({"todo": [it.key for it in out_plan.todo], "identities": out_plan.identities})
+    shared_doc = json.loads(ctx.share_from_rank0("todo", mine))
+    if out_plan is None:  # the same paths and stamps as rank 0's, whoever writes an output
+        out_plan = OutputPlan(Manifest(Path(out_dir), fp, overwrite=overwrite), plan_outputs(items, out_dir, fmt=fmt),
+                              [], [], shared_doc["identities"])
+    todo = set(shared_doc["todo"])
     plans, failed = plan_images(engine, [it for it in items if it.key in todo], world_size=ctx.world_size)
-    if progress is not None:  # `progress.Progress`: rank 0's writer sees every process's tiles
+    ctx.agree(json.dumps([[p.key, p.height, p.width, len(p.tiles)] for p in plans]), "the work list")
+    own = assign([len(p.tiles) for p in plans], ctx.world_size, pixels=[p.height * p.width for p in plans])
+    io, kept = _spread_io(ctx, plans, own, out_dir, fp, shared_doc["identities"], shared_output)
+    if progress is not None:  # `progress.Progress`: rank 0 sees every process's tiles through the store
         # Every input counts: those already done and those that failed here are done at once.
         progress.set_totals(tiles=sum(len(p.tiles) for p in plans), images=len(items),
                             pixels=sum(p.height * p.width for p in plans))
         progress.advance(images=len(skipped) + len(failed), failed=len(failed), skipped=len(skipped))
         on_tiles = on_tiles or progress.on_tiles
     if ctx.rank == 0:
-        paths_by_key = {it.key: it.path for it in items}  # name bad files as the writer does: by path
+        paths_by_key = {it.key: it.path for it in items}  # name bad files by path
         for f in failed:
             log.error("%s: %s", paths_by_key[f.input], f.error)
+    by_key = {it.key: it for it in items}
+    encoders = encoder_count(getattr(engine, "device", torch.device("cpu")).type)
+
+    def write(key, classes, rgb, strips):
+        item = by_key[key]
+        return write_outputs(out_plan.outputs(item), classes, rgb, palette, pool=strips, threads=encoders,
+                             text_for=lambda kinds: out_plan.output_text(item, kinds))
+
     try:
-        results, stats = run_distributed(
-            ctx, engine, plans, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles, outputs=out_plan
-        )
+        results, stats = run_worker(ctx, engine, plans, own, write=write, io=io, kept=kept, mask_dir=mask_dir,
+                                    on_tiles=on_tiles if ctx.rank == 0 else None)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         if ctx.rank != 0:
             raise Interrupted(signum) from e
-        written = getattr(e, "results", None) or []
+        written = [_result(r) for r in getattr(e, "results", None) or []]
         summary = _record(items, out_dir, out_plan, fp, skipped + failed + written, t0, [], interrupted=signum)
         raise Interrupted(signum, results=summary.files, report=Path(out_dir) / REPORT_NAME) from e
     if ctx.rank != 0:
         return None
-    return _record(items, out_dir, out_plan, fp, skipped + failed + results, t0, stats)
+    return _record(items, out_dir, out_plan, fp, skipped + failed + [_result(r) for r in results], t0, stats)
+
+
+def _result(d: dict) -> FileResult:
+    size = d.get("size")
+    return FileResult(d["input"], d["status"], d.get("outputs") or [], tuple(size) if size else None,
+                      d.get("tiles", 0), d.get("seconds", 0.0), d.get("error"))
+
+
+def _spread_io(ctx, plans, own, out_dir, fp, identities, shared_output):
+    """How this job's spread images travel (`work.SpreadIO`, None when none is spread), and the
+    chunks an earlier run left in their part stores. Collective: every rank calls it."""
+    from .parts import PartStore, part_digest, shared_output as detect_shared
+    from .transport import PointToPoint
+    from .work import SpreadIO
+
+    shared = detect_shared(ctx, out_dir, override=shared_output) if own.spread else True
+    if ctx.rank == 0:
+        if own.spread:
+            names = [plans[i].key for i in own.spread]
+            log.info("%d image%s spread over %d processes (%s%s); their tiles meet %s", len(names),
+                     "s" * (len(names) > 1), ctx.world_size, ", ".join(names[:3]), ", ..." * (len(names) > 3),
+                     "in part stores in OUTPUT (shared by every process)" if shared
+                     else "over the process group (OUTPUT not shared)")
+        # An earlier run's part stores that this run will not read.
+        PartStore.sweep(out_dir, [plans[i].key for i in own.spread] if shared else [])
+    if not own.spread:
+        return None, {}
+    if not shared:
+        return SpreadIO(ctx.rank, p2p=PointToPoint.create(ctx.backend)), {}
+    # Rank 0 prepares every spread image's part store (keeping an earlier run's chunks of
+    # the same plan) before any claim; every rank then opens them.
+    digests = {i: part_digest(fingerprint=fp.digest, key=plans[i].key, identity=identities.get(plans[i].key),
+                              height=plans[i].height, width=plans[i].width, chunks=plans[i].chunks)
+               for i in own.spread}
+    inventory = None
+    if ctx.rank == 0:
+        inv = {i: PartStore.prepare(out_dir, plans[i].key, digest=digests[i]).inventory() for i in own.spread}
+        inventory = json.dumps({i: {p: sorted(c) for p, c in v.items()} for i, v in inv.items()})
+    kept = {int(i): {int(p): set(c) for p, c in v.items()}
+            for i, v in json.loads(ctx.share_from_rank0("parts", inventory)).items()}
+    parts = {i: PartStore.open(out_dir, plans[i].key, digest=digests[i]) for i in own.spread}
+    return SpreadIO(ctx.rank, parts=parts), kept
 
 
 def _record(items, out_dir, out_plan, fp, results, t0, stats, *, interrupted: int | None = None) -> JobSummary:
@@ -152,7 +215,7 @@ def _record(items, out_dir, out_plan, fp, results, t0, stats, *, interrupted: in
     from .images import remove_stale_temps
     from .report import write_report
 
-    # Rank 0 wrote every output and its writer is done: leftovers are a killed run's.
+    # Every process has written its outputs (their results are in): leftovers are a killed run's.
     remove_stale_temps(out_plan.all_paths())
     by_key = {r.input: r for r in results}
     if interrupted:
