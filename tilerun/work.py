@@ -14,11 +14,12 @@ image's chunks from other processes through `parts` or `transport`) -> write
   any other split.
 * **Spread images.** A pass-1 chunk publishes its tiles' float64 partial sums in the store
   (a few hundred bytes a tile; with a shared OUTPUT also in the image's part store, so a
-  rerun skips them). A pass-2 chunk's uint8 cores go to the image's finisher: in memory
-  when it is this process, else into the part store (shared OUTPUT) or over the process
-  group (`transport.PointToPoint`, tag = task number); then a key ``d/<image>/<chunk>``
-  names the rank that computed it. The finisher's thread (`_Finisher`) waits for each
-  chunk's key, takes its cores from where that rank put them, and writes the image.
+  rerun skips them). A pass-2 chunk's uint8 cores go to the image's finisher: with a shared
+  OUTPUT into the part store, every chunk (the finisher's own too, so that all survive a
+  kill); else in memory when the finisher is this process, or over the process group
+  (`transport.PointToPoint`, tag = task number). Then a key ``d/<image>/<chunk>`` names the
+  rank that computed it. The finisher's thread (`_Finisher`) waits for each chunk's key,
+  takes its cores from where that rank put them, and writes the image.
 * **The store** carries claims, pass-1 sums, the chunk keys, two progress counters
   (rank 0's progress bar polls them) and each rank's results at the end: no pixels.
 * **Resume at tile level** (shared OUTPUT): chunks an earlier run left in a part store
@@ -147,13 +148,14 @@ class SpreadIO:
             store.wait(keys)
 
     def deliver(self, store, tag: int, image: int, chunk: int, finisher: int, header: dict, arrays) -> None:
-        if finisher == self.rank:
+        if self.parts is not None:
+            # The finisher's own chunks too: in the part store they survive a kill (tile-level resume).
+            self.bytes_parts += self.parts[image].put(PASS_MAIN, chunk, header, arrays)
+        elif finisher == self.rank:
             # Views of the engine's host buffers, not copies: the canvas is the one copy.
             with self._cond:
                 self._local[(image, chunk)] = (header, arrays)
                 self._cond.notify_all()
-        elif self.parts is not None:
-            self.bytes_parts += self.parts[image].put(PASS_MAIN, chunk, header, arrays)
         else:
             self.p2p.send(finisher, tag, header, arrays)
         key, value = f"d/{image}/{chunk}", str(self.rank)
@@ -164,12 +166,12 @@ class SpreadIO:
         key = f"d/{image}/{chunk}"
         self._store_wait(store, [key])
         rank = int(store.get(key))
+        if self.parts is not None:
+            return self.parts[image].get(PASS_MAIN, chunk)
         if rank == self.rank:
             with self._cond:
                 self._cond.wait_for(lambda: (image, chunk) in self._local)
                 return self._local.pop((image, chunk))
-        if self.parts is not None:
-            return self.parts[image].get(PASS_MAIN, chunk)
         _, header, arrays = self.p2p.recv(tag, src=rank)
         return header, arrays
 
