@@ -126,3 +126,12 @@ def test_two_processes_detect_shared_output_and_share_a_part_store(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in (0, 1):
         assert f"rank {rank}: same=True apart=False forced=True parts=True" in r.stdout, r.stdout
+
+
+def test_sweep_removes_the_stores_no_longer_wanted(tmp_path):
+    a = PartStore.prepare(tmp_path, "a.png", digest="1")
+    PartStore.prepare(tmp_path, "b.png", digest="2")
+    assert PartStore.sweep(tmp_path, ["a.png"]) == 1
+    assert a.folder.exists() and not PartStore.folder_for(tmp_path, "b.png").exists()
+    assert PartStore.sweep(tmp_path, []) == 1
+    assert not (tmp_path / PARTS_DIR).exists()

@@ -208,6 +208,28 @@ class PartStore:
             return False
         return size == need
 
+    @staticmethod
+    def sweep(out_dir: str | os.PathLike, keep: Iterable[str]) -> int:
+        """Remove the part stores in OUTPUT of every input but those keyed in ``keep`` (an earlier
+        run's, whose images are now written, or no longer spread); their count. Call it while no
+        process writes into them."""
+        root = Path(out_dir) / PARTS_DIR
+        if not root.is_dir():
+            return 0
+        wanted = {_image_id(k) for k in keep}
+        removed = 0
+        for folder in root.iterdir():
+            if folder.name not in wanted:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        if removed:
+            log.info("removed %d part store%s an earlier run left in %s", removed, "s" * (removed > 1), root)
+        try:
+            root.rmdir()
+        except OSError:
+            pass
+        return removed
+
     def remove(self) -> None:
         """Delete the store (its image is written), and the parts folder once empty."""
         shutil.rmtree(self.folder, ignore_errors=True)
