@@ -37,9 +37,16 @@ def test_fewer_images_than_processes_spreads_all_but_one_tile_images():
 
 def test_limit_is_a_quarter_of_a_process_share():
     # total 100 tiles, 2 processes: whole up to 100 / 8 = 12.5 tiles
-    counts = [12, 13] + [1] * 75
+    counts = [60, 13, 12] + [1] * 15  # whole: 60 vs 40, 17% idle
     own = assign(counts, 2)
-    assert set(own.spread) == {1} and 0 in own.whole
+    assert set(own.spread) == {0, 1} and 2 in own.whole
+
+
+def test_images_that_balance_whole_are_not_spread():
+    assert assign([4, 4, 4, 4], 2).spread == {}  # 2 each: nothing to gain
+    assert assign([12, 13] + [1] * 75, 2).spread == {}  # the ones fill the gap
+    assert set(assign([16] * 5, 2).spread) == set(range(5))  # 3 vs 2 whole: 17% idle
+    assert set(assign([30, 1, 1, 1], 2).spread) == {0}
 
 
 def test_finishers_balance_pixels_and_spare_rank_0():

@@ -11,16 +11,18 @@ part of the plan that decides where an image's bytes go:
   computed elsewhere reach it through a part store beside the output (shared filesystem,
   `parts`) or over the process group (`transport`), never through the c10d store.
 
-The rule (`assign`): with one process, every image is whole, in input order. Otherwise an image is spread
-when there are fewer images that could be whole than processes, or when it holds more than
-``total_tiles / (world_size * SPREAD_FACTOR)`` tiles.
+The rule (`assign`): with one process, every image is whole, in input order. With at
+least as many images as processes, every image is whole when a largest-first schedule of
+whole images leaves at most WHOLE_IDLE of the processes' time idle (four equal photos on
+two processes: none). Otherwise an image is spread when there are fewer images than
+processes, or when it holds more than ``total_tiles / (world_size * SPREAD_FACTOR)`` tiles.
 
 Why: whole-image tasks are claimed from one counter (list scheduling), and a greedy list
 schedule ends within one task of the average load: makespan <= total/world + largest task.
 Capping a whole task at 1/SPREAD_FACTOR of a process's average share bounds the tail idle
 at 1/(SPREAD_FACTOR + 1) in the worst order, and in practice far less, because the small
 tasks claimed last fill the gaps. `bench/ownership_tail.py` simulates it on seven
-workloads: with SPREAD_FACTOR = 4 the tail idle is 0-2% up to 8 processes and 0-8% at 16
+workloads: with SPREAD_FACTOR = 4 the tail idle is 0-2% up to 8 processes and 0-7% at 16
 (where today's every-image-spread is 0-19%, its pass 2 waiting for pass 1); never
 spreading a big image costs up to 92% (a folder plus one 8192^2 photo), and a factor of 2
 leaves 17% idle on five 2048^2 photos over 2 processes. A larger factor spreads more images, which
@@ -37,13 +39,16 @@ progress bar, so it takes a big image only when every rank already has one.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 from typing import Sequence
 
-__all__ = ["SPREAD_FACTOR", "Ownership", "assign", "claim_order"]
+__all__ = ["SPREAD_FACTOR", "WHOLE_IDLE", "Ownership", "assign", "claim_order", "schedule_idle"]
 
 #: A whole-image task holds at most 1/SPREAD_FACTOR of a process's average share of the job.
 SPREAD_FACTOR = 4
+#: Idle share of a largest-first schedule of whole images below which no image is spread.
+WHOLE_IDLE = 0.02
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,8 @@ def assign(tile_counts: Sequence[int], world_size: int, *, pixels: Sequence[int]
     can_spread = [i for i in range(n) if tile_counts[i] > 1]
     if n < world_size:
         spread = can_spread
+    elif schedule_idle(tile_counts, world_size) <= WHOLE_IDLE:
+        spread = []
     else:
         spread = [i for i in can_spread if tile_counts[i] > limit]
     whole = [i for i in range(n) if i not in set(spread)]
@@ -89,6 +96,17 @@ def assign(tile_counts: Sequence[int], world_size: int, *, pixels: Sequence[int]
         finishers[i] = r
         load[r] += weight[i]
     return Ownership(tuple(_largest_first(whole, tile_counts)), finishers)
+
+
+def schedule_idle(tile_counts: Sequence[int], world_size: int) -> float:
+    """Idle share of the processes' time when whole images are claimed largest first (tiles as time)."""
+    total = sum(tile_counts)
+    if not total:
+        return 0.0
+    loads = [0] * world_size
+    for t in sorted(tile_counts, reverse=True):
+        heapq.heapreplace(loads, loads[0] + t)  # the next free process takes the next image
+    return 1 - total / (world_size * max(loads))
 
 
 def _largest_first(indices, sizes: Sequence[int]) -> list[int]:
