@@ -94,6 +94,10 @@ class OutputWriter:
         self.encoders, self.max_pixels = encoders, max_pixels
         self._pool = ThreadPoolExecutor(encoders, thread_name_prefix="tilerun-png")
         self._strips = ThreadPoolExecutor(encoders, thread_name_prefix="tilerun-zlib") if encoders > 1 else None
+        # A spread image's strips on every core: its finisher encodes it when the other
+        # processes are done with it (often the job's tail), so their cores are free.
+        wide = os.cpu_count() or 1
+        self._wide = ThreadPoolExecutor(wide, thread_name_prefix="tilerun-zlib-wide") if wide > 1 else None
         self._pending: deque[tuple[int, Future]] = deque()
         self._pixels = 0
         self._lock = threading.Lock()
@@ -103,10 +107,10 @@ class OutputWriter:
         self.bytes_written = 0
         self.on_written: Callable[[str], None] | None = None
 
-    def _job(self, key: str, canvas: Canvas, seconds: float, after) -> tuple[str, list[str] | None, str | None, float]:
+    def _job(self, key: str, canvas: Canvas, seconds: float, after, wide: bool) -> tuple[str, list[str] | None, str | None, float]:
         t0 = time.perf_counter()
         try:
-            outputs = self._write(key, canvas.classes, canvas.rgb, self._strips)
+            outputs = self._write(key, canvas.classes, canvas.rgb, self._wide if wide else self._strips)
         except OSError as e:
             log.error("%s: cannot write output: %s", key, e)
             return key, None, f"cannot write output: {e}", seconds + time.perf_counter() - t0
@@ -130,17 +134,19 @@ class OutputWriter:
         self._pixels -= pixels
         self.results.append(fut.result())
 
-    def submit(self, key: str, canvas: Canvas, seconds: float = 0.0, *, after: Callable[[], None] | None = None) -> None:
+    def submit(self, key: str, canvas: Canvas, seconds: float = 0.0, *, after: Callable[[], None] | None = None,
+               wide: bool = False) -> None:
         """Queue ``canvas`` (complete, error-free) to be written as ``key``'s outputs; ``after()``
-        runs once they are written (a spread image's part store is removed then, not before)."""
+        runs once they are written (a spread image's part store is removed then, not before).
+        ``wide``: compress its strips on every core (a spread image)."""
         with self._submit_lock:  # the main thread (whole images) and the finisher (spread ones)
-            self._submit(key, canvas, seconds, after)
+            self._submit(key, canvas, seconds, after, wide)
 
-    def _submit(self, key, canvas, seconds, after) -> None:
+    def _submit(self, key, canvas, seconds, after, wide) -> None:
         px = canvas.height * canvas.width
         while self._pending and (len(self._pending) > self.encoders or self._pixels + px > self.max_pixels):
             self._finish_one()
-        self._pending.append((px, self._pool.submit(self._job, key, canvas, seconds, after)))
+        self._pending.append((px, self._pool.submit(self._job, key, canvas, seconds, after, wide)))
         self._pixels += px
 
     def close(self) -> list[tuple[str, list[str] | None, str | None, float]]:
@@ -151,12 +157,14 @@ class OutputWriter:
                     self._finish_one()
         finally:
             self._pool.shutdown(wait=True)
-            if self._strips is not None:
-                self._strips.shutdown(wait=True)
+            for pool in (self._strips, self._wide):
+                if pool is not None:
+                    pool.shutdown(wait=True)
         return self.results
 
     def abort(self) -> None:
         """Stop without waiting for queued writes (the job is failing)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._strips is not None:
-            self._strips.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._strips, self._wide):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)

@@ -301,7 +301,7 @@ class _Finisher(threading.Thread):
                     continue
                 parts = self.io.parts[i] if self.io.parts is not None else None
                 self.writer.submit(p.key, canvas, time.perf_counter() - t0,
-                                   after=parts.remove if parts is not None else None)
+                                   after=parts.remove if parts is not None else None, wide=True)
         except BaseException as e:
             self.error = e
 
