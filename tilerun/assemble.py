@@ -105,7 +105,7 @@ class OutputWriter:
         self.results: list[tuple[str, list[str] | None, str | None, float]] = []  # key, outputs, error, seconds
         self.images_written = 0
         self.bytes_written = 0
-        self.on_written: Callable[[str], None] | None = None
+        self.on_written: Callable[[str, bool], None] | None = None  # (key, written ok), from an encoder thread
 
     def _job(self, key: str, canvas: Canvas, seconds: float, after, wide: bool) -> tuple[str, list[str] | None, str | None, float]:
         t0 = time.perf_counter()
@@ -113,6 +113,8 @@ class OutputWriter:
             outputs = self._write(key, canvas.classes, canvas.rgb, self._wide if wide else self._strips)
         except OSError as e:
             log.error("%s: cannot write output: %s", key, e)
+            if self.on_written is not None:
+                self.on_written(key, False)
             return key, None, f"cannot write output: {e}", seconds + time.perf_counter() - t0
         size = 0
         for p in outputs:
@@ -126,7 +128,7 @@ class OutputWriter:
         if after is not None:
             after()
         if self.on_written is not None:
-            self.on_written(key)
+            self.on_written(key, True)
         return key, outputs, None, seconds + time.perf_counter() - t0
 
     def _finish_one(self) -> None:
@@ -162,9 +164,16 @@ class OutputWriter:
                     pool.shutdown(wait=True)
         return self.results
 
-    def abort(self) -> None:
-        """Stop without waiting for queued writes (the job is failing)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def abandon(self) -> list[tuple[str, list[str] | None, str | None, float]]:
+        """Stop (an interrupt, or the job failing): the writes in flight finish, no other starts.
+        The results decided so far; every output of those that are ok is complete on disk."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
         for pool in (self._strips, self._wide):
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+        done = list(self.results)
+        for _, fut in self._pending:
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                done.append(fut.result())
+        self._pending.clear()
+        return done

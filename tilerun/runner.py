@@ -1,4 +1,11 @@
-"""One job: every input image through the engine into OUTPUT, one failure costing one file."""
+"""One job: every input image through the engine into OUTPUT, one failure costing one file.
+
+The road: plan (`scheduler`, `owners`) -> claim -> compute (`work`) -> assemble -> write
+(`assemble`, with `parts` and `transport` for images spread over processes); `report`
+records it. This module runs that road once: resume and output naming first (rank 0,
+`resume`), then every process's share, then the report (rank 0). No module below it
+imports it.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .assemble import encoder_count
 from .engine import Engine
 from .errors import Interrupted
-from .images import InputItem, write_png_atomic, write_tiff_atomic
+from .images import InputItem, plan_outputs, write_png_atomic, write_tiff_atomic
+from .owners import assign
 from .report import REPORT_NAME
+from .resume import Manifest, OutputPlan, fingerprint, prepare_outputs
+from .scheduler import plan_images
+from .work import run_worker
 
 __all__ = ["FileResult", "JobSummary", "run_job", "write_outputs"]
 
@@ -37,7 +49,7 @@ class FileResult:
 class JobSummary:
     files: list[FileResult]
     seconds: float
-    ranks: list = field(default_factory=list)  # scheduler.RankStats per process
+    ranks: list = field(default_factory=list)  # work.RankStats per process
 
     @property
     def failed(self) -> int:
@@ -106,12 +118,6 @@ def run_job(
     has started: rank 0 writes the report -- the inputs it knows written so far ``ok``, the
     rest ``interrupted`` -- and raises `errors.Interrupted` with them; a rerun resumes.
     """
-    from .assemble import encoder_count
-    from .images import plan_outputs
-    from .owners import assign
-    from .resume import Manifest, OutputPlan, fingerprint, prepare_outputs
-    from .scheduler import plan_images
-    from .work import run_worker
 
     t0 = time.perf_counter() if started is None else started
     # Resume and the collision rule: rank 0 alone reads and claims OUTPUT and tells the
@@ -130,7 +136,8 @@ def run_job(
         out_plan = OutputPlan(Manifest(Path(out_dir), fp, overwrite=overwrite), plan_outputs(items, out_dir, fmt=fmt),
                               [], [], shared_doc["identities"])
     todo = set(shared_doc["todo"])
-    plans, failed = plan_images(engine, [it for it in items if it.key in todo], world_size=ctx.world_size)
+    plans, unreadable = plan_images(engine, [it for it in items if it.key in todo], world_size=ctx.world_size)
+    failed = [FileResult(key, "failed", error=error) for key, error in unreadable]
     ctx.agree(json.dumps([[p.key, p.height, p.width, len(p.tiles)] for p in plans]), "the work list")
     own = assign([len(p.tiles) for p in plans], ctx.world_size, pixels=[p.height * p.width for p in plans])
     io, kept = _spread_io(ctx, plans, own, out_dir, fp, shared_doc["identities"], shared_output)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import signal
 import sys
 import threading
 import time
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from .assemble import Canvas, OutputWriter, encoder_count
-from .errors import InputImageError
+from .errors import InputImageError, Interrupted
 from .images import load_image
 from .owners import Ownership
 from .parts import PartStore
@@ -264,6 +265,14 @@ def _main_chunk(engine, plan, ids: list[int], image, mask, sums, key) -> tuple[d
     return {"tiles": header_tiles}, arrays
 
 
+def _decided(plans, written: tuple) -> dict:
+    """An `OutputWriter` result as a report entry."""
+    key, outputs, error, seconds = written
+    p = next(q for q in plans if q.key == key)
+    return {"input": key, "status": "failed" if error else "ok", "outputs": outputs or [],
+            "size": [p.width, p.height], "tiles": len(p.tiles), "seconds": seconds, "error": error}
+
+
 def _error_header(plan, pass_: int, chunk: int, error: str) -> dict:
     return {"error": error, "tiles": [[i, False, False] for i in plan.chunks[pass_][chunk]]}
 
@@ -336,21 +345,21 @@ def run_worker(
     counter_store = ctx.store_client()
     counter_lock = threading.Lock()
 
-    def count(tiles: int = 0, images: int = 0) -> None:
+    def count(tiles: int = 0, images: int = 0, failed: int = 0) -> None:
         with counter_lock:
-            if tiles:
-                counter_store.add("progress/tiles", tiles)
-            if images:
-                counter_store.add("progress/images", images)
+            for name, n in (("tiles", tiles), ("images", images), ("failed", failed)):
+                if n:
+                    counter_store.add(f"progress/{name}", n)
 
     def failed(p, error: str) -> None:
         log.error("%s: %s", p.item.path, error)
+        count(images=1, failed=1)
         with results_lock:
             results.append({"input": p.key, "status": "failed", "outputs": [], "size": [p.width, p.height],
                             "tiles": len(p.tiles), "seconds": 0.0, "error": error})
 
     writer = OutputWriter(write, encoders=encoder_count(getattr(engine, "device", torch.device("cpu")).type))
-    writer.on_written = lambda key: count(images=1)
+    writer.on_written = lambda key, ok: count(images=1, failed=int(not ok))
     finisher = None
     if any(r == ctx.rank for r in own.spread.values()):
         finisher = _Finisher(ctx, plans, own, tags, io, writer, kept, failed, lambda n: count(tiles=n))
@@ -429,19 +438,18 @@ def run_worker(
             if finisher.error is not None:
                 raise finisher.error
         ok = True
+    except KeyboardInterrupt as e:  # Ctrl-C, SIGTERM: the writes in flight finish, then say what was written
+        decided = [_decided(plans, r) for r in writer.abandon()]
+        with results_lock:
+            decided += results
+        raise Interrupted(getattr(e, "signum", signal.SIGINT), results=decided) from e
     finally:
         loader.stop.set()
         sys.setswitchinterval(switch)
         engine.release_features()
         if not ok:
-            writer.abort()
-    for key_, outputs, error, seconds in writer.close():
-        p = next(q for q in plans if q.key == key_)
-        if error:
-            failed(p, error)
-        else:
-            results.append({"input": key_, "status": "ok", "outputs": outputs, "size": [p.width, p.height],
-                            "tiles": len(p.tiles), "seconds": seconds, "error": None})
+            writer.abandon()
+    results += [_decided(plans, written) for written in writer.close()]
     if io is not None:
         if io.p2p is not None:
             io.p2p.flush()
@@ -473,18 +481,17 @@ class _ProgressPoller(threading.Thread):
         super().__init__(daemon=True, name="tilerun-progress")
         self.ctx, self.on_tiles = ctx, on_tiles
         self._halt = threading.Event()
-        self._seen = (0, 0)
+        self._seen = (0, 0, 0)
         self._store = ctx.store_client()
         self._lock = threading.Lock()
 
     def poll(self) -> None:
         with self._lock:
-            tiles = self._store.add("progress/tiles", 0)
-            images = self._store.add("progress/images", 0)
-            dt, di = tiles - self._seen[0], images - self._seen[1]
-            self._seen = (tiles, images)
+            now = tuple(self._store.add(f"progress/{name}", 0) for name in ("tiles", "images", "failed"))
+            dt, di, df = (a - b for a, b in zip(now, self._seen))
+            self._seen = now
         if dt or di:
-            self.on_tiles(dt, di)
+            self.on_tiles(dt, di, failed=df)
 
     def run(self) -> None:
         while not self._halt.wait(PROGRESS_POLL_S):
