@@ -89,9 +89,9 @@ class OutputWriter:
     """
 
     def __init__(self, write: Callable[[str, np.ndarray | None, np.ndarray | None, Executor | None], list[str]], *,
-                 encoders: int = 1, max_pixels: int = ENCODE_PIXELS) -> None:
+                 encoders: int = 1, max_pixels: int | None = None) -> None:
         self._write = write
-        self.encoders, self.max_pixels = encoders, max_pixels
+        self.encoders, self.max_pixels = encoders, ENCODE_PIXELS if max_pixels is None else max_pixels
         self._pool = ThreadPoolExecutor(encoders, thread_name_prefix="tilerun-png")
         self._strips = ThreadPoolExecutor(encoders, thread_name_prefix="tilerun-zlib") if encoders > 1 else None
         # A spread image's strips on every core: its finisher encodes it when the other

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .assemble import encoder_count
+from . import assemble
 from .engine import Engine
 from .errors import Interrupted
 from .images import InputItem, plan_outputs, write_png_atomic, write_tiff_atomic
@@ -152,7 +152,7 @@ def run_job(
         for f in failed:
             log.error("%s: %s", paths_by_key[f.input], f.error)
     by_key = {it.key: it for it in items}
-    encoders = encoder_count(getattr(engine, "device", torch.device("cpu")).type)
+    encoders = assemble.encoder_count(getattr(engine, "device", torch.device("cpu")).type)
 
     def write(key, classes, rgb, strips):
         item = by_key[key]

@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from .assemble import Canvas, OutputWriter, encoder_count
+from . import assemble
+from .assemble import Canvas, OutputWriter
 from .errors import InputImageError, Interrupted
 from .images import load_image
 from .owners import Ownership
@@ -358,7 +359,7 @@ def run_worker(
             results.append({"input": p.key, "status": "failed", "outputs": [], "size": [p.width, p.height],
                             "tiles": len(p.tiles), "seconds": 0.0, "error": error})
 
-    writer = OutputWriter(write, encoders=encoder_count(getattr(engine, "device", torch.device("cpu")).type))
+    writer = OutputWriter(write, encoders=assemble.encoder_count(getattr(engine, "device", torch.device("cpu")).type))
     writer.on_written = lambda key, ok: count(images=1, failed=int(not ok))
     finisher = None
     if any(r == ctx.rank for r in own.spread.values()):
