@@ -443,16 +443,20 @@ def test_outputs_of_unknown_origin_are_not_replaced(three, tmp_path, run_cli):
 
 def test_fingerprint_holds_tile_only_when_the_halo_is_inexact(sensitive_model, sensitive_probe):
     from tilerun.engine import Engine
+    from tilerun.resume import Fingerprint
 
     exact = {t: fingerprint(model=sensitive_model, engine=Engine(sensitive_model, tile=t, probe=sensitive_probe))
              for t in (0, 32, 64)}
     assert len({fp.digest for fp in exact.values()}) == 1
-    assert set(exact[64].settings) == {"tilerun", "model"}
+    assert set(exact[64].settings) == {"code", "model", "model_file", "receptive"}
+    assert exact[64].settings["receptive"] == [sensitive_probe.halo, sensitive_probe.stride]
     short = Engine(sensitive_model, tile=32, halo=sensitive_probe.halo - 4, probe=sensitive_probe)
     fp = fingerprint(model=sensitive_model, engine=short)
     assert fp.settings["halo"] == sensitive_probe.halo - 4 and fp.settings["tile"] == 32
     assert fp.digest != exact[32].digest
-    assert fingerprint(model=sensitive_model, engine=short, version="9.9").digest != fp.digest
+    edited = Fingerprint({**fp.settings, "code": "0" * 64})  # tilerun's pixel code edited
+    assert edited.digest != fp.digest and edited.differences(fp.settings) == [
+        "tilerun's code differs (another version, or an edited install)"]
 
 
 def test_manifest_refusal_is_an_output_exists_error(tmp_path, sensitive_model, sensitive_probe):

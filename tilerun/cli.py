@@ -130,6 +130,7 @@ def main(ctx: click.Context) -> None:
 @o.max_pixels_opt
 @o.format_opt
 @o.overwrite_opt
+@o.verify_inputs_opt
 @click.option("--preview", is_flag=True, help="Also write NAME.preview.png: input with holes | class map | "
               "inpainted, with a legend (at most 1024 px a side).")
 @click.option("--shared-output/--no-shared-output", "shared_output", default=None,
@@ -140,7 +141,7 @@ def main(ctx: click.Context) -> None:
 @o.verbose_opt
 @o.quiet_opt
 def run(input_path, output, model_path, tile, halo, batch_size, precision, feature_cache_mib, device, backend,
-        mask_dir, max_pixels, fmt, overwrite, preview, shared_output, strict, verbose, quiet):
+        mask_dir, max_pixels, fmt, overwrite, verify_inputs, preview, shared_output, strict, verbose, quiet):
     """Run the model over INPUT (an image or a folder, recursive) into the folder OUTPUT.
 
     For a/b/NAME.ext writes OUTPUT/a/b/NAME.pred.png (class map, palette PNG) and
@@ -180,7 +181,7 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, featu
                     summary = _run(ctx, input_path, output, model_path=model_path, tile=tile, halo=halo,
                                    batch_size=batch_size, precision=precision, feature_cache_mib=feature_cache_mib,
                                    mask_dir=mask_dir, overwrite=overwrite, preview=preview, verbose=verbose,
-                                   quiet=quiet, fmt=fmt, started=started,
+                                   quiet=quiet, fmt=fmt, started=started, verify_inputs=verify_inputs,
                                    shared_output=shared_output)
             except DistributedError as e:
                 raise click.ClickException(str(e)) from e
@@ -200,7 +201,7 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, featu
 
 def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_dir, precision="fp32",
          feature_cache_mib=None, overwrite=False, preview=False, verbose=0, quiet=False, fmt="png", started=None,
-         shared_output=None):
+         verify_inputs=False, shared_output=None):
     from .engine import Engine
     from .images import find_inputs
     from .model import load_model
@@ -247,7 +248,8 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
     # One bar (or log lines) on rank 0 over every process's tiles; other ranks show nothing.
     with Progress(enabled=ctx.rank == 0, quiet=quiet, verbose=verbose) as progress:
         summary = run_job(ctx, engine, items, output, mask_dir=mask_dir, palette=getattr(model, "palette", None),
-                          overwrite=overwrite, progress=progress, fmt=fmt, started=started, shared_output=shared_output)
+                          overwrite=overwrite, progress=progress, fmt=fmt, started=started,
+                          verify_inputs=verify_inputs, shared_output=shared_output)
     if preview and summary is not None:  # rank 0, after its writer: previews of what is on disk
         from .preview import write_previews
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-__all__ = ["TilerunError", "InputImageError", "ModelLoadError", "OutputExistsError", "DistributedError",
-           "Interrupted", "too_many_pixels"]
+__all__ = ["TilerunError", "InputImageError", "ModelLoadError", "OutputExistsError", "OutputBusyError",
+           "DistributedError", "Interrupted", "too_many_pixels"]
 
 
 class TilerunError(Exception):
@@ -32,6 +32,10 @@ class ModelLoadError(TilerunError, ValueError):
 
 class OutputExistsError(TilerunError, FileExistsError):
     """Outputs exist from a run with other settings; rerun with --overwrite."""
+
+
+class OutputBusyError(OutputExistsError):
+    """Another running job holds OUTPUT (`resume.OutputLock`); wait for it or choose another OUTPUT."""
 
 
 class DistributedError(TilerunError, RuntimeError):

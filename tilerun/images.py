@@ -21,7 +21,10 @@ Conventions (docs/formats.md says the same for users):
   of one folder share a stem (``x.png`` and ``x.jpg``; compared case-insensitively, since
   macOS and Windows folders are), each keeps its extension: ``x.png.pred.png``,
   ``x.jpg.pred.png``. `plan_outputs` applies this rule over the whole job, never per file.
-* **Writes** are atomic: a hidden temporary file in the target folder, fsync, rename.
+* **Writes** are atomic and durable: a hidden temporary file in the target folder, fsync,
+  rename, fsync of the folder. A temporary file is named for its writer,
+  ``.NAME.<host>-<pid>-<random>.tmp``, so that a job's cleanup can tell its own and dead
+  jobs' leftovers from another live writer's (`remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import glob
 import json
 import os
 import re
+import socket
 import tempfile
 import threading
 import warnings
@@ -393,6 +397,42 @@ def _temp_pattern(path: Path) -> str:
     return str(path.parent / f".{glob.escape(path.name)}.*{_TEMP_SUFFIX}")
 
 
+# A host name as it may appear in a file name (no separators); `_temp_owner` splits on the last dashes.
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+
+
+def _temp_owner(tmp: str, target: Path) -> tuple[str, int] | None:
+    """(host, pid) of the writer that named ``tmp`` (`_write_atomic`), None for another naming."""
+    middle = os.path.basename(tmp)[len(target.name) + 2 : -len(_TEMP_SUFFIX)]  # .NAME.<middle>.tmp
+    parts = middle.rsplit("-", 2)  # mkstemp's random part has no dash; a host name may
+    return (parts[0], int(parts[1])) if len(parts) == 3 and parts[0] and parts[1].isdigit() else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def _fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename in folder ``path`` durable: without it a power cut can forget the new name
+    (ext4, XFS). Where folders cannot be opened (Windows: no O_DIRECTORY) it is skipped."""
+    flag = getattr(os, "O_DIRECTORY", None)
+    if flag is None:
+        return
+    fd = os.open(path, os.O_RDONLY | flag)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and FUSE mounts) refuse fsync on a folder; the rename itself is done
+        pass
+    finally:
+        os.close(fd)
+
+
 # Temporary files being written now. The writer is a daemon thread (so that a failing main
 # thread never waits on it), and daemon threads die mid-statement when the interpreter exits,
 # e.g. after Ctrl-C: the exit hook removes what they were writing.
@@ -441,14 +481,14 @@ def write_tiff_atomic(
 
 
 def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """``write(f)`` to a hidden temporary file in the same folder, fsync, then rename: never a
-    half-written output."""
+    """``write(f)`` to a hidden temporary file in the same folder, fsync, rename, fsync the
+    folder: never a half-written output, and a finished one survives a power cut."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _IN_FLIGHT_LOCK:
         if _EXITING:
             raise RuntimeError(f"not writing {path}: the interpreter is exiting")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_HOST}-{os.getpid()}-", suffix=_TEMP_SUFFIX, dir=path.parent)
         _IN_FLIGHT.add(tmp)
     try:
         os.close(fd)
@@ -458,6 +498,7 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual mode
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -466,16 +507,25 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) ->
             _IN_FLIGHT.discard(tmp)
 
 
-def remove_stale_temps(paths: Iterable[str | os.PathLike]) -> int:
-    """Delete temporary files that a killed writer of any of ``paths`` left behind; their count.
+def remove_stale_temps(paths: Iterable[str | os.PathLike], *, since: float | None = None) -> int:
+    """Delete temporary files that killed writers of any of ``paths`` left behind; their count.
 
-    A process killed with SIGKILL cannot clean up after itself. Call this only when no
-    writer of these paths is running (at the end of a job, after every process is done).
+    A process killed with SIGKILL cannot clean up after itself. Removed: this process's own
+    temporary files, those of processes of this host that no longer run, and, with ``since``
+    (`resume.OutputLock.since`: when this job took OUTPUT, on the filesystem's clock), any
+    older than that: no other job writes into an OUTPUT we hold, so they are a dead job's.
+    A live writer's file from another host or process is left alone. Call it when this
+    process's own writers are done.
     """
     removed = 0
-    for p in paths:
-        for tmp in glob.glob(_temp_pattern(Path(p))):
+    me = os.getpid()
+    for p in map(Path, paths):
+        for tmp in glob.glob(_temp_pattern(p)):
+            owner = _temp_owner(tmp, p)
             try:
+                stale = owner is not None and owner[0] == _HOST and (owner[1] == me or not _pid_alive(owner[1]))
+                if not stale and not (since is not None and os.stat(tmp).st_mtime < since):
+                    continue
                 os.unlink(tmp)
                 removed += 1
             except FileNotFoundError:

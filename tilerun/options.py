@@ -123,6 +123,11 @@ format_opt = click.option(
     "for PNG viewers. tiff needs tifffile (pip install tilerun[tiff]).",
 )
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Redo every input even if its outputs exist.")
+verify_inputs_opt = click.option(
+    "--verify-inputs", is_flag=True,
+    help="Resume by every input's whole content (a full hash, recorded in the outputs) rather than its size, "
+    "mtime and sampled blocks. Outputs of a run without it are redone.",
+)
 verbose_opt = click.option("-v", "--verbose", count=True, help="More output; -v also shows tracebacks.")
 quiet_opt = click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 backend_opt = click.option(

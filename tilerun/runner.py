@@ -9,6 +9,7 @@ imports it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -25,7 +26,7 @@ from .errors import Interrupted
 from .images import InputItem, plan_outputs, write_png_atomic, write_tiff_atomic
 from .owners import assign
 from .report import REPORT_NAME
-from .resume import Manifest, OutputPlan, fingerprint, prepare_outputs
+from .resume import Fingerprint, Manifest, OutputLock, OutputPlan, fingerprint, prepare_outputs
 from .scheduler import plan_images
 from .work import run_worker
 
@@ -103,6 +104,7 @@ def run_job(
     progress=None,
     fmt: str = "png",
     started: float | None = None,
+    verify_inputs: bool = False,
     shared_output: bool | None = None,
 ) -> JobSummary | None:
     """Run ``items`` on this process's share of the job (`tilerun.dist.session` gives ``ctx``).
@@ -117,23 +119,37 @@ def run_job(
     Ctrl-C or SIGTERM (`errors.Interrupted`, or a plain KeyboardInterrupt) once the work
     has started: rank 0 writes the report -- the inputs it knows written so far ``ok``, the
     rest ``interrupted`` -- and raises `errors.Interrupted` with them; a rerun resumes.
-    """
 
+    Rank 0 holds OUTPUT (`resume.OutputLock`) for the whole job: a second job into it
+    raises `OutputBusyError` (exit 2).
+    """
     t0 = time.perf_counter() if started is None else started
+    with OutputLock(out_dir) if ctx.is_writer else contextlib.nullcontext() as lock:
+        return _run_job(ctx, engine, items, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles,
+                        overwrite=overwrite, progress=progress, fmt=fmt, t0=t0, verify_inputs=verify_inputs,
+                        shared_output=shared_output, since=getattr(lock, "since", None))
+
+
+def _run_job(ctx, engine, items, out_dir, *, mask_dir, palette, on_tiles, overwrite, progress, fmt, t0,
+             verify_inputs, shared_output, since):
+
     # Resume and the collision rule: rank 0 alone reads and claims OUTPUT and tells the
     # others what is left to do and what each output's stamp says (the inputs' identities).
     # OutputExistsError -> exit 2 on rank 0, and torchrun stops the rest.
-    fp = fingerprint(model=engine.model, engine=engine)
-    out_plan = None
+    out_plan = fp = None
     skipped: list[FileResult] = []
     mine = None
     if ctx.rank == 0:
-        out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True, fmt=fmt)
+        fp = fingerprint(model=engine.model, engine=engine)
+        out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True, fmt=fmt,
+                                   verify_inputs=verify_inputs)
         skipped = [FileResult(it.key, "skipped", **out_plan.done_info(it)) for it in out_plan.done]
-        mine = json.dumps({"todo": [it.key for it in out_plan.todo], "identities": out_plan.identities})
+        mine = json.dumps({"todo": [it.key for it in out_plan.todo], "identities": out_plan.identities,
+                           "fingerprint": dict(fp.settings)})
     shared_doc = json.loads(ctx.share_from_rank0("todo", mine))
-    if out_plan is None:  # the same paths and stamps as rank 0's, whoever writes an output
-        out_plan = OutputPlan(Manifest(Path(out_dir), fp, overwrite=overwrite), plan_outputs(items, out_dir, fmt=fmt),
+    if out_plan is None:  # rank 0's paths and stamps, whoever writes an output
+        fp = Fingerprint(shared_doc["fingerprint"])
+        out_plan = OutputPlan(Manifest(out_dir, fp, overwrite=overwrite), plan_outputs(items, out_dir, fmt=fmt),
                               [], [], shared_doc["identities"])
     todo = set(shared_doc["todo"])
     plans, unreadable = plan_images(engine, [it for it in items if it.key in todo], world_size=ctx.world_size)
@@ -167,11 +183,13 @@ def run_job(
         if ctx.rank != 0:
             raise Interrupted(signum) from e
         written = [_result(r) for r in getattr(e, "results", None) or []]
-        summary = _record(items, out_dir, out_plan, fp, skipped + failed + written, t0, [], interrupted=signum)
+        summary = _record(items, out_dir, out_plan, fp, skipped + failed + written, t0, [], interrupted=signum,
+                          since=since)
         raise Interrupted(signum, results=summary.files, report=Path(out_dir) / REPORT_NAME) from e
     if ctx.rank != 0:
         return None
-    return _record(items, out_dir, out_plan, fp, skipped + failed + [_result(r) for r in results], t0, stats)
+    return _record(items, out_dir, out_plan, fp, skipped + failed + [_result(r) for r in results], t0, stats,
+                   since=since)
 
 
 def _result(d: dict) -> FileResult:
@@ -216,14 +234,15 @@ def _spread_io(ctx, plans, own, out_dir, fp, identities, shared_output):
     return SpreadIO(ctx.rank, parts=parts), kept
 
 
-def _record(items, out_dir, out_plan, fp, results, t0, stats, *, interrupted: int | None = None) -> JobSummary:
+def _record(items, out_dir, out_plan, fp, results, t0, stats, *, interrupted: int | None = None,
+            since: float | None = None) -> JobSummary:
     """Rank 0, its writer done: the job's summary, in input order, and its report. Interrupted:
     the inputs without a result are ``interrupted``."""
     from .images import remove_stale_temps
     from .report import write_report
 
-    # Every process has written its outputs (their results are in): leftovers are a killed run's.
-    remove_stale_temps(out_plan.all_paths())
+    # Every process has written its outputs (their results are in): leftovers are ours or a killed run's.
+    remove_stale_temps(out_plan.all_paths(), since=since)
     by_key = {r.input: r for r in results}
     if interrupted:
         ordered = [by_key.get(it.key) or FileResult(it.key, "interrupted") for it in items]

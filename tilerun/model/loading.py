@@ -59,6 +59,7 @@ __all__ = [
     "ExportedModel",
     "tile_exact_warning",
     "model_identity",
+    "model_source_identity",
 ]
 
 # `package.module:factory` (or `module:attr.attr`): dotted identifiers, one colon.
@@ -368,6 +369,7 @@ def load_model(spec: str | os.PathLike | None = None, *, check: bool = True) -> 
         model.palette = default_palette(outputs.classes)
     model.outputs = outputs
     model.tilerun_source = source
+    model.tilerun_identity = model_source_identity(text)  # what made it, for resume's fingerprint
     return model
 
 
@@ -388,6 +390,32 @@ def model_identity(spec: str | os.PathLike | None) -> str | None:
         while chunk := f.read(2**20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def model_source_identity(spec: str | os.PathLike) -> str:
+    """A hash of what made the model ``spec`` names, for resume's fingerprint
+    (`tilerun.resume.fingerprint`; the state dict is hashed there too).
+
+    A file: its bytes (`model_identity`), which hold a TorchScript or exported program's
+    code with its weights. An import path: the spec and the source of the factory's module,
+    as imported now (`load_model` calls this right after the import). Code the factory
+    reaches in other modules counts through the classes of the model it built
+    (`resume.model_digest`); a factory reading weights from a file it names itself is
+    covered by the state dict.
+    """
+    import hashlib
+    import inspect
+
+    text = os.fspath(spec)
+    if not is_import_path(text):
+        return f"file {model_identity(text)}"
+    module = sys.modules.get(text.partition(":")[0])
+    try:
+        source = inspect.getsource(module) if module is not None else ""
+    except (OSError, TypeError):  # no source (a compiled module): its name alone
+        source = ""
+    digest = hashlib.sha256(f"{text}\n{source}".encode()).hexdigest()
+    return f"import {digest}"
 
 
 def tile_exact_warning(probe, *, tile: int | None, halo: int | None) -> str | None:

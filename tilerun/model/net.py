@@ -57,8 +57,41 @@ class TileNetConfig:
         return cls(**d)
 
 
+def _conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding=0, dilation=1) -> Tensor:
+    """``F.conv2d(x, weight, bias, 1, padding, dilation)``, on CPU in float32 always through oneDNN.
+
+    ATen sends a float32 convolution of ONE image to oneDNN only above 20480 input values
+    (N * C * H * W), below that to its own im2col + GEMM (``_ConvBackend.Slow2d``, see
+    ``use_mkldnn`` in aten/src/ATen/native/Convolution.cpp); a batch of 2 or more always
+    goes to oneDNN. On an AVX2 CPU (AMD EPYC) the two round differently, ~half of a
+    stem's outputs in the last bit, so a feature cell's bits depended on the size of the
+    window around it and on the batch: with ``--feature-cache`` (pass 1 on pass 2's
+    windows) a pixel came out one grey level apart. oneDNN's value of an output pixel does
+    not depend on the window's size or the batch (tests/test_exact.py,
+    ``test_encoder_features_do_not_depend_on_the_window``). Above the threshold this is the
+    kernel ATen picks anyway: the same bits, the same speed. float64 (the probes), autocast
+    (bf16) and ``torch.backends.mkldnn.enabled = False`` keep ATen's choice.
+    """
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.enabled
+            and torch.backends.mkldnn.is_available() and not torch.is_autocast_enabled("cpu")):
+        pad = (padding, padding) if isinstance(padding, int) else tuple(padding)
+        dil = (dilation, dilation) if isinstance(dilation, int) else tuple(dilation)
+        return torch.mkldnn_convolution(x, weight, bias, pad, (1, 1), dil, 1)
+    return F.conv2d(x, weight, bias, 1, padding, dilation)
+
+
+class _Conv3x3(nn.Conv2d):
+    """A 3x3 convolution (stride 1, padding = dilation) through `_conv2d`."""
+
+    def __init__(self, cin: int, cout: int, dilation: int = 1) -> None:
+        super().__init__(cin, cout, 3, padding=dilation, dilation=dilation)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _conv2d(x, self.weight, self.bias, self.padding, self.dilation)
+
+
 def _conv(cin: int, cout: int, dilation: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, 3, padding=dilation, dilation=dilation)
+    return _Conv3x3(cin, cout, dilation)
 
 
 def _conv_of_cat(conv: nn.Conv2d, parts: list[Tensor], coarse: Tensor | None = None) -> Tensor:
@@ -76,7 +109,7 @@ def _conv_of_cat(conv: nn.Conv2d, parts: list[Tensor], coarse: Tensor | None = N
     for i, x in enumerate(parts):
         w = conv.weight[:, start : start + x.shape[1]]
         start += x.shape[1]
-        y = F.conv2d(x, w, conv.bias if i == 0 else None, conv.stride, conv.padding, conv.dilation)
+        y = _conv2d(x, w, conv.bias if i == 0 else None, conv.padding, conv.dilation)
         out = y if out is None else out.add_(y)
     if coarse is not None:
         _add_conv_of_upsampled(out, coarse, conv.weight[:, : coarse.shape[1]])
@@ -102,7 +135,7 @@ def _add_conv_of_upsampled(out: Tensor, x: Tensor, w: Tensor) -> Tensor:
     h, w_ = x.shape[-2:]
     cout = w.shape[0]
     phases = [fold(fold(w, 2, a), 3, b) for a in (0, 1) for b in (0, 1)]
-    y = F.conv2d(x, torch.cat(phases).contiguous(memory_format=torch.channels_last), padding=1)
+    y = _conv2d(x, torch.cat(phases).contiguous(memory_format=torch.channels_last), padding=1)
     grid = out.unflatten(2, (h, 2)).unflatten(4, (w_, 2))  # [N, C, h, 2, w, 2]: output row 2i + a, column 2j + b
     for k, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
         grid[:, :, :, a, :, b].add_(y[:, k * cout : (k + 1) * cout, a : a + h, b : b + w_])
@@ -298,8 +331,11 @@ class Predictor(nn.Module):
         self.logits = nn.Conv2d(cfg.width, cfg.classes, 1)
 
     def forward(self, z: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        # FiLM: the global vector scales and shifts every feature cell alike.
-        gamma, beta = self.global_mlp(g)[:, :, None, None].chunk(2, dim=1)
+        # FiLM: the global vector scales and shifts every feature cell alike. One image's vector
+        # at a time: a batch of one runs the Linear layers on a matrix-vector kernel, a bigger
+        # batch on a matrix-matrix one, and the two round differently (MKL; the engine's
+        # batches of 1 and 8 were apart in the last bits of every tile).
+        gamma, beta = torch.cat([self.global_mlp(row) for row in g.split(1)])[:, :, None, None].chunk(2, dim=1)
         h = z * (1 + gamma) + beta
         for conv in self.convs:
             h = F.relu(conv(h), inplace=True)
