@@ -106,6 +106,7 @@ bench:
 	$(PY) bench/flops.py > $(BENCH_OUT)/flops.txt && cat $(BENCH_OUT)/flops.txt
 	$(PY) bench/memory.py > $(BENCH_OUT)/memory.txt && cat $(BENCH_OUT)/memory.txt
 	$(PY) bench/tile_sweep.py > $(BENCH_OUT)/tile_sweep.txt && cat $(BENCH_OUT)/tile_sweep.txt
+	$(PY) bench/infer_loop.py > $(BENCH_OUT)/infer_loop.txt && cat $(BENCH_OUT)/infer_loop.txt
 	$(MAKE) bench-dist
 	$(MAKE) bench-scale
 

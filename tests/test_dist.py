@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,19 @@ def run_tilerun(args: list[str], *, nproc: int | None = None, extra: list[str] =
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *extra,
                "-m", "tilerun", "run", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+
+
+def _rank_of_children(pid: int) -> dict[int, int]:
+    """RANK -> pid of a torchrun agent's workers."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    ranks = {}
+    for child in map(int, out.split()):
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks.update({int(kv[5:]): child for kv in env if kv.startswith(b"RANK=")})
+    return ranks
 
 
 def outputs(folder: Path) -> dict[str, bytes]:
@@ -97,33 +111,83 @@ def test_processes_match_one_process(inputs, reference, tmp_path, nproc):
     assert sum(s["tiles"]["global"] for s in ranks) == total
 
 
-def test_two_nodes_on_loopback(inputs, reference, tmp_path):
+def _two_nodes(args: list[str], threads: tuple[str, str] = ("1", "1")) -> list[tuple[int, str]]:
+    """Two torchrun agents of one node each on loopback (c10d rendezvous), with OMP_NUM_THREADS ``threads``."""
     port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=tilerun-test",
-           "-m", "tilerun", "run", str(inputs), str(tmp_path), "--tile", "64"]
-    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()) for _ in range(2)]
-    results = [a.communicate(timeout=TIMEOUT) for a in agents]
-    for a, (_, err) in zip(agents, results):
-        assert a.returncode == 0, err
-    assert_same_outputs(tmp_path, reference)
+           "-m", "tilerun", "run", *args]
+    agents = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(_env(), OMP_NUM_THREADS=n)) for n in threads]
+    errs = [a.communicate(timeout=TIMEOUT)[1] for a in agents]
+    return [(a.returncode, err) for a, err in zip(agents, errs)]
 
 
-def test_work_list_is_checked(inputs, tmp_path):
-    """Processes that see different options refuse to run instead of stitching garbage."""
-    from tilerun.dist import Context  # noqa: F401  (import check: the module loads without torchrun)
+def test_two_nodes_with_other_thread_counts_match_one_process(inputs, tmp_path):
+    """Nodes with other core counts (OMP_NUM_THREADS 2 and 1) split a job as rank 0 planned it, and the
+    bytes are one process's. --batch-size 1 gives the images enough batches that the two thread
+    counts would pick other claim sizes (when each node planned for itself, it numbered the same
+    task differently: pixels left zero, or, with these two images, a wait on a task no rank computes)."""
+    shared, inputs = inputs, tmp_path / "in"
+    (inputs / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/small.jpg"):
+        (inputs / name).write_bytes((shared / name).read_bytes())
+    ref = tmp_path / "ref"
+    r = run_tilerun([str(inputs), str(ref), "--tile", "64", "--batch-size", "1"])
+    assert r.returncode == 0, r.stderr
+    for rc, err in _two_nodes([str(inputs), str(tmp_path / "out"), "--tile", "64", "--batch-size", "1"], ("2", "1")):
+        assert rc == 0, err
+    assert_same_outputs(tmp_path / "out", outputs(ref))
 
+
+def _disagreeing_job(tmp_path: Path, inputs: Path, option: str, rank0: str, rank1: str) -> subprocess.CompletedProcess:
+    """Two processes that differ in one option: ``rank0`` on rank 0, ``rank1`` on rank 1."""
     script = tmp_path / "disagree.py"
     script.write_text(
         "import os, sys\n"
         "from tilerun.cli import main\n"
-        "tile = '64' if os.environ['RANK'] == '0' else '128'\n"
-        f"main(['run', {str(inputs)!r}, {str(tmp_path / 'out')!r}, '--tile', tile], prog_name='tilerun')\n"
+        f"value = {rank0!r} if os.environ['RANK'] == '0' else {rank1!r}\n"
+        f"main(['run', {str(inputs)!r}, {str(tmp_path / 'out')!r}, '--tile', '64', {option!r}, value], prog_name='tilerun')\n"
     )
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
-                       capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)],
+                          capture_output=True, text=True, timeout=TIMEOUT, env=_env())
+
+
+@pytest.fixture(scope="module")
+def other_weights(tmp_path_factory) -> tuple[str, str]:
+    """The shipped model saved twice: as it is, and with one weight changed (other outputs)."""
+    import torch
+
+    from tilerun.model import load_model, save_tilenet
+
+    folder = tmp_path_factory.mktemp("weights")
+    model = load_model(None)
+    save_tilenet(model, folder / "same.safetensors")
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.ndim > 1).add_(0.5)
+    save_tilenet(model, folder / "other.safetensors")
+    return str(folder / "same.safetensors"), str(folder / "other.safetensors")
+
+
+@pytest.mark.parametrize("option, rank0, rank1, message", [
+    ("--tile", "64", "128", "rank 1 disagrees with rank 0 on --tile: 128 vs 64"),
+    ("--batch-size", "1", "2", "rank 1 disagrees with rank 0 on --batch-size: 2 vs 1"),
+    ("--model", None, None, "rank 1 disagrees with rank 0 on --model: sha256 "),
+])
+def test_processes_that_differ_are_refused_naming_the_setting(inputs, tmp_path, other_weights, option, rank0, rank1,
+                                                                message):
+    """A process with another option or model file stops the job at once, before anything is written,
+    with one line naming the rank, the setting and both values."""
+    if option == "--model":
+        rank0, rank1 = other_weights
+    t0 = time.monotonic()
+    r = _disagreeing_job(tmp_path, inputs, option, rank0, rank1)
     assert r.returncode != 0
-    assert "disagree on the work list" in r.stderr
+    assert message in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+    assert len(set(lines)) == 1, lines  # one message, whichever ranks print it
+    assert time.monotonic() - t0 < 120  # not a store timeout (30 min)
+    assert not (tmp_path / "out").exists()
 
 
 def test_crashing_process_fails_the_job_fast_with_its_error(inputs, tmp_path):
@@ -150,33 +214,41 @@ def test_crashing_process_fails_the_job_fast_with_its_error(inputs, tmp_path):
     assert "boom from rank 1" in r.stderr
 
 
-def test_claims_are_whole_batches_whatever_their_size():
-    # The batches (hence the bits) must not depend on how many go to a claim, which differs
-    # between one process (CLAIM_BATCHES_ALONE per worker) and several (fewer).
-    from tilerun.geometry import grid
-    from tilerun.scheduler import _chunks
+@pytest.mark.parametrize("keep_features", [False, True])
+def test_claims_do_not_change_the_engines_batches(keep_features):
+    """The batches the engine runs (its own `_batches`, both passes) are the same whatever the claim
+    size: rank 0 picks that from its core count, and a batch's members change its float bits."""
+    import torch
 
-    tiles = grid(1000, 1300, tile=256, halo=40, stride=4)  # several window shapes
-    assert len({t.window_shape for t in tiles}) > 3
+    from conftest import build_sensitive_tilenet
+    from tilerun.engine import Engine
+    from tilerun.receptive import ModelProbe
+    from tilerun.scheduler import JobPlan, PlannedImage
 
-    def batches_of(chunks, batch):  # as the engine forms them: within each call (chunk)
-        out = []
+    # The probe as given (no forward runs): pass 1's windows are smaller than pass 2's.
+    probe = ModelProbe(stride=4, radius=40, global_radius=10, has_global=True)
+    engine = Engine(build_sensitive_tilenet(), tile=128, batch_size=4, probe=probe, workers=1,
+                    feature_cache=2**30 if keep_features else 0)
+    assert engine.cores_only and engine.keeps_features == keep_features
+    # Sides that divide evenly: a first and a last tile have one window shape, their cores other places.
+    image = PlannedImage("x.png", 768, 1024, 1)
+    runs: dict[int, list] = {}
+    engine._map_batches = lambda fn, batches: runs[per_claim].append([tuple(t.index for t in b) for b in batches]) or iter(())
+    zeros = np.zeros((image.height, image.width), np.uint8)
+    sums = torch.zeros(16)
+    chunk_counts = []
+    for per_claim in (1, 2, 5, 16):
+        plan = JobPlan.from_json(JobPlan.for_engine(engine, (PlannedImage("x.png", 768, 1024, per_claim),)).to_json())
+        (p,) = plan.image_plans([type("Item", (), {"key": "x.png"})()])
+        chunks = p.chunks[2]
+        assert sorted(i for c in chunks for i in c) == list(range(len(p.tiles)))  # each tile once
+        runs[per_claim] = []
         for c in chunks:
-            mine: list[list[int]] = []
-            for i in c:
-                if mine and len(mine[-1]) < batch and tiles[mine[-1][0]].window_shape == tiles[i].window_shape:
-                    mine[-1].append(i)
-                else:
-                    mine.append([i])
-            out += mine
-        return out
-
-    for batch in (1, 3):
-        reference = batches_of(_chunks(tiles, batch, 1), batch)
-        assert all(len({tiles[i].window_shape for i in b}) == 1 for b in reference)
-        for per_claim in (2, 5, 16):
-            chunks = _chunks(tiles, batch, per_claim)
-            assert sorted(i for c in chunks for i in c) == list(range(len(tiles)))  # each tile once
-            assert batches_of(chunks, batch) == reference
-            assert max(len(c) for c in chunks) <= batch * per_claim
-        assert len(_chunks(tiles, batch, 16)) < len(_chunks(tiles, batch, 2))
+            tiles = [p.tiles[i] for i in c]
+            engine.global_partials(zeros, zeros, tiles)
+            list(engine.compute(zeros, zeros, tiles, sums))
+        chunk_counts.append(len(chunks))
+    passes = {k: ([b for call in v[0::2] for b in call], [b for call in v[1::2] for b in call]) for k, v in runs.items()}
+    assert len({len(b) for b in passes[1][1]}) > 1 and len(passes[1][1]) > 10  # several shapes and places
+    assert all(v == passes[1] for v in passes.values())
+    assert chunk_counts == sorted(chunk_counts, reverse=True) and chunk_counts[0] > chunk_counts[-1]

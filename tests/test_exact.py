@@ -218,7 +218,7 @@ def test_infer_image_with_a_model_probes_it(make_image, whole_forward):
 
     model = ConvStack(3).eval()
     img = make_image(41, 67, seed=15)
-    classes, rgb = infer_image(model, img, tile=16, halo=None, batch_size=2)
+    classes, rgb = infer_image(model, img, tile=16, halo=None, batch_size=2, device="cpu")
     assert np.array_equal(rgb, img)  # no holes: the input, whatever this model's RGB says
     assert (classes != whole_forward(model, img)[0]).mean() <= MAX_TIE_FRACTION
     with pytest.raises(ValueError, match="image must be a uint8"):

@@ -288,7 +288,6 @@ def test_model_option_accepts_files_and_import_paths_only(tmp_path):
 def test_global_pooling_detected_warned_and_run_whole(ux_models, tmp_path, monkeypatch, make_image, make_holes):
     from PIL import Image
 
-    import tilerun.engine as engine_mod
     from tilerun import Engine, infer_image, load_model
     from tilerun.cli import main
     from tilerun.model import tile_exact_warning
@@ -296,7 +295,7 @@ def test_global_pooling_detected_warned_and_run_whole(ux_models, tmp_path, monke
     model = load_model("ux_models:global_pool")
     engine = Engine(model, tile=16)
     # Probed once (an unbounded field is probed up to 1024 px): the CLI below gets the same measurement.
-    monkeypatch.setattr(engine_mod, "probe_model", lambda m, **kw: engine.probe)
+    monkeypatch.setattr("tilerun.receptive.probe_model", lambda m, **kw: engine.probe)
     assert engine.probe.radius is None and not engine.probe.tile_exact
     assert engine.tile == 0  # the engine's fallback: one whole-image forward, still exact
     image, mask = make_image(29, 35), make_holes(29, 35)

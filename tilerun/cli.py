@@ -131,6 +131,7 @@ def main(ctx: click.Context) -> None:
 @o.format_opt
 @o.overwrite_opt
 @o.verify_inputs_opt
+@o.stall_timeout_opt
 @click.option("--preview", is_flag=True, help="Also write NAME.preview.png: input with holes | class map | "
               "inpainted, with a legend (at most 1024 px a side).")
 @click.option("--shared-output/--no-shared-output", "shared_output", default=None,
@@ -141,7 +142,8 @@ def main(ctx: click.Context) -> None:
 @o.verbose_opt
 @o.quiet_opt
 def run(input_path, output, model_path, tile, halo, batch_size, precision, feature_cache_mib, device, backend,
-        mask_dir, max_pixels, fmt, overwrite, verify_inputs, preview, shared_output, strict, verbose, quiet):
+        mask_dir, max_pixels, fmt, overwrite, verify_inputs, stall_timeout, preview, shared_output, strict, verbose,
+        quiet):
     """Run the model over INPUT (an image or a folder, recursive) into the folder OUTPUT.
 
     For a/b/NAME.ext writes OUTPUT/a/b/NAME.pred.png (class map, palette PNG) and
@@ -177,7 +179,7 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, featu
             set_max_pixels(None if max_pixels == 0 else max_pixels)
         with _error_boundary(verbose):
             try:
-                with session(backend=backend, device=device) as ctx:
+                with session(backend=backend, device=device, stall=stall_timeout) as ctx:
                     summary = _run(ctx, input_path, output, model_path=model_path, tile=tile, halo=halo,
                                    batch_size=batch_size, precision=precision, feature_cache_mib=feature_cache_mib,
                                    mask_dir=mask_dir, overwrite=overwrite, preview=preview, verbose=verbose,
@@ -215,10 +217,10 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
     from .model import model_identity
     from .receptive import ModelProbe, probe_cached
 
+    identity = model_identity(model_path)  # every rank's: they must load the same model (run_job checks)
     probe = None
     if ctx.rank == 0:  # measured once, on rank 0: the probe is deterministic, N copies would only cost CPU
         t0 = time.perf_counter()
-        identity = model_identity(model_path)
         probe, kept = probe_cached(model, identity, announce=lambda: log.info(
             "measuring the model's receptive field and stride (%s; seconds to a minute)",
             "once per model file: later runs reuse it" if identity is not None
@@ -249,7 +251,7 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
     with Progress(enabled=ctx.rank == 0, quiet=quiet, verbose=verbose) as progress:
         summary = run_job(ctx, engine, items, output, mask_dir=mask_dir, palette=getattr(model, "palette", None),
                           overwrite=overwrite, progress=progress, fmt=fmt, started=started,
-                          verify_inputs=verify_inputs, shared_output=shared_output)
+                          verify_inputs=verify_inputs, model_id=identity, shared_output=shared_output)
     if preview and summary is not None:  # rank 0, after its writer: previews of what is on disk
         from .preview import write_previews
 

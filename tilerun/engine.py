@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from .defaults import (DEFAULT_BATCH, DEFAULT_PRECISION, DEFAULT_TILE, FEATURE_CACHE_GPU_SHARE, PRECISIONS,
                        default_batch, default_tile)
 from .channels import first_extreme
+from .dist import _device  # the CLI's resolution of --device, "auto" included
 from .geometry import Tile, grid, round_up
-from .receptive import ModelProbe, probe_model
+from .receptive import ModelProbe, probe_for
 
 __all__ = ["Engine", "TileResult", "infer_image", "takes_out_box", "takes_features", "DEFAULT_TILE", "DEFAULT_BATCH",
            "PRECISIONS"]
@@ -292,8 +293,11 @@ class Engine:
             # the input's layout, and the activations keep it from layer to layer.
             self.model.to(memory_format=torch.channels_last)
         if probe is None:
-            probe = probe_model(model)
-            _release_free_heap()
+            probe, measured = probe_for(model)  # measured once per model and weights (on disk too), then reused
+            if measured:
+                # The probe's float64 tensors. Not after every Engine: a trim hands back the last
+                # image's memory too, which the next one faults in again (python bench/infer_loop.py).
+                _release_free_heap()
         self.probe = probe
         stride = self.probe.stride
         if tile < 0 or tile % stride:
@@ -607,16 +611,22 @@ def infer_image(
     tile: int | None = None,
     halo: int | None = None,
     batch_size: int | None = None,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     precision: str = DEFAULT_PRECISION,
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Tiled inference of one image: ``(class_map uint8 [H,W], inpainted uint8 [H,W,3])``.
 
-    ``image`` is uint8 HxWx3, ``mask`` bool HxW (True = missing). An `Engine` may be
-    passed instead of a model to reuse its probe across images (then the other
-    keyword arguments are ignored). An output the model does not give is None.
+    ``image`` is uint8 HxWx3, ``mask`` bool HxW (True = missing). ``device`` as the CLI's
+    ``--device``: ``auto`` is CUDA when available, else the CPU; the model is moved there.
+    The model's probe is measured once and reused by later calls while its weights stay the
+    same (`tilerun.receptive.probe_for`). An `Engine` may be passed instead of a model (then
+    the other keyword arguments are ignored). An output the model does not give is None.
     """
-    engine = model if isinstance(model, Engine) else Engine(model, tile=tile, halo=halo, batch_size=batch_size, device=device, precision=precision)
+    if isinstance(model, Engine):
+        engine = model
+    else:
+        engine = Engine(model, tile=tile, halo=halo, batch_size=batch_size, device=_device(str(device), 0),
+                        precision=precision)
     mask = check_image(image, mask)
     image = np.ascontiguousarray(image)
     h, w = mask.shape

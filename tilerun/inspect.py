@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_leaves
 
 from .defaults import DEFAULT_BATCH, DEFAULT_TILE
 from .geometry import round_up
-from .receptive import ModelProbe, probe_model
+from .receptive import ModelProbe, probe_for
 
 __all__ = ["InspectReport", "ExactCheck", "inspect_model", "format_report", "peak_forward_bytes", "check_tile_exact"]
 
@@ -195,7 +195,7 @@ def inspect_model(
     batch_size = default_batch(kind) if batch_size is None else batch_size
     t0 = time.perf_counter()
     outputs = check_contract(model)
-    probe = probe_model(model)
+    probe, _ = probe_for(model)  # the one Engine and infer_image reuse (kept per model, and on disk)
     params = list(model.parameters())
     notes = []
     if not probe.tile_exact:

@@ -138,3 +138,11 @@ backend_opt = click.option(
     help="Process-group backend under torchrun: auto = NCCL with CUDA, else Gloo. "
     "Each process uses OMP_NUM_THREADS threads when set, else cores / processes per node.",
 )
+stall_timeout_opt = click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    envvar="TILERUN_STALL_TIMEOUT",  # dist.STALL_ENV (not imported: --help stays fast)
+    help="Seconds a process may show no sign of life (its heartbeat) before the job stops, naming it and the "
+    "work it holds. Long work is never cut short: a live process beats while it computes. [default: 600]",
+)

@@ -268,7 +268,7 @@ def shared_output(ctx, out_dir: str | os.PathLike, *, override: bool | None = No
         _write_atomic(out / f".tilerun-shared-{token}", [token.encode()])
         store.set(f"{prefix}/token", token)
     else:
-        store.wait([f"{prefix}/token"])
+        ctx.wait(store, [f"{prefix}/token"], ranks=[0])
         token = store.get(f"{prefix}/token").decode()
     path = out / f".tilerun-shared-{token}"
     deadline = time.monotonic() + SHARED_WAIT_S
@@ -282,7 +282,7 @@ def shared_output(ctx, out_dir: str | os.PathLike, *, override: bool | None = No
         time.sleep(0.05)
     store.set(f"{prefix}/seen/{ctx.rank}", "1" if seen else "0")
     keys = [f"{prefix}/seen/{r}" for r in range(ctx.world_size)]
-    store.wait(keys)
+    ctx.wait(store, keys)
     shared = all(store.get(k) == b"1" for k in keys)
     if ctx.rank == 0:
         path.unlink(missing_ok=True)  # every rank has looked

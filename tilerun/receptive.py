@@ -26,18 +26,25 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
+import sys
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .geometry import round_up
 
 __all__ = ["Receptive", "measure_radius", "measure_stride", "grid_anchored", "probe_model", "ModelProbe",
-           "probe_cached", "cache_dir"]
+           "probe_cached", "probe_for", "reproduces", "cache_dir"]
+
+log = logging.getLogger("tilerun")
 
 Fn = Callable[[Tensor, Tensor], Tensor]
 
@@ -199,25 +206,31 @@ def has_global_hook(model: torch.nn.Module) -> bool:
     return callable(getattr(model, "global_terms", None))
 
 
-def probe_model(model: torch.nn.Module, *, trials: int = 3) -> ModelProbe:
-    """Measure stride and receptive fields of ``model`` on CPU in float64 (a copy; the model is untouched)."""
+def _probe_forms(model: torch.nn.Module) -> tuple[Fn, Fn | None, int]:
+    """A float64 CPU copy of ``model`` as the probes call it: its forward (with the global sums
+    fixed when it has the hook, so that only the local receptive field shows), its
+    ``global_terms`` (None without the hook) and the terms' stride. The model is untouched."""
     import copy
 
     m = copy.deepcopy(model).to("cpu", torch.float64).eval()
-    hook = has_global_hook(m)
-    if hook:
-        # Fix the global sums so that only the local receptive field shows.
-        with torch.no_grad():
-            terms = m.global_terms(torch.rand(1, 3, 32, 32, dtype=torch.float64), torch.zeros(1, 1, 32, 32, dtype=torch.float64))
-        fixed = terms.sum(dim=(2, 3))
+    if not has_global_hook(m):
+        return m, None, 1
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        terms = m.global_terms(torch.rand(1, 3, 32, 32, generator=g, dtype=torch.float64),
+                               torch.zeros(1, 1, 32, 32, dtype=torch.float64))
+    fixed = terms.sum(dim=(2, 3))
 
-        def fwd(image, mask):
-            return m(image, mask, global_sums=fixed.expand(image.shape[0], -1))
+    def fwd(image, mask):
+        return m(image, mask, global_sums=fixed.expand(image.shape[0], -1))
 
-        # The terms' stride is the ratio of input to output size.
-        term_stride = 32 // terms.shape[-1]
-    else:
-        fwd = m
+    return fwd, m.global_terms, 32 // terms.shape[-1]  # the terms' stride: input over output size
+
+
+def probe_model(model: torch.nn.Module, *, trials: int = 3) -> ModelProbe:
+    """Measure stride and receptive fields of ``model`` on CPU in float64 (a copy; the model is untouched)."""
+    fwd, global_terms, term_stride = _probe_forms(model)
+    hook = global_terms is not None
     with torch.enable_grad():
         radius = measure_radius(fwd, trials=trials)
     try:
@@ -229,7 +242,7 @@ def probe_model(model: torch.nn.Module, *, trials: int = 3) -> ModelProbe:
     global_radius = None
     if hook:
         with torch.enable_grad():
-            global_radius = measure_radius(m.global_terms, stride=stride, out_stride=term_stride, trials=trials)
+            global_radius = measure_radius(global_terms, stride=stride, out_stride=term_stride, trials=trials)
         stride = max(stride, term_stride)
     if radius is not None and stride > 1:
         # The halo must cover every pixel of a core, and a core starts on the stride grid: pixel
@@ -249,9 +262,12 @@ def probe_model(model: torch.nn.Module, *, trials: int = 3) -> ModelProbe:
 # project's CPU, more than half of a small job's start-up. A probe is a function of the
 # model's bytes and of the code that runs and measures it, so it is kept on disk under a
 # hash of both: a changed weight file, any change to tilerun's code or another torch
-# version is a new key, and the probe runs again. A model named by an import path has no
-# such bytes (its factory's code and arguments can change freely): it is always probed.
+# version is a new key, and the probe runs again. The library's entry points (`Engine`,
+# `infer_image`) take a model object: `probe_for` keys it by its weights, structure and
+# source code (`_model_key`, `_code_key`).
 CACHE_ENV = "TILERUN_CACHE_DIR"  # where the probes are kept; set to "" to keep none
+_FIELDS = frozenset(f.name for f in dataclasses.fields(ModelProbe))
+MAX_STRIDE = 32  # measure_stride's largest shift
 
 
 def cache_dir() -> Path | None:
@@ -277,13 +293,121 @@ def _code_identity() -> str:
     return h.hexdigest()
 
 
+def _implausible(probe: ModelProbe, model: torch.nn.Module) -> str | None:
+    """Why ``probe`` cannot be what `probe_model` measures for ``model``; None if it can."""
+
+    def bad_length(v) -> bool:
+        return v is not None and (type(v) is not int or not 0 <= v < MAX_PROBE)
+
+    s = probe.stride
+    if type(s) is not int or s < 1 or s > MAX_STRIDE or s & (s - 1):
+        return f"stride {s!r} is not a power of two up to {MAX_STRIDE}"
+    if bad_length(probe.radius) or bad_length(probe.global_radius):
+        return f"radius {probe.radius!r} / global radius {probe.global_radius!r} not None or 0..{MAX_PROBE - 1}"
+    if type(probe.has_global) is not bool or probe.has_global != has_global_hook(model):
+        return f"has_global {probe.has_global!r}, but the model {'has' if has_global_hook(model) else 'has no'} global_terms"
+    if not probe.has_global and probe.global_radius is not None:
+        return "a global radius for a model without global_terms"
+    return None
+
+
+def reproduces(model: torch.nn.Module, probe: ModelProbe) -> bool:
+    """Whether a window cut ``probe.stride`` pixels in from an image's top-left and bottom-right,
+    keeping ``probe``'s halos, gives what the whole image gives on its core (float64, random
+    images with holes at each of HOLE_DENSITIES): a cheap check that catches a halo or
+    stride too small for ``model`` (a radius too large only costs time). A probe that is not
+    tile-exact has nothing to check: whole images are exact.
+
+    Every entry read from disk passes it: checksums and ownership stop edits and other
+    users, not a plausible value under a key that missed a change (code an in-memory model
+    calls from outside its package). For the default model it costs a tenth of the probe
+    it saves (`python bench/probe_check.py`: 2.27 s vs 23.2 s on this loaded machine)."""
+    if not probe.tile_exact:
+        return True
+    fwd, global_terms, term_stride = _probe_forms(model)
+    s = probe.stride
+    checks = [(fwd, probe.halo, 1)]
+    if global_terms is not None:
+        checks.append((global_terms, probe.global_halo, term_stride))
+    # A core of two stride cells (every phase); 64 px at least, as the probe's smallest canvas.
+    size = max(64, round_up(2 * (max(h for _, h, _ in checks) + s) + 2 * s, 2 * s))
+    g = torch.Generator().manual_seed(13)
+    image = torch.rand(len(HOLE_DENSITIES), 3, size, size, generator=g, dtype=torch.float64)
+    density = torch.tensor(HOLE_DENSITIES, dtype=torch.float64)[:, None, None, None]
+    mask = (torch.rand(len(HOLE_DENSITIES), 1, size, size, generator=g, dtype=torch.float64) < density).double()
+    window = (..., slice(s, size - s), slice(s, size - s))
+    with torch.no_grad():
+        for fn, halo, out_stride in checks:
+            whole, part = _first(fn(image, mask)), _first(fn(image[window], mask[window]))
+            a, b, c = (s + halo) // out_stride, (size - s - halo) // out_stride, halo // out_stride
+            if not torch.allclose(part[..., c : c + b - a, c : c + b - a], whole[..., a:b, a:b], atol=1e-9, rtol=1e-7):
+                return False
+    return True
+
+
+def _checksum(fields: dict, key: str) -> str:
+    return hashlib.sha256(json.dumps({**fields, "key": key}, sort_keys=True).encode()).hexdigest()
+
+
+def _read_entry(path: Path, key: str, model: torch.nn.Module) -> tuple[ModelProbe | None, str | None]:
+    """The probe kept at ``path`` and None, or None and why it is not taken (None: no entry).
+
+    An entry is trusted only if this user owns it and no one else can write it (the folder
+    may be shared: XDG_CACHE_HOME, TILERUN_CACHE_DIR), its checksum over its fields and key
+    holds (a hand-edited, truncated or moved entry fails), its values are ones `probe_model`
+    can give, and `reproduces` confirms its halo on the model."""
+    try:
+        st = path.stat()
+        if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+            return None, f"owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+        if st.st_mode & 0o022:
+            return None, f"writable by others (mode {st.st_mode & 0o777:o})"
+        entry = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, ValueError) as e:  # unreadable, or not JSON
+        return None, f"unreadable ({type(e).__name__}: {e})"
+    if not isinstance(entry, dict) or set(entry) != _FIELDS | {"key", "check"}:
+        return None, "not a probe entry"
+    fields = {k: entry[k] for k in _FIELDS}
+    if entry["check"] != _checksum(fields, entry["key"]):
+        return None, "checksum mismatch (edited or damaged)"
+    if entry["key"] != key:
+        return None, "the entry of another model or code (moved or copied)"
+    probe = ModelProbe(**fields)
+    if why := _implausible(probe, model):
+        return None, why
+    if not reproduces(model, probe):
+        return None, f"halo {probe.halo} / stride {probe.stride} does not reproduce the model's whole-image output"
+    return probe, None
+
+
+def _write_entry(path: Path, key: str, probe: ModelProbe, model: torch.nn.Module) -> None:
+    if _implausible(probe, model):  # a stride the checks would refuse (global terms at an odd stride)
+        return
+    fields = dataclasses.asdict(probe)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # 0o644 whatever the umask allows beyond it: a group-writable entry (umask 002) is not trusted.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "w") as f:
+            json.dump({**fields, "key": key, "check": _checksum(fields, key)}, f)
+        os.replace(tmp, path)  # atomic: a concurrent run reads the old file or the new one
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+
 def probe_cached(model: torch.nn.Module, identity: str | None, *,
                  announce: Callable[[], None] | None = None) -> tuple[ModelProbe, Path | None]:
     """`probe_model`, or what it measured before for the same ``identity`` (a hash of the
-    model's file, see `tilerun.model.model_identity`; None: always probe) and the same
-    code. Returns the probe and the cache file it came from (None: measured now). A cache
-    that cannot be read or written is skipped: the probe then runs, as without one.
-    ``announce()`` is called just before a probe runs (the CLI says why it waits)."""
+    model's file, see `tilerun.model.model_identity`, or of a model object, see `probe_for`;
+    None: always probe) and the same code. Returns the probe and the cache file it came from
+    (None: measured now). A cache that cannot be read or written is skipped: the probe then
+    runs, as without one. An entry that fails `_read_entry`'s checks is discarded with one
+    warning, measured again and rewritten. ``announce()`` is called just before a probe
+    runs (the CLI says why it waits)."""
     measure = announce or (lambda: None)
     folder = cache_dir()
     if identity is None or folder is None:
@@ -291,22 +415,176 @@ def probe_cached(model: torch.nn.Module, identity: str | None, *,
         return probe_model(model), None
     key = hashlib.sha256(f"{identity}\0{_code_identity()}".encode()).hexdigest()[:32]
     path = folder / "probes" / f"{key}.json"
-    try:
-        fields = json.loads(path.read_text())
-        probe = ModelProbe(**fields)
-        if isinstance(probe.has_global, bool) and all(
-                isinstance(getattr(probe, k), int | None) for k in ("stride", "radius", "global_radius")):
-            return probe, path
-    except (OSError, ValueError, TypeError):  # absent, unreadable or not a probe: measure
-        pass
+    probe, why = _read_entry(path, key, model)
+    if probe is not None:
+        return probe, path
+    if why is not None:
+        log.warning("probe cache %s: %s; measuring the model again", path, why)
     measure()
     probe = probe_model(model)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(dataclasses.asdict(probe)))
-        os.replace(tmp, path)  # atomic: a concurrent run reads the old file or the new one
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    _write_entry(path, key, probe, model)
     return probe, None
+
+
+# -- one probe per model object ----------------------------------------------------------
+# `infer_image(model, image)` builds an Engine per call; without this each call would probe
+# again (seconds a photo). A model object keeps its probe for as long as its weights
+# and structure hash the same (`_model_key`); another process finds it on disk when the
+# model's code is known too (`_code_key`). bench/infer_loop.py: the loop vs one Engine.
+_probes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (model key, fingerprint, probe)
+_probes_lock = threading.Lock()
+# Below this many bytes of parameters and buffers (TileNet: 1.2 MiB) every call hashes every
+# byte, whatever wrote them. Above it, sha256's ~1 GB/s would cost each call more than its
+# forwards: the bytes are hashed again only when a tensor is replaced or its version
+# counter moves (an optimizer step, load_state_dict, an in-place op under no_grad), not on
+# a write through ``.data``, which bumps no counter.
+HASH_EVERY_CALL_BYTES = 64 * 2**20
+
+
+def _tensor_bytes(t: Tensor) -> np.ndarray:
+    """``t``'s values in logical (row-major) order on the host: the same for a copy on
+    another device or in another memory format (the Engine makes weights channels_last).
+    Reordered by numpy, on this thread: torch's copy starts a parallel kernel per tensor,
+    which on a loaded machine made the key cost more than a small photo's inference."""
+    t = t.detach().to("cpu")
+    try:
+        a = t.numpy()
+    except TypeError:  # no numpy dtype (bfloat16, float8): the same bits as integers
+        a = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]).numpy()
+    return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+
+
+def _plain(v) -> str | None:
+    """A stable text for a config value (numbers, strings, their containers, dataclasses);
+    None for anything else (its repr could hold a memory address)."""
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return repr(v)
+    if isinstance(v, (tuple, list)):
+        parts = [_plain(x) for x in v]
+        return None if None in parts else f"{type(v).__name__}({', '.join(parts)})"
+    if isinstance(v, dict):
+        parts = [(_plain(k), _plain(x)) for k, x in v.items()]
+        return None if any(None in p for p in parts) else "{" + ", ".join(f"{k}: {x}" for k, x in sorted(parts)) + "}"
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return _plain(dataclasses.asdict(v))
+    return None
+
+
+def _structure_key(model: torch.nn.Module) -> bytes:
+    """Every submodule's name, class and plain attributes (`_plain`; not ``training``: the
+    probe runs in eval mode), and tensors held as plain attributes."""
+    h = hashlib.sha256()
+    for name, sub in model.named_modules(remove_duplicate=False):
+        cls = type(sub)
+        h.update(f"\0{name}\0{cls.__module__}.{cls.__qualname__}".encode())
+        for k, v in sorted(vars(sub).items()):
+            if k.startswith("_") or k == "training":
+                continue
+            if isinstance(v, Tensor):
+                h.update(f"\0{k}\0{v.dtype}{tuple(v.shape)}".encode())
+                h.update(_tensor_bytes(v))
+            elif (text := _plain(v)) is not None:
+                h.update(f"\0{k}={text}".encode())
+    return h.digest()
+
+
+def _tensors(model: torch.nn.Module) -> list[tuple[str, Tensor]]:
+    # Buffers outside the state dict (persistent=False) shape the output too.
+    return [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+
+
+def _fingerprint(tensors: list[tuple[str, Tensor]]) -> tuple:
+    return tuple((n, t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device) for n, t in tensors)
+
+
+def _model_key(model: torch.nn.Module, before: tuple[str, tuple] | None) -> tuple[str, tuple | None]:
+    """A hash of ``model``'s tensors (values, names, dtypes, shapes) and structure, and the
+    fingerprint it was computed at when the model is big (`HASH_EVERY_CALL_BYTES`).
+    ``before``: the key and fingerprint of the last call, reused while the fingerprint holds."""
+    tensors = _tensors(model)
+    big = sum(t.numel() * t.element_size() for _, t in tensors) > HASH_EVERY_CALL_BYTES
+    fingerprint = _fingerprint(tensors) if big else None
+    if big and before is not None and before[1] == fingerprint:
+        weights = before[0].partition(":")[0]
+    else:
+        h = hashlib.sha256()
+        for name, t in tensors:
+            h.update(f"\0{name}\0{t.dtype}{tuple(t.shape)}".encode())
+            h.update(_tensor_bytes(t))
+        weights = h.hexdigest()
+    return f"{weights}:{_structure_key(model).hex()}", fingerprint
+
+
+@functools.cache
+def _file_digest(path: Path, mtime_ns: int, size: int) -> bytes:
+    return hashlib.sha256(path.read_bytes()).digest()
+
+
+def _source_key(module_name: str) -> str | None:
+    """A hash of the source files of the package (or lone module) that defines a class
+    (None: no file, such as a class defined in a notebook or at a prompt). The whole package,
+    not the one file: a model's forward calls helpers from its neighbours. Each file is read
+    once per process and again when its size or modification time changes (an edited and
+    reloaded module)."""
+    top = module_name.partition(".")[0]
+    mod = sys.modules.get(top)
+    if mod is None:
+        return None
+    if roots := [Path(p) for p in getattr(mod, "__path__", [])]:
+        files = sorted((f.relative_to(r).as_posix(), f) for r in roots for f in r.rglob("*.py"))
+    elif getattr(mod, "__file__", None):
+        files = [(Path(mod.__file__).name, Path(mod.__file__))]
+    else:
+        return None
+    h = hashlib.sha256(top.encode())
+    try:
+        for name, f in files:
+            st = f.stat()
+            h.update(f"\0{name}\0".encode() + _file_digest(f, st.st_mtime_ns, st.st_size))
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _code_key(model: torch.nn.Module) -> str | None:
+    """A hash of the code ``model`` runs beyond tilerun's and torch's own (both in every
+    key already): the source of the packages defining its classes (`_source_key`), and the
+    compiled code of TorchScript and torch.fx / torch.export graphs. None if some of it
+    cannot be known: the probe is then kept on the model object only, not on disk."""
+    h = hashlib.sha256()
+    for sub in model.modules():
+        if isinstance(sub, torch.jit.ScriptModule):
+            try:  # every compiled method, not only forward: forward calls them
+                for name in sub._c._method_names():
+                    h.update(sub._c._get_method(name).code.encode())
+            except (AttributeError, RuntimeError):  # a torch without these (private) accessors
+                return None
+            continue
+        if isinstance(sub, torch.fx.GraphModule):
+            h.update(sub.code.encode())
+        for cls in type(sub).__mro__:
+            top = cls.__module__.partition(".")[0]
+            if top in ("builtins", "torch", "tilerun") or cls.__module__ == "typing":
+                continue
+            key = _source_key(cls.__module__)
+            if key is None:
+                return None
+            h.update(key.encode())
+    return h.hexdigest()
+
+
+def probe_for(model: torch.nn.Module) -> tuple[ModelProbe, bool]:
+    """``model``'s probe and whether it was measured now (not remembered), once per model
+    object and state of its weights: kept on the object (`_model_key`: changed weights or
+    layers measure it again) and on disk under its code too (`probe_cached`; not when that
+    code cannot be known, see `_code_key`)."""
+    with _probes_lock:  # one probe at a time: a second thread waits for the first one's result
+        before = _probes.get(model)
+        key, fingerprint = _model_key(model, before and (before[0], before[1]))
+        if before is not None and before[0] == key:
+            return before[2], False
+        code = _code_key(model)
+        identity = None if code is None else hashlib.sha256(f"model-object\0{key}\0{code}".encode()).hexdigest()
+        probe, kept = probe_cached(model, identity)
+        _probes[model] = (key, fingerprint, probe)
+        return probe, kept is None

@@ -27,7 +27,7 @@ from .images import InputItem, plan_outputs, write_png_atomic, write_tiff_atomic
 from .owners import assign
 from .report import REPORT_NAME
 from .resume import Fingerprint, Manifest, OutputLock, OutputPlan, fingerprint, prepare_outputs
-from .scheduler import plan_images
+from .scheduler import JobPlan, job_settings, plan_job
 from .work import run_worker
 
 __all__ = ["FileResult", "JobSummary", "run_job", "write_outputs"]
@@ -105,6 +105,7 @@ def run_job(
     fmt: str = "png",
     started: float | None = None,
     verify_inputs: bool = False,
+    model_id: str | None = None,
     shared_output: bool | None = None,
 ) -> JobSummary | None:
     """Run ``items`` on this process's share of the job (`tilerun.dist.session` gives ``ctx``).
@@ -114,7 +115,9 @@ def run_job(
     (`images.OUTPUT_FORMATS`). ``shared_output``: whether every process sees the same
     OUTPUT (None: tested, `parts.shared_output`). Returns the summary on rank 0, None
     elsewhere. ``started``: `time.perf_counter` when the command began (default: now), for
-    the summary's and the report's seconds.
+    the summary's and the report's seconds. ``model_id``: `tilerun.model.model_identity` of
+    the model (None: the loaded weights' digest), which every process must share, as the
+    options and inputs.
 
     Ctrl-C or SIGTERM (`errors.Interrupted`, or a plain KeyboardInterrupt) once the work
     has started: rank 0 writes the report -- the inputs it knows written so far ``ok``, the
@@ -124,6 +127,8 @@ def run_job(
     raises `OutputBusyError` (exit 2).
     """
     t0 = time.perf_counter() if started is None else started
+    if ctx.distributed:  # before anything is written: a process that differs stops every process
+        ctx.agree_settings(job_settings(engine, items, model_id=model_id, fmt=fmt))
     with OutputLock(out_dir) if ctx.is_writer else contextlib.nullcontext() as lock:
         return _run_job(ctx, engine, items, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles,
                         overwrite=overwrite, progress=progress, fmt=fmt, t0=t0, verify_inputs=verify_inputs,
@@ -136,25 +141,25 @@ def _run_job(ctx, engine, items, out_dir, *, mask_dir, palette, on_tiles, overwr
     # Resume and the collision rule: rank 0 alone reads and claims OUTPUT and tells the
     # others what is left to do and what each output's stamp says (the inputs' identities).
     # OutputExistsError -> exit 2 on rank 0, and torchrun stops the rest.
-    out_plan = fp = None
+    # Rank 0 alone plans the work (sizes, claims) and every process follows that one plan.
+    out_plan = fp = job = None
     skipped: list[FileResult] = []
+    failed: list[FileResult] = []
     mine = None
     if ctx.rank == 0:
         fp = fingerprint(model=engine.model, engine=engine)
         out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True, fmt=fmt,
                                    verify_inputs=verify_inputs)
         skipped = [FileResult(it.key, "skipped", **out_plan.done_info(it)) for it in out_plan.done]
-        mine = json.dumps({"todo": [it.key for it in out_plan.todo], "identities": out_plan.identities,
-                           "fingerprint": dict(fp.settings)})
-    shared_doc = json.loads(ctx.share_from_rank0("todo", mine))
+        job, unreadable = plan_job(engine, out_plan.todo, world_size=ctx.world_size)
+        failed = [FileResult(key, "failed", error=error) for key, error in unreadable]
+        mine = json.dumps({"plan": job.to_json(), "identities": out_plan.identities, "fingerprint": dict(fp.settings)})
+    shared_doc = json.loads(ctx.share_from_rank0("plan", mine))
     if out_plan is None:  # rank 0's paths and stamps, whoever writes an output
         fp = Fingerprint(shared_doc["fingerprint"])
         out_plan = OutputPlan(Manifest(out_dir, fp, overwrite=overwrite), plan_outputs(items, out_dir, fmt=fmt),
                               [], [], shared_doc["identities"])
-    todo = set(shared_doc["todo"])
-    plans, unreadable = plan_images(engine, [it for it in items if it.key in todo], world_size=ctx.world_size)
-    failed = [FileResult(key, "failed", error=error) for key, error in unreadable]
-    ctx.agree(json.dumps([[p.key, p.height, p.width, len(p.tiles)] for p in plans]), "the work list")
+    plans = JobPlan.from_json(shared_doc["plan"]).image_plans(items)
     own = assign([len(p.tiles) for p in plans], ctx.world_size, pixels=[p.height * p.width for p in plans])
     io, kept = _spread_io(ctx, plans, own, out_dir, fp, shared_doc["identities"], shared_output)
     if progress is not None:  # `progress.Progress`: rank 0 sees every process's tiles through the store

@@ -128,26 +128,40 @@ def task_list(plans, own: Ownership, *, global_pass: bool, kept: Kept | None = N
     return tasks
 
 
+def chunk_key(image: int, chunk: int) -> str:
+    """The store key that names the rank which computed a spread image's pass-2 chunk."""
+    return f"d/{image}/{chunk}"
+
+
+def describer(plans) -> Callable[[str], str]:
+    """A store key of a task's result as words, for a stall message."""
+
+    def describe(key: str) -> str:
+        parts = key.split("/")
+        if parts[0] == "r":
+            i, pass_, c = map(int, parts[1:])
+        elif parts[0] == "d":
+            (i, c), pass_ = map(int, parts[1:]), PASS_MAIN
+        else:
+            return key
+        p = plans[i]
+        return f"{p.item.key} (pass {pass_}, chunk {c + 1} of {len(p.chunks[pass_])})"
+
+    return describe
+
+
 class SpreadIO:
     """Where a spread image's pass-2 chunks go (`deliver`, computing side) and come from
     (`collect`, its finisher): this process's memory, the part store, or point to point."""
 
-    def __init__(self, rank: int, *, parts: dict[int, PartStore] | None = None, p2p: PointToPoint | None = None,
-                 wait: Callable | None = None) -> None:
+    def __init__(self, rank: int, *, parts: dict[int, PartStore] | None = None, p2p: PointToPoint | None = None) -> None:
         if parts is None and p2p is None:
             raise ValueError("a spread image needs a part store (shared OUTPUT) or the process group")
         self.rank, self.parts, self.p2p = rank, parts, p2p
-        self._wait = wait
         self._local: dict[tuple[int, int], tuple[dict, list]] = {}
         self._cond = threading.Condition()
         self.bytes_sent = 0  # through the store: the chunk keys
         self.bytes_parts = 0
-
-    def _store_wait(self, store, keys: list[str]) -> None:
-        if self._wait is not None:
-            self._wait(store, keys)
-        else:
-            store.wait(keys)
 
     def deliver(self, store, tag: int, image: int, chunk: int, finisher: int, header: dict, arrays) -> None:
         if self.parts is not None:
@@ -160,13 +174,14 @@ class SpreadIO:
                 self._cond.notify_all()
         else:
             self.p2p.send(finisher, tag, header, arrays)
-        key, value = f"d/{image}/{chunk}", str(self.rank)
+        key, value = chunk_key(image, chunk), str(self.rank)
         store.set(key, value)
         self.bytes_sent += len(key) + len(value)
 
-    def collect(self, store, tag: int, image: int, chunk: int) -> tuple[dict, list]:
-        key = f"d/{image}/{chunk}"
-        self._store_wait(store, [key])
+    def collect(self, store, tag: int, image: int, chunk: int, wait: Callable) -> tuple[dict, list]:
+        """``wait(store, keys)``: until the keys are set (`Context.wait`)."""
+        key = chunk_key(image, chunk)
+        wait(store, [key])
         rank = int(store.get(key))
         if self.parts is not None:
             return self.parts[image].get(PASS_MAIN, chunk)
@@ -188,6 +203,7 @@ class _Loader(threading.Thread):
         super().__init__(daemon=True, name="tilerun-loader")
         self.ctx, self.engine, self.plans, self.tasks, self.mask_dir = ctx, engine, plans, tasks, mask_dir
         self.parts, self.kept = parts, kept
+        self.describe = describer(plans)
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.images: OrderedDict[int, tuple | InputImageError] = OrderedDict()
         self.sums: OrderedDict[int, torch.Tensor | str] = OrderedDict()
@@ -221,7 +237,7 @@ class _Loader(threading.Thread):
             chunks = range(len(p.chunks[PASS_GLOBAL]))
             keys = [Task(i, PASS_GLOBAL, c).key for c in chunks if c not in kept]
             if keys:
-                store.wait(keys)
+                self.ctx.wait(store, keys, describe=self.describe)
             partials: dict[int, torch.Tensor] = {}
             error = None
             for c in chunks:
@@ -247,6 +263,14 @@ class _Loader(threading.Thread):
                 if n >= len(self.tasks):
                     break
                 task = self.tasks[n]
+                # Whoever waits for this task's result can name this rank and the task.
+                if task.pass_ == PASS_GLOBAL:
+                    self.ctx.claimed(store, task.key)
+                elif task.pass_ == PASS_MAIN:
+                    self.ctx.claimed(store, chunk_key(task.image, task.chunk))
+                if self.ctx.distributed:
+                    store.set(f"holds/{self.ctx.rank}", self.describe(task.key) if task.pass_ != PASS_WHOLE
+                              else f"{self.plans[task.image].item.key} (the whole image)")
                 loaded = self._image(task.image)
                 sums = None
                 if not isinstance(loaded, Exception) and task.pass_ == PASS_MAIN and self.engine.uses_global:
@@ -288,6 +312,8 @@ class _Finisher(threading.Thread):
         self.kept, self.failed, self.done_tiles = kept, failed, done_tiles
         self.error: BaseException | None = None
         self.reused = 0
+        describe = describer(plans)
+        self.wait = lambda store, keys: ctx.wait(store, keys, describe=describe)
 
     def run(self) -> None:
         try:
@@ -305,7 +331,7 @@ class _Finisher(threading.Thread):
                         self.reused += n
                         self.done_tiles(n)
                     else:
-                        canvas.add(*self.io.collect(store, self.tags[(i, c)], i, c))
+                        canvas.add(*self.io.collect(store, self.tags[(i, c)], i, c, self.wait))
                 if canvas.error:
                     self.failed(p, canvas.error)
                     continue
@@ -337,9 +363,10 @@ def run_worker(
     0, ([], [own stats]) elsewhere.
     """
     kept = kept or {}
+    store = ctx.store_client()
+    ctx.claimed(store, f"results/{ctx.rank}")  # a rank that stops is named by what it holds (`_holds`)
     tasks = task_list(plans, own, global_pass=engine.uses_global, kept=kept)
     tags = {(t.image, t.chunk): n for n, t in enumerate(tasks) if t.pass_ == PASS_MAIN}
-    store = ctx.store_client()
     stats = RankStats(ctx.rank)
     results: list[dict] = []
     results_lock = threading.Lock()
@@ -466,13 +493,26 @@ def run_worker(
     if ctx.rank != 0:
         return [], [stats]
     keys = [f"results/{r}" for r in range(ctx.world_size)]
-    store.wait(keys)
+    ctx.wait(store, keys, describe=_holds(ctx))
     all_results, all_stats = [], []
     for k in keys:
         doc = json.loads(store.get(k))
         all_results += doc["results"]
         all_stats.append(RankStats(**doc["stats"]))
     return all_results, all_stats
+
+
+def _holds(ctx) -> Callable[[str], str]:
+    """``results/RANK`` as words: the task that rank holds now (its last claim), for a stall message."""
+
+    def describe(key: str) -> str:
+        rank = key.split("/")[1]
+        store = ctx.store_client()
+        if store.check([f"holds/{rank}"]):
+            return store.get(f"holds/{rank}").decode()
+        return f"rank {rank}'s first task"
+
+    return describe
 
 
 class _ProgressPoller(threading.Thread):
@@ -503,5 +543,5 @@ class _ProgressPoller(threading.Thread):
         self._halt.set()
         self.join()
         keys = [f"results/{r}" for r in range(self.ctx.world_size)]
-        self._store.wait(keys)
+        self.ctx.wait(self._store, keys, describe=_holds(self.ctx))
         self.poll()
