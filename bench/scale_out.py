@@ -9,7 +9,9 @@ sample_images/: a folder of 16 photos of 1024^2 (resized crops, PNG) and one pho
 8192^2 (JPEG, quality 95). Runs are interleaved (1, 2, 4, 1, 2, 4, ...), best of
 ``--repeats`` by the report's job seconds. Per run, from ``tilerun-report.json``:
 
-* job MP/s: input pixels / the report's ``seconds`` (listing, tiling, computing, writing);
+* job MP/s: input pixels / the job's work span, from the first rank's start of claims to
+  the last rank's last write (the ranks' ``started_at`` / ``ended_at``; the report's
+  ``seconds``, the whole command with Python's and torch's start-up, is shown beside);
 * ratio to one process;
 * store bytes per output pixel: every rank's ``bytes_sent`` (through the c10d store) over
   the input pixels; p2p bytes likewise when the report has ``bytes_p2p``;
@@ -68,6 +70,15 @@ def run(inp: Path, out: Path, nproc: int, tile: int, rate: float, extra: list[st
     return time.perf_counter() - t0, json.loads((out / "tilerun-report.json").read_text())
 
 
+def _span(report: dict) -> float:
+    """The job's work in seconds: first rank's start to last rank's end (reports without the
+    ranks' times: the report's ``seconds``)."""
+    ranks = report["ranks"]
+    if all(r.get("started_at") for r in ranks):
+        return max(r["ended_at"] for r in ranks) - min(r["started_at"] for r in ranks)
+    return report["seconds"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=2)
@@ -87,7 +98,7 @@ def main() -> None:
             for _ in range(a.repeats):
                 for n in procs:  # interleaved
                     wall, rep = run(inp, tmp / f"out{n}", n, a.tile, a.rate, extra)
-                    if n not in best or rep["seconds"] < best[n][1]["seconds"]:
+                    if n not in best or _span(rep) < _span(best[n][1]):
                         best[n] = (wall, rep)
             for n in procs:
                 wall, rep = best[n]
@@ -97,22 +108,22 @@ def main() -> None:
                 ok = rep["counts"]["ok"]
                 written = [r.get("images_written", ok if r["rank"] == 0 else 0) for r in ranks]
                 row = {
-                    "workload": name, "procs": n, "job_s": rep["seconds"], "wall_s": round(wall, 2),
-                    "mp_s": pixels / 1e6 / rep["seconds"],
+                    "workload": name, "procs": n, "job_s": _span(rep), "command_s": rep["seconds"],
+                    "wall_s": round(wall, 2), "mp_s": pixels / 1e6 / _span(rep),
                     "store_bytes_per_px": sum(r["bytes_sent"] for r in ranks) / pixels,
                     "p2p_bytes_per_px": sum(r.get("bytes_p2p", 0) for r in ranks) / pixels,
                     "images_written": written,
                 }
-                row["ratio"] = row["mp_s"] / (pixels / 1e6 / best[procs[0]][1]["seconds"])
+                row["ratio"] = row["mp_s"] / (pixels / 1e6 / _span(best[procs[0]][1]))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         print()
         print(f"tile {a.tile}, model sleeping at {a.rate / 1e6:g} MP/s per process, best of {a.repeats}"
               + (f", options: {a.extra}" if a.extra else ""))
-        print("| workload | processes | job s | job MP/s | vs 1 process | store bytes / px | p2p bytes / px | images written per rank |")
-        print("|---|---|---|---|---|---|---|---|")
+        print("| workload | processes | job s | command s | job MP/s | vs 1 process | store bytes / px | p2p bytes / px | images written per rank |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['workload']} | {r['procs']} | {r['job_s']:.2f} | {r['mp_s']:.2f} | {r['ratio']:.2f}x | "
+            print(f"| {r['workload']} | {r['procs']} | {r['job_s']:.2f} | {r['command_s']:.2f} | {r['mp_s']:.2f} | {r['ratio']:.2f}x | "
                   f"{r['store_bytes_per_px']:.3f} | {r['p2p_bytes_per_px']:.3f} | {', '.join(map(str, r['images_written']))} |")
 
 

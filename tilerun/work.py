@@ -96,6 +96,10 @@ class RankStats:
     bytes_sent: int = 0  # through the c10d store
     bytes_p2p: int = 0  # over the process group
     bytes_parts: int = 0  # into part stores
+    # Wall-clock time (time.time) when this rank's share began (claims) and ended (its writes
+    # done): the span from the first start to the last end is the job's work, without start-up.
+    started_at: float = 0.0
+    ended_at: float = 0.0
 
 
 def _todo(plans, kept: Kept, i: int, pass_: int, global_pass: bool) -> list[int]:
@@ -362,12 +366,13 @@ def run_worker(
     dicts: input, status, outputs, size, tiles, seconds, error; every rank's stats) on rank
     0, ([], [own stats]) elsewhere.
     """
+    started_at = time.time()
     kept = kept or {}
     store = ctx.store_client()
     ctx.claimed(store, f"results/{ctx.rank}")  # a rank that stops is named by what it holds (`_holds`)
     tasks = task_list(plans, own, global_pass=engine.uses_global, kept=kept)
     tags = {(t.image, t.chunk): n for n, t in enumerate(tasks) if t.pass_ == PASS_MAIN}
-    stats = RankStats(ctx.rank)
+    stats = RankStats(ctx.rank, started_at=started_at)
     results: list[dict] = []
     results_lock = threading.Lock()
     counter_store = ctx.store_client()
@@ -487,6 +492,7 @@ def run_worker(
     stats.decode_s = loader.decode_s
     stats.images_written, stats.bytes_written = writer.images_written, writer.bytes_written
     stats.tiles_reused = finisher.reused if finisher is not None else 0
+    stats.ended_at = time.time()
     store.set(f"results/{ctx.rank}", json.dumps({"results": results, "stats": asdict(stats)}))
     if poller is not None:
         poller.finish()
