@@ -108,6 +108,15 @@ bench:
 	$(PY) bench/tile_sweep.py > $(BENCH_OUT)/tile_sweep.txt && cat $(BENCH_OUT)/tile_sweep.txt
 	$(PY) bench/infer_loop.py > $(BENCH_OUT)/infer_loop.txt && cat $(BENCH_OUT)/infer_loop.txt
 	$(MAKE) bench-dist
+	$(MAKE) bench-scale
+
+# Issue 21: host-side scale-out, 1, 2 and 4 processes with a model that sleeps like an 8 MP/s card.
+.PHONY: bench-scale
+bench-scale:
+	mkdir -p $(BENCH_OUT)
+	$(PY) bench/scale_out.py --repeats 2 > $(BENCH_OUT)/scale_out.txt && cat $(BENCH_OUT)/scale_out.txt
+	$(PY) bench/part_store_layout.py > $(BENCH_OUT)/part_store_layout.txt && cat $(BENCH_OUT)/part_store_layout.txt
+	$(PY) bench/ownership_tail.py > $(BENCH_OUT)/ownership_tail.txt && cat $(BENCH_OUT)/ownership_tail.txt
 
 # Distributed speed-up: torchrun 2 processes x 1 thread vs 1 process x 1 thread.
 .PHONY: bench-dist

@@ -1,6 +1,7 @@
 """Where a CLI job's seconds go, thread by thread: runs ``tilerun run ARGS...`` in this process
-with the scheduler's steps timed (main thread: each task; writer: gathering each image;
-encoders: writing it) and prints one line per step, in start order.
+with the job's steps timed (main thread: each chunk computed; finisher: collecting a
+spread image's chunks; encoders: writing each image) and prints one line per step, in
+start order.
 
     python bench/cli_timeline.py run FOLDER OUT --overwrite --device cuda -q
 """
@@ -15,7 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import tilerun.scheduler as s  # noqa: E402
+import tilerun.assemble as a  # noqa: E402
+import tilerun.work as w  # noqa: E402
 
 T0 = time.perf_counter()
 EVENTS: list[tuple[float, float, str, str]] = []
@@ -32,10 +34,10 @@ def timed(name, fn, label=lambda *a: ""):
     return wrapper
 
 
-s._compute = timed("compute", s._compute, lambda engine, plan, task, *a: f"image {task.image} pass {task.pass_}")
-s._Writer._gather = timed("gather", s._Writer._gather, lambda self, store, p: f"image {p.index}")
-s._Writer._write = timed("write", s._Writer._write, lambda self, p, *a: f"image {p.index} ({p.width}x{p.height})")
-s._Loader._image = timed("load", s._Loader._image, lambda self, i: f"image {i}")
+w._main_chunk = timed("compute", w._main_chunk, lambda engine, plan, ids, *_: f"image {plan.index} tiles {ids[0]}..")
+w.SpreadIO.collect = timed("collect", w.SpreadIO.collect, lambda self, store, tag, i, c, *_: f"image {i} chunk {c}")
+a.OutputWriter._job = timed("write", a.OutputWriter._job, lambda self, key, canvas, *_: f"{key} ({canvas.width}x{canvas.height})")
+w._Loader._image = timed("load", w._Loader._image, lambda self, i: f"image {i}")
 
 if __name__ == "__main__":
     from tilerun.cli import main

@@ -19,7 +19,7 @@ hole masks. Interleaved, best of ``repeats``:
 RATIO = compute / cli job time: 1.0 would mean I/O costs nothing.
 
 ``--patch "NAME = VALUE; ..."`` (repeatable): also the CLI with these settings of
-``tilerun.scheduler`` changed before it starts (e.g. ``ENCODERS_GPU = 8``), interleaved
+``tilerun.assemble`` changed before it starts (e.g. ``ENCODERS_GPU = 8``), interleaved
 with the shipped settings, to measure them. ``--timeline``: then one more CLI run through
 ``bench/cli_timeline.py`` (each task, gather, load and write, per thread);
 ``--profile``: one more under cProfile.
@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true",
                     help="then one more CLI run under cProfile (its main thread: compute and waits)")
     ap.add_argument("--timeline", action="store_true", help="then one more CLI run with bench/cli_timeline.py")
-    ap.add_argument("--patch", action="append", default=[], help="tilerun.scheduler assignments for a CLI variant")
+    ap.add_argument("--patch", action="append", default=[], help="tilerun.assemble assignments for a CLI variant")
     a = ap.parse_args()
 
     from tilerun.engine import Engine, infer_image
@@ -82,7 +82,7 @@ def main() -> None:
         variants = {}
         for patch in a.patch:
             sets = "; ".join(f"s.{p.strip()}" for p in patch.split(";") if p.strip())
-            code = f"import tilerun.scheduler as s; {sets}; from tilerun.cli import main; main({args!r}, prog_name='tilerun')"
+            code = f"import tilerun.assemble as s; {sets}; from tilerun.cli import main; main({args!r}, prog_name='tilerun')"
             variants[patch] = [sys.executable, "-c", code]
         cli_job, cli_wall, compute, rank_compute = [], [], [], []
         variant_job = {n: [] for n in variants}

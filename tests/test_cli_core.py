@@ -81,7 +81,7 @@ def outputs(tree, model_file, tmp_path_factory):
 
     import tilerun.engine
     import tilerun.png
-    import tilerun.scheduler
+    import tilerun.assemble
     import tilerun.receptive
 
     probes = []
@@ -104,8 +104,8 @@ def outputs(tree, model_file, tmp_path_factory):
         # The host side as on a GPU host: several PNG encoders, each image's strips (of a
         # few rows here) compressed on as many threads, a pixel bound that lets one or two
         # of these images wait for them at a time.
-        mp.setattr(tilerun.scheduler, "encoder_count", lambda device: 3)
-        mp.setattr(tilerun.scheduler, "ENCODE_PIXELS", 25_000)
+        mp.setattr(tilerun.assemble, "encoder_count", lambda device: 3)
+        mp.setattr(tilerun.assemble, "ENCODE_PIXELS", 25_000)
         mp.setattr(tilerun.png, "STRIP_BYTES", 1000)
         out["encoders"] = tmp_path_factory.mktemp("encoders")
         _run(["run", str(tree["root"]), str(out["encoders"]), "--model", str(model_file), "--tile", "64", "--device", "cpu", "-q"])

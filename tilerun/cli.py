@@ -134,12 +134,16 @@ def main(ctx: click.Context) -> None:
 @o.stall_timeout_opt
 @click.option("--preview", is_flag=True, help="Also write NAME.preview.png: input with holes | class map | "
               "inpainted, with a legend (at most 1024 px a side).")
+@click.option("--shared-output/--no-shared-output", "shared_output", default=None,
+              help="Whether every process (node) sees the same OUTPUT folder. Default: tested at start. "
+              "Shared: a big image's tiles meet in OUTPUT/.tilerun-parts; not shared: over the process group.")
 @click.option("--strict", is_flag=True, help="Under torchrun, exit 1 when any input failed (the default there "
               "is 0: see Exit status in the README). Without torchrun a failed input always means exit 1.")
 @o.verbose_opt
 @o.quiet_opt
 def run(input_path, output, model_path, tile, halo, batch_size, precision, feature_cache_mib, device, backend,
-        mask_dir, max_pixels, fmt, overwrite, verify_inputs, stall_timeout, preview, strict, verbose, quiet):
+        mask_dir, max_pixels, fmt, overwrite, verify_inputs, stall_timeout, preview, shared_output, strict, verbose,
+        quiet):
     """Run the model over INPUT (an image or a folder, recursive) into the folder OUTPUT.
 
     For a/b/NAME.ext writes OUTPUT/a/b/NAME.pred.png (class map, palette PNG) and
@@ -179,7 +183,8 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, featu
                     summary = _run(ctx, input_path, output, model_path=model_path, tile=tile, halo=halo,
                                    batch_size=batch_size, precision=precision, feature_cache_mib=feature_cache_mib,
                                    mask_dir=mask_dir, overwrite=overwrite, preview=preview, verbose=verbose,
-                                   quiet=quiet, fmt=fmt, started=started, verify_inputs=verify_inputs)
+                                   quiet=quiet, fmt=fmt, started=started, verify_inputs=verify_inputs,
+                                   shared_output=shared_output)
             except DistributedError as e:
                 raise click.ClickException(str(e)) from e
     if summary is None:  # not rank 0: rank 0 reports for the job
@@ -198,7 +203,7 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, featu
 
 def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_dir, precision="fp32",
          feature_cache_mib=None, overwrite=False, preview=False, verbose=0, quiet=False, fmt="png", started=None,
-         verify_inputs=False):
+         verify_inputs=False, shared_output=None):
     from .engine import Engine
     from .images import find_inputs
     from .model import load_model
@@ -246,7 +251,7 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
     with Progress(enabled=ctx.rank == 0, quiet=quiet, verbose=verbose) as progress:
         summary = run_job(ctx, engine, items, output, mask_dir=mask_dir, palette=getattr(model, "palette", None),
                           overwrite=overwrite, progress=progress, fmt=fmt, started=started,
-                          verify_inputs=verify_inputs, model_id=identity)
+                          verify_inputs=verify_inputs, model_id=identity, shared_output=shared_output)
     if preview and summary is not None:  # rank 0, after its writer: previews of what is on disk
         from .preview import write_previews
 

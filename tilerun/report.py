@@ -73,7 +73,9 @@ def write_report(
         "counts": _counts(entries),
         "settings": settings or {},
         "files": entries,
-        # Per process: tiles computed in each pass, seconds computing and waiting, bytes sent.
+        # Per process: tiles computed in each pass and reused from part stores, seconds computing
+        # and waiting, images and bytes it wrote, bytes it sent through the store (bytes_sent),
+        # over the process group (bytes_p2p) and into part stores (bytes_parts).
         "ranks": [asdict(r) if is_dataclass(r) else dict(r) for r in ranks],
     }
     write_json_atomic(doc, path)

@@ -1,8 +1,16 @@
-"""One job: every input image through the engine into OUTPUT, one failure costing one file."""
+"""One job: every input image through the engine into OUTPUT, one failure costing one file.
+
+The road: plan (`scheduler`, `owners`) -> claim -> compute (`work`) -> assemble -> write
+(`assemble`, with `parts` and `transport` for images spread over processes); `report`
+records it. This module runs that road once: resume and output naming first (rank 0,
+`resume`), then every process's share, then the report (rank 0). No module below it
+imports it.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import signal
 import time
@@ -10,11 +18,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from . import assemble
 from .engine import Engine
 from .errors import Interrupted
-from .images import InputItem, write_png_atomic, write_tiff_atomic
+from .images import InputItem, plan_outputs, write_png_atomic, write_tiff_atomic
+from .owners import assign
 from .report import REPORT_NAME
+from .resume import Fingerprint, Manifest, OutputLock, OutputPlan, fingerprint, prepare_outputs
+from .scheduler import JobPlan, job_settings, plan_job
+from .work import run_worker
 
 __all__ = ["FileResult", "JobSummary", "run_job", "write_outputs"]
 
@@ -36,7 +50,7 @@ class FileResult:
 class JobSummary:
     files: list[FileResult]
     seconds: float
-    ranks: list = field(default_factory=list)  # scheduler.RankStats per process
+    ranks: list = field(default_factory=list)  # work.RankStats per process
 
     @property
     def failed(self) -> int:
@@ -92,71 +106,137 @@ def run_job(
     started: float | None = None,
     verify_inputs: bool = False,
     model_id: str | None = None,
+    shared_output: bool | None = None,
 ) -> JobSummary | None:
     """Run ``items`` on this process's share of the job (`tilerun.dist.session` gives ``ctx``).
 
-    One process or many, the same path: tiles are claimed from the store and rank 0
-    writes every output, as ``fmt`` (`images.OUTPUT_FORMATS`). Returns the summary on rank
-    0, None elsewhere. ``started``: `time.perf_counter` when the command began (default:
-    now), for the summary's and the report's seconds. ``model_id``: `tilerun.model.model_identity`
-    of the model (None: the loaded weights' digest), which every process must share, as the
+    One process or many, the same road: plan -> claim -> compute -> assemble -> write
+    (`work`). Every process writes the images it finishes, as ``fmt``
+    (`images.OUTPUT_FORMATS`). ``shared_output``: whether every process sees the same
+    OUTPUT (None: tested, `parts.shared_output`). Returns the summary on rank 0, None
+    elsewhere. ``started``: `time.perf_counter` when the command began (default: now), for
+    the summary's and the report's seconds. ``model_id``: `tilerun.model.model_identity` of
+    the model (None: the loaded weights' digest), which every process must share, as the
     options and inputs.
 
     Ctrl-C or SIGTERM (`errors.Interrupted`, or a plain KeyboardInterrupt) once the work
-    has started: rank 0 writes the report -- the inputs written so far ``ok``, the rest
-    ``interrupted`` -- and raises `errors.Interrupted` with them; a rerun resumes.
+    has started: rank 0 writes the report -- the inputs it knows written so far ``ok``, the
+    rest ``interrupted`` -- and raises `errors.Interrupted` with them; a rerun resumes.
 
-    The writer holds OUTPUT (`resume.OutputLock`) for the whole job: a second job into it
+    Rank 0 holds OUTPUT (`resume.OutputLock`) for the whole job: a second job into it
     raises `OutputBusyError` (exit 2).
     """
-    from .scheduler import JobPlan, job_settings, plan_job, run_distributed
-
-    from .resume import OutputLock, fingerprint, prepare_outputs
-
     t0 = time.perf_counter() if started is None else started
     if ctx.distributed:  # before anything is written: a process that differs stops every process
         ctx.agree_settings(job_settings(engine, items, model_id=model_id, fmt=fmt))
-    # Resume and the collision rule: rank 0 alone reads and claims OUTPUT (it may exist
-    # on the first node only) and tells the others what is left to do.
+    with OutputLock(out_dir) if ctx.is_writer else contextlib.nullcontext() as lock:
+        return _run_job(ctx, engine, items, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles,
+                        overwrite=overwrite, progress=progress, fmt=fmt, t0=t0, verify_inputs=verify_inputs,
+                        shared_output=shared_output, since=getattr(lock, "since", None))
+
+
+def _run_job(ctx, engine, items, out_dir, *, mask_dir, palette, on_tiles, overwrite, progress, fmt, t0,
+             verify_inputs, shared_output, since):
+
+    # Resume and the collision rule: rank 0 alone reads and claims OUTPUT and tells the
+    # others what is left to do and what each output's stamp says (the inputs' identities).
     # OutputExistsError -> exit 2 on rank 0, and torchrun stops the rest.
     # Rank 0 alone plans the work (sizes, claims) and every process follows that one plan.
-    with OutputLock(out_dir) if ctx.is_writer else contextlib.nullcontext() as lock:
-        out_plan = fp = job = None
-        skipped: list[FileResult] = []
-        failed: list[FileResult] = []
-        if ctx.rank == 0:
-            fp = fingerprint(model=engine.model, engine=engine)
-            out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True,
-                                       fmt=fmt, verify_inputs=verify_inputs)
-            skipped = [FileResult(it.key, "skipped", **out_plan.done_info(it)) for it in out_plan.done]
-            job, failed = plan_job(engine, out_plan.todo, world_size=ctx.world_size)
-        job = JobPlan.from_json(ctx.share_from_rank0("plan", job.to_json() if job is not None else None))
-        plans = job.image_plans(items)
-        if progress is not None:  # `progress.Progress`: rank 0's writer sees every process's tiles
-            # Every input counts: those already done and those that failed here are done at once.
-            progress.set_totals(tiles=sum(len(p.tiles) for p in plans), images=len(items),
-                                pixels=sum(p.height * p.width for p in plans))
-            progress.advance(images=len(skipped) + len(failed), failed=len(failed), skipped=len(skipped))
-            on_tiles = on_tiles or progress.on_tiles
-        if ctx.rank == 0:
-            paths_by_key = {it.key: it.path for it in items}  # name bad files as the writer does: by path
-            for f in failed:
-                log.error("%s: %s", paths_by_key[f.input], f.error)
-        try:
-            results, stats = run_distributed(
-                ctx, engine, plans, Path(out_dir), mask_dir=mask_dir, palette=palette, on_tiles=on_tiles,
-                outputs=out_plan)
-        except KeyboardInterrupt as e:
-            signum = getattr(e, "signum", signal.SIGINT)
-            if ctx.rank != 0:
-                raise Interrupted(signum) from e
-            written = getattr(e, "results", None) or []
-            summary = _record(items, out_dir, out_plan, fp, skipped + failed + written, t0, [], interrupted=signum,
-                              since=lock.since)
-            raise Interrupted(signum, results=summary.files, report=Path(out_dir) / REPORT_NAME) from e
+    out_plan = fp = job = None
+    skipped: list[FileResult] = []
+    failed: list[FileResult] = []
+    mine = None
+    if ctx.rank == 0:
+        fp = fingerprint(model=engine.model, engine=engine)
+        out_plan = prepare_outputs(items, out_dir, fp=fp, overwrite=overwrite, mask_dir=mask_dir, claim=True, fmt=fmt,
+                                   verify_inputs=verify_inputs)
+        skipped = [FileResult(it.key, "skipped", **out_plan.done_info(it)) for it in out_plan.done]
+        job, unreadable = plan_job(engine, out_plan.todo, world_size=ctx.world_size)
+        failed = [FileResult(key, "failed", error=error) for key, error in unreadable]
+        mine = json.dumps({"plan": job.to_json(), "identities": out_plan.identities, "fingerprint": dict(fp.settings)})
+    shared_doc = json.loads(ctx.share_from_rank0("plan", mine))
+    if out_plan is None:  # rank 0's paths and stamps, whoever writes an output
+        fp = Fingerprint(shared_doc["fingerprint"])
+        out_plan = OutputPlan(Manifest(out_dir, fp, overwrite=overwrite), plan_outputs(items, out_dir, fmt=fmt),
+                              [], [], shared_doc["identities"])
+    plans = JobPlan.from_json(shared_doc["plan"]).image_plans(items)
+    own = assign([len(p.tiles) for p in plans], ctx.world_size, pixels=[p.height * p.width for p in plans])
+    io, kept = _spread_io(ctx, plans, own, out_dir, fp, shared_doc["identities"], shared_output)
+    if progress is not None:  # `progress.Progress`: rank 0 sees every process's tiles through the store
+        # Every input counts: those already done and those that failed here are done at once.
+        progress.set_totals(tiles=sum(len(p.tiles) for p in plans), images=len(items),
+                            pixels=sum(p.height * p.width for p in plans))
+        progress.advance(images=len(skipped) + len(failed), failed=len(failed), skipped=len(skipped))
+        on_tiles = on_tiles or progress.on_tiles
+    if ctx.rank == 0:
+        paths_by_key = {it.key: it.path for it in items}  # name bad files by path
+        for f in failed:
+            log.error("%s: %s", paths_by_key[f.input], f.error)
+    by_key = {it.key: it for it in items}
+    encoders = assemble.encoder_count(getattr(engine, "device", torch.device("cpu")).type)
+
+    def write(key, classes, rgb, strips):
+        item = by_key[key]
+        return write_outputs(out_plan.outputs(item), classes, rgb, palette, pool=strips, threads=encoders,
+                             text_for=lambda kinds: out_plan.output_text(item, kinds))
+
+    try:
+        results, stats = run_worker(ctx, engine, plans, own, write=write, io=io, kept=kept, mask_dir=mask_dir,
+                                    on_tiles=on_tiles if ctx.rank == 0 else None)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
         if ctx.rank != 0:
-            return None
-        return _record(items, out_dir, out_plan, fp, skipped + failed + results, t0, stats, since=lock.since)
+            raise Interrupted(signum) from e
+        written = [_result(r) for r in getattr(e, "results", None) or []]
+        summary = _record(items, out_dir, out_plan, fp, skipped + failed + written, t0, [], interrupted=signum,
+                          since=since)
+        raise Interrupted(signum, results=summary.files, report=Path(out_dir) / REPORT_NAME) from e
+    if ctx.rank != 0:
+        return None
+    return _record(items, out_dir, out_plan, fp, skipped + failed + [_result(r) for r in results], t0, stats,
+                   since=since)
+
+
+def _result(d: dict) -> FileResult:
+    size = d.get("size")
+    return FileResult(d["input"], d["status"], d.get("outputs") or [], tuple(size) if size else None,
+                      d.get("tiles", 0), d.get("seconds", 0.0), d.get("error"))
+
+
+def _spread_io(ctx, plans, own, out_dir, fp, identities, shared_output):
+    """How this job's spread images travel (`work.SpreadIO`, None when none is spread), and the
+    chunks an earlier run left in their part stores. Collective: every rank calls it."""
+    from .parts import PartStore, part_digest, shared_output as detect_shared
+    from .transport import PointToPoint
+    from .work import SpreadIO
+
+    shared = detect_shared(ctx, out_dir, override=shared_output) if own.spread else True
+    if ctx.rank == 0:
+        if own.spread:
+            names = [plans[i].key for i in own.spread]
+            log.info("%d image%s spread over %d processes (%s%s); their tiles meet %s", len(names),
+                     "s" * (len(names) > 1), ctx.world_size, ", ".join(names[:3]), ", ..." * (len(names) > 3),
+                     "in part stores in OUTPUT (shared by every process)" if shared
+                     else "over the process group (OUTPUT not shared)")
+        # An earlier run's part stores that this run will not read.
+        PartStore.sweep(out_dir, [plans[i].key for i in own.spread] if shared else [])
+    if not own.spread:
+        return None, {}
+    if not shared:
+        return SpreadIO(ctx.rank, p2p=PointToPoint.create(ctx.backend)), {}
+    # Rank 0 prepares every spread image's part store (keeping an earlier run's chunks of
+    # the same plan) before any claim; every rank then opens them.
+    digests = {i: part_digest(fingerprint=fp.digest, key=plans[i].key, identity=identities.get(plans[i].key),
+                              height=plans[i].height, width=plans[i].width, chunks=plans[i].chunks)
+               for i in own.spread}
+    inventory = None
+    if ctx.rank == 0:
+        inv = {i: PartStore.prepare(out_dir, plans[i].key, digest=digests[i]).inventory() for i in own.spread}
+        inventory = json.dumps({i: {p: sorted(c) for p, c in v.items()} for i, v in inv.items()})
+    kept = {int(i): {int(p): set(c) for p, c in v.items()}
+            for i, v in json.loads(ctx.share_from_rank0("parts", inventory)).items()}
+    parts = {i: PartStore.open(out_dir, plans[i].key, digest=digests[i]) for i in own.spread}
+    return SpreadIO(ctx.rank, parts=parts), kept
 
 
 def _record(items, out_dir, out_plan, fp, results, t0, stats, *, interrupted: int | None = None,
@@ -166,7 +246,7 @@ def _record(items, out_dir, out_plan, fp, results, t0, stats, *, interrupted: in
     from .images import remove_stale_temps
     from .report import write_report
 
-    # Rank 0 wrote every output and its writer is done: leftovers are ours or a killed run's.
+    # Every process has written its outputs (their results are in): leftovers are ours or a killed run's.
     remove_stale_temps(out_plan.all_paths(), since=since)
     by_key = {r.input: r for r in results}
     if interrupted:
