@@ -36,6 +36,11 @@ class Net(torch.nn.Module):
                 with open(os.environ["STOPPED_MARK"], "w") as f:
                     f.write(str(os.getpid()))
                 os.kill(os.getpid(), signal.SIGSTOP)
+        elif (torch.is_inference_mode_enabled() and os.environ.get("ACT") == "stop"
+                and os.environ.get("RANK", "0") != os.environ["ACT_RANK"]):
+            # The other ranks go slowly, so that they cannot claim every image before the
+            # stopping rank has started (whole images are claimed, not tiles).
+            time.sleep(1.0)
         return torch.sigmoid(self.conv(torch.cat([image * (1 - mask), mask], 1)))
 
 def make():
@@ -82,12 +87,21 @@ def test_a_forward_longer_than_the_store_timeout_completes(small, tmp_path, npro
     assert outputs(tmp_path / "out") == outputs(ref)
 
 
-def test_a_stopped_process_is_named_within_the_stall_limit(small, tmp_path):
+@pytest.fixture(scope="module")
+def six(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("six")
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / f"img{i}.png")
+    return root
+
+
+def test_a_stopped_process_is_named_within_the_stall_limit(six, tmp_path):
     """Rank 1 stops (SIGSTOP: no heartbeat) in its first forward; rank 0 ends the job within the stall
     limit (3 s), naming rank 1 and the image it holds, instead of waiting 30 minutes."""
     mark = tmp_path / "stopped"
     env = _env_with_model(tmp_path, ACT="stop", ACT_RANK="1", STOPPED_MARK=str(mark), TILERUN_STALL_TIMEOUT="3")
-    agent = subprocess.Popen(_command(small, tmp_path / "out", 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    agent = subprocess.Popen(_command(six, tmp_path / "out", 2), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=env)
     try:
         deadline = time.monotonic() + TIMEOUT
