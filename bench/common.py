@@ -84,3 +84,10 @@ def machine() -> str:
 
 def fmt_times(ts: list[float]) -> str:
     return f"best {min(ts):.2f} s (runs: {', '.join(f'{t:.2f}' for t in ts)})"
+
+
+def print_ratio(times: dict[str, list[float]], num: str, den: str) -> None:
+    """Each side's times, then best ``num`` / best ``den`` (`interleaved`'s output)."""
+    for name, ts in times.items():
+        print(f"{name:>6}: {fmt_times(ts)}")
+    print(f"{num} / {den} (best of {len(times[num])}): {min(times[num]) / min(times[den]):.3f}")

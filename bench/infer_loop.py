@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, fmt_times, interleaved, machine  # noqa: E402
+from bench.common import ROOT, interleaved, machine, print_ratio  # noqa: E402
 
 
 def photos(n: int, *, seed: int = 0) -> list[np.ndarray]:
@@ -74,9 +74,7 @@ def main() -> None:
     times = interleaved({"loop": loop, "engine": engine}, repeats=args.repeats)
     print(machine())
     print(f"{args.photos} photos, 256-512 px, device {device}; first call (probe or cache) {first:.2f} s")
-    for name, ts in times.items():
-        print(f"{name:>6}: {fmt_times(ts)}")
-    print(f"loop / engine (best of {args.repeats}): {min(times['loop']) / min(times['engine']):.3f}")
+    print_ratio(times, "loop", "engine")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import fmt_times, interleaved, machine  # noqa: E402
+from bench.common import interleaved, machine, print_ratio  # noqa: E402
 
 
 def main() -> None:
@@ -35,9 +35,7 @@ def main() -> None:
                         repeats=args.repeats)
     print(machine())
     print(f"default model: {probe}")
-    for name, ts in times.items():
-        print(f"{name:>5}: {fmt_times(ts)}")
-    print(f"check / probe (best of {args.repeats}): {min(times['check']) / min(times['probe']):.3f}")
+    print_ratio(times, "check", "probe")
 
 
 if __name__ == "__main__":
