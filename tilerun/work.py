@@ -294,6 +294,22 @@ def _main_chunk(engine, plan, ids: list[int], image, mask, sums, key) -> tuple[d
     return {"tiles": header_tiles}, arrays
 
 
+def _whole_image(engine, plan, image, mask, key, *, on_chunk: Callable[[list[int]], None]) -> Canvas:
+    """One whole-image task: both passes over the plan's chunks (the same batches, hence the
+    same bits, as when the image is spread), stitched in this process."""
+    sums = None
+    if engine.uses_global:
+        partials: dict = {}
+        for ids in plan.chunks[PASS_GLOBAL]:
+            partials.update(engine.global_partials(image, mask, [plan.tiles[i] for i in ids], key=key))
+        sums = engine.reduce_partials(partials)
+    canvas = Canvas(plan.height, plan.width, plan.tiles)
+    for ids in plan.chunks[PASS_MAIN]:
+        canvas.add(*_main_chunk(engine, plan, ids, image, mask, sums, key))
+        on_chunk(ids)
+    return canvas
+
+
 def _decided(plans, written: tuple) -> dict:
     """An `OutputWriter` result as a report entry."""
     key, outputs, error, seconds = written
@@ -423,22 +439,13 @@ def run_worker(
             if task.pass_ == PASS_WHOLE:
                 if isinstance(loaded, Exception):
                     failed(p, str(loaded))
+                    count(tiles=len(p.tiles))
                 else:
-                    image, mask = loaded
-                    canvas = Canvas(p.height, p.width, p.tiles)
+                    canvas = _whole_image(engine, p, *loaded, key, on_chunk=lambda ids: count(tiles=len(ids)))
                     if engine.uses_global:
-                        partials: dict = {}
-                        for ids in p.chunks[PASS_GLOBAL]:
-                            partials.update(engine.global_partials(image, mask, [p.tiles[i] for i in ids], key=key))
-                        sums = engine.reduce_partials(partials)
                         stats.tiles["global"] += len(p.tiles)
-                    for ids in p.chunks[PASS_MAIN]:
-                        canvas.add(*_main_chunk(engine, p, ids, image, mask, sums, key))
-                        count(tiles=len(ids))
                     stats.tiles["main"] += len(p.tiles)
                     writer.submit(p.key, canvas, time.perf_counter() - t0)
-                if isinstance(loaded, Exception):
-                    count(tiles=len(p.tiles))
             elif task.pass_ == PASS_GLOBAL:
                 error = str(loaded) if isinstance(loaded, Exception) else None
                 if error:
