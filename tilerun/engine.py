@@ -370,9 +370,10 @@ class Engine:
         """
         return torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
 
-    def _windows(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _windows(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile]) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
         """The batch's windows on the device: as floats, x [B,3,h,w] in [0,1] (NHWC-strided) and
-        m [B,1,h,w]; and as they came, uint8 [B,h,w,3] and uint8 0/1 [B,h,w].
+        m [B,1,h,w]; as they came, uint8 [B,h,w,3] and uint8 0/1 [B,h,w]; and whether any
+        pixel of them is missing (from the host's copy: no device sync).
 
         Only uint8 crosses to the device (a quarter of float32's bytes); the float
         conversion happens there.
@@ -384,6 +385,7 @@ class Engine:
         for i, t in enumerate(batch):
             imgs_np[i] = image[t.wy0 : t.wy1, t.wx0 : t.wx1]
             msks_np[i] = mask[t.wy0 : t.wy1, t.wx0 : t.wx1]
+        holes = bool(msks_np.any())
         cuda = self.device.type == "cuda"
         imgs = imgs.to(self.device, non_blocking=cuda)
         msks = msks.to(self.device, non_blocking=cuda)
@@ -392,7 +394,7 @@ class Engine:
         if not self.channels_last:
             x = x.contiguous()
         m = msks[:, None].float()
-        return x, m, imgs, msks
+        return x, m, imgs, msks, holes
 
     # -- pass 1 ---------------------------------------------------------------------
     def global_partials(self, image: np.ndarray, mask: np.ndarray, tiles: Iterable[Tile],
@@ -409,7 +411,7 @@ class Engine:
         s = self.stride
 
         def run(batch: list[Tile]) -> list[tuple[int, Tensor]]:
-            x, m, _, _ = self._windows(image, mask, batch)
+            x, m, *_ = self._windows(image, mask, batch)
             with self._autocast():
                 if self.keeps_features:
                     features = self.model.encode(x, m)
@@ -450,7 +452,7 @@ class Engine:
         ``global_sums`` is already float32 on the device: a blocking copy here would
         synchronise the stream once a batch and empty the pipeline.
         """
-        x, m, img_u8, msk_u8 = self._windows(image, mask, batch)
+        x, m, img_u8, msk_u8, holes = self._windows(image, mask, batch)
         kwargs = {}
         if global_sums is not None:
             kwargs["global_sums"] = global_sums[None].expand(len(batch), -1)
@@ -471,16 +473,22 @@ class Engine:
             cls_d = first_extreme(logits, largest=True).to(torch.uint8)
             cls_h = self._host(tuple(cls_d.shape)).copy_(cls_d, non_blocking=cuda)
         if rgb is not None:
-            rgb_d = rgb.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1)
             if out_box is not None:
                 y0, y1, x0, x1 = out_box
                 img_u8, msk_u8 = img_u8[:, y0:y1, x0:x1], msk_u8[:, y0:y1, x0:x1]
-            # Known pixels are the input's bytes, exactly (whatever the model's float round
-            # trip did to them); only holes take the model's colours. Here rather than on the
-            # host: numpy's boolean indexing took ~70 ms a 1024^2 tile, which on a GPU was
-            # most of the run (python bench/engine_vs_whole.py --device cuda).
-            rgb_d = torch.where(msk_u8[..., None].bool(), rgb_d, img_u8)
-            rgb_h = self._host(tuple(rgb_d.shape)).copy_(rgb_d, non_blocking=cuda)
+            if not holes:
+                # Nothing missing: the output is the input's bytes, so the model's colours
+                # need no conversion or merge (on CPU, most of the engine's own time per
+                # pixel with a cheap model: python bench/scale_out.py).
+                rgb_d = img_u8
+            else:
+                # Known pixels are the input's bytes, exactly (whatever the model's float round
+                # trip did to them); only holes take the model's colours. Here rather than on the
+                # host: numpy's boolean indexing took ~70 ms a 1024^2 tile, which on a GPU was
+                # most of the run (python bench/engine_vs_whole.py --device cuda).
+                rgb_d = rgb.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).permute(0, 2, 3, 1)
+                rgb_d = torch.where(msk_u8[..., None].bool(), rgb_d, img_u8)
+            rgb_h = rgb_d if self.device.type == "cpu" else self._host(tuple(rgb_d.shape)).copy_(rgb_d, non_blocking=cuda)
         ready = None
         if cuda:
             ready = torch.cuda.Event()
