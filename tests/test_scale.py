@@ -75,6 +75,20 @@ def test_two_nodes_with_a_shared_output(inputs, reference, tmp_path):
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".tilerun-shared")]
 
 
+def test_one_decode_per_node_for_a_spread_image(big, tmp_path):
+    """Two processes of one node compute one image: one decodes it, the other maps that decode."""
+    from tilerun.decoded import SHM
+
+    inp, reference = big
+    before = set(SHM.glob("tilerun-decoded-*"))
+    r = run_tilerun([str(inp), str(tmp_path), "--tile", "64"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_outputs(tmp_path, reference)
+    ranks = _report(tmp_path)["ranks"]
+    assert sorted(r["decodes_shared"] for r in ranks) == [0, 1]
+    assert set(SHM.glob("tilerun-decoded-*")) <= before, "a shared decode was left behind"
+
+
 # -- tile-level resume ----------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -458,12 +458,15 @@ def write_png_atomic(
     text: dict[str, str] | None = None,
     compress_level: int = 1,
     pool: Executor | None = None,
+    ready: Callable[[int], None] | None = None,
 ) -> None:
     """Write ``pixels`` as a PNG (`png.write_png`: greyscale, palette indices or RGB), atomically
     (`_write_atomic`). ``text`` goes into tEXt chunks before the image data
-    (`read_output_text` reads them back); ``pool`` compresses strips of the image on its threads.
+    (`read_output_text` reads them back); ``pool`` compresses strips of the image on its threads;
+    ``ready(y)`` blocks until rows [0, y) are final (`png.write_png`).
     """
-    _write_atomic(path, lambda f: write_png(f, pixels, palette=palette, text=text, level=compress_level, pool=pool))
+    _write_atomic(path, lambda f: write_png(f, pixels, palette=palette, text=text, level=compress_level, pool=pool,
+                                            ready=ready))
 
 
 def write_tiff_atomic(

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import struct
 import zlib
-from concurrent.futures import Executor
-from typing import BinaryIO, Iterator
+from collections import deque
+from concurrent.futures import Executor, Future
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -70,13 +71,15 @@ def write_png(
     text: dict[str, str] | None = None,
     level: int = 1,
     pool: Executor | None = None,
+    ready: Callable[[int], None] | None = None,
 ) -> None:
     """Write ``pixels`` to ``f`` as a PNG: (h, w) uint8 as greyscale, or as palette indices
     when ``palette`` is given (RGB triples, at most 256); (h, w, 3) uint8 as RGB.
 
     ``text`` becomes tEXt chunks (Latin-1) before the image data, where a reader that stops at
     the header finds them. With ``pool``, strips are compressed on its threads; the output
-    bytes are the same either way.
+    bytes are the same either way. ``ready(y)``: blocks until rows [0, y) of ``pixels`` are
+    final (an image still being computed); each strip is compressed once its rows are.
     """
     if pixels.dtype != np.uint8 or not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] == 3)):
         raise ValueError(f"write_png takes uint8 (h, w) or (h, w, 3) pixels, got {pixels.dtype} {pixels.shape}")
@@ -95,22 +98,41 @@ def write_png(
     for key, value in (text or {}).items():
         f.write(_chunk(b"tEXt", key.encode("latin-1") + b"\0" + value.encode("latin-1")))
     f.write(_chunk(b"IDAT", b"\x78\x01"))  # zlib header: deflate, 32 KiB window; data follows in more IDATs
-    for data in _compressed_strips(pixels.reshape(h, -1), level, pool):
+    for data in _compressed_strips(pixels.reshape(h, -1), level, pool, ready):
         f.write(_chunk(b"IDAT", data))
     f.write(_chunk(b"IEND", b""))
 
 
-def _compressed_strips(rows: np.ndarray, level: int, pool: Executor | None) -> Iterator[bytes]:
-    """The image's deflate data, strip by strip, and last the zlib trailer (adler32)."""
+def _compressed_strips(rows: np.ndarray, level: int, pool: Executor | None,
+                       ready: Callable[[int], None] | None = None) -> Iterator[bytes]:
+    """The image's deflate data, strip by strip, and last the zlib trailer (adler32).
+
+    With ``pool``, up to twice its threads' strips are in flight; the waiting for rows
+    (``ready``) happens here, never on the pool's threads, which another image may share.
+    """
     h = rows.shape[0]
     per_strip = max(1, STRIP_BYTES // rows.shape[1])
-    starts = range(0, h, per_strip)
 
     def job(y: int) -> tuple[bytes, int, int]:
         return _strip(rows[y : y + per_strip], rows[y - 1] if y else None, level, y + per_strip >= h)
 
+    def results() -> Iterator[tuple[bytes, int, int]]:
+        ahead: deque[Future] = deque()
+        depth = 2 * getattr(pool, "_max_workers", 1)
+        for y in range(0, h, per_strip):
+            if ready is not None:
+                ready(min(h, y + per_strip))
+            if pool is None:
+                yield job(y)
+                continue
+            ahead.append(pool.submit(job, y))
+            while ahead and (ahead[0].done() or len(ahead) >= depth):
+                yield ahead.popleft().result()
+        while ahead:
+            yield ahead.popleft().result()
+
     adler = 1
-    for data, a, n in (pool.map(job, starts) if pool is not None else map(job, starts)):
+    for data, a, n in results():
         adler = _adler32_combine(adler, a, n)
         yield data
     yield struct.pack(">I", adler)

@@ -14,8 +14,10 @@ import json
 import logging
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -67,28 +69,40 @@ class JobSummary:
 
 def write_outputs(
     paths: dict[str, Path], classes: np.ndarray | None, rgb: np.ndarray | None, palette, *, text_for=None, pool=None,
-    threads: int = 1,
+    threads: int = 1, ready: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Write the outputs there are, atomically, as PNG or tiled TIFF by the paths' suffixes.
     ``text_for(kinds)``: text entries for them (`resume.OutputPlan.output_text`: the resume
     stamp), the same in every output of one input. ``pool`` compresses a PNG's strips on its
     threads; a TIFF's tiles are compressed on ``threads`` of tifffile's own.
 
+    ``ready(y)``: the arrays are still being filled and this blocks until rows [0, y) are
+    final. PNGs are then encoded strip by strip as rows become final, both outputs at once
+    (the class map on a thread of its own); a TIFF waits for the whole image.
+
     The class map is a palette image: the pixel is the class index, the palette colours it
     (no palette: every entry black; the indices are the data)."""
     kinds = [k for k, a in (("pred", classes), ("inpainted", rgb)) if a is not None]
     text = text_for(kinds) if text_for else None
-    written = []
-    for kind, pixels, pal in (("pred", classes, list(palette or [])), ("inpainted", rgb, None)):
-        if pixels is None:
-            continue
+
+    def write(kind: str, pixels: np.ndarray, pal) -> str:
         path = paths[kind]
         if path.suffix == ".tif":
+            if ready is not None:
+                ready(pixels.shape[0])
             write_tiff_atomic(pixels, path, palette=pal, text=text, threads=threads)
         else:
-            write_png_atomic(pixels, path, palette=pal, text=text, pool=pool)
-        written.append(str(path))
-    return written
+            write_png_atomic(pixels, path, palette=pal, text=text, pool=pool, ready=ready)
+        return str(path)
+
+    jobs = [(kind, pixels, pal) for kind, pixels, pal in (("pred", classes, list(palette or [])), ("inpainted", rgb, None))
+            if pixels is not None]
+    if ready is None or len(jobs) < 2:
+        return [write(*job) for job in jobs]
+    with ThreadPoolExecutor(len(jobs) - 1, thread_name_prefix="tilerun-stream") as side:
+        futures = [side.submit(write, *job) for job in jobs[:-1]]
+        last = write(*jobs[-1])
+        return [f.result() for f in futures] + [last]
 
 
 def run_job(
@@ -175,10 +189,10 @@ def _run_job(ctx, engine, items, out_dir, *, mask_dir, palette, on_tiles, overwr
     by_key = {it.key: it for it in items}
     encoders = assemble.encoder_count(getattr(engine, "device", torch.device("cpu")).type)
 
-    def write(key, classes, rgb, strips):
+    def write(key, classes, rgb, strips, ready=None):
         item = by_key[key]
         return write_outputs(out_plan.outputs(item), classes, rgb, palette, pool=strips, threads=encoders,
-                             text_for=lambda kinds: out_plan.output_text(item, kinds))
+                             text_for=lambda kinds: out_plan.output_text(item, kinds), ready=ready)
 
     try:
         results, stats = run_worker(ctx, engine, plans, own, write=write, io=io, kept=kept, mask_dir=mask_dir,

@@ -45,6 +45,7 @@ import torch
 from . import assemble
 from .assemble import Canvas, OutputWriter
 from .errors import InputImageError, Interrupted
+from .decoded import NodeDecodes, remove_stale
 from .images import load_image
 from .owners import Ownership
 from .parts import PartStore
@@ -91,6 +92,7 @@ class RankStats:
     compute_s: float = 0.0
     wait_s: float = 0.0  # main thread waiting for the loader (decode, claims, global sums)
     decode_s: float = 0.0  # the loader reading and decoding images (behind compute)
+    decodes_shared: int = 0  # spread images mapped from another process's decode on this node (`decoded`)
     images_written: int = 0
     bytes_written: int = 0  # output files this process wrote
     bytes_sent: int = 0  # through the c10d store
@@ -203,10 +205,12 @@ _DONE = object()
 class _Loader(threading.Thread):
     """Claims tasks and prepares their inputs (decoded image; a spread pass-2 chunk's sums) ahead of compute."""
 
-    def __init__(self, ctx, engine, plans, tasks: list[Task], mask_dir, *, parts, kept: Kept, depth: int = 2):
+    def __init__(self, ctx, engine, plans, tasks: list[Task], mask_dir, *, parts, kept: Kept,
+                 shared: NodeDecodes | None = None, spread=(), depth: int = 2):
         super().__init__(daemon=True, name="tilerun-loader")
         self.ctx, self.engine, self.plans, self.tasks, self.mask_dir = ctx, engine, plans, tasks, mask_dir
         self.parts, self.kept = parts, kept
+        self.shared, self.spread = shared, set(spread)  # spread images: one decode per node (`decoded`)
         self.describe = describer(plans)
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.images: OrderedDict[int, tuple | InputImageError] = OrderedDict()
@@ -214,15 +218,22 @@ class _Loader(threading.Thread):
         self.stop = threading.Event()
         self.decode_s = 0.0
 
-    def _image(self, i: int):
+    def _decode(self, i: int):
+        p = self.plans[i]
+        image, mask = load_image(p.item, mask_dir=self.mask_dir)
+        if mask.shape != (p.height, p.width):
+            raise InputImageError(f"decoded size {mask.shape} differs from its header {(p.height, p.width)}")
+        return image, mask
+
+    def _image(self, store, i: int):
         if i not in self.images:
             p = self.plans[i]
             t0 = time.perf_counter()
             try:
-                image, mask = load_image(p.item, mask_dir=self.mask_dir)
-                if mask.shape != (p.height, p.width):
-                    raise InputImageError(f"decoded size {mask.shape} differs from its header {(p.height, p.width)}")
-                self.images[i] = (image, mask)
+                if self.shared is not None and i in self.spread:
+                    self.images[i] = self.shared.load(store, i, p.item.key, lambda: self._decode(i))
+                else:
+                    self.images[i] = self._decode(i)
             except InputImageError as e:
                 self.images[i] = e
             except Exception as e:  # the per-file boundary: one bad file costs that file, not the job
@@ -259,6 +270,10 @@ class _Loader(threading.Thread):
                 self.sums.popitem(last=False)
         return self.sums[i]
 
+    def _pass2_keys(self, i: int) -> list[str]:
+        """The keys that mark spread image ``i``'s pass-2 chunks delivered: then nobody needs its pixels."""
+        return [chunk_key(i, c) for c in _todo(self.plans, self.kept, i, PASS_MAIN, False)]
+
     def run(self) -> None:
         store = self.ctx.store_client()
         try:
@@ -275,7 +290,9 @@ class _Loader(threading.Thread):
                 if self.ctx.distributed:
                     store.set(f"holds/{self.ctx.rank}", self.describe(task.key) if task.pass_ != PASS_WHOLE
                               else f"{self.plans[task.image].item.key} (the whole image)")
-                loaded = self._image(task.image)
+                if self.shared is not None:
+                    self.shared.release_finished(store, self._pass2_keys)
+                loaded = self._image(store, task.image)
                 sums = None
                 if not isinstance(loaded, Exception) and task.pass_ == PASS_MAIN and self.engine.uses_global:
                     sums = self._global_sums(store, task.image)
@@ -331,6 +348,7 @@ class _Finisher(threading.Thread):
         self.ctx, self.plans, self.own, self.tags, self.io, self.writer = ctx, plans, own, tags, io, writer
         self.kept, self.failed, self.done_tiles = kept, failed, done_tiles
         self.error: BaseException | None = None
+        self.canvas: Canvas | None = None  # the image being collected
         self.reused = 0
         describe = describer(plans)
         self.wait = lambda store, keys: ctx.wait(store, keys, describe=describe)
@@ -342,8 +360,12 @@ class _Finisher(threading.Thread):
                 if rank != self.ctx.rank:
                     continue
                 p = self.plans[i]
-                t0 = time.perf_counter()
-                canvas = Canvas(p.height, p.width, p.tiles)
+                canvas = self.canvas = Canvas(p.height, p.width, p.tiles)
+                # Written as its rows become final: the encoding overlaps the computing of
+                # the rest, instead of being the job's tail (python bench/scale_out.py).
+                parts = self.io.parts[i] if self.io.parts is not None else None
+                self.writer.submit(p.key, canvas, 0.0, after=parts.remove if parts is not None else None,
+                                   wide=True, streaming=True)
                 kept = self.kept.get(i, {}).get(PASS_MAIN, set())
                 for c in range(len(p.chunks[PASS_MAIN])):
                     if c in kept:
@@ -352,14 +374,12 @@ class _Finisher(threading.Thread):
                         self.done_tiles(n)
                     else:
                         canvas.add(*self.io.collect(store, self.tags[(i, c)], i, c, self.wait))
-                if canvas.error:
+                if canvas.error:  # its write gives up (`Canvas.wait_rows`); reported here
                     self.failed(p, canvas.error)
-                    continue
-                parts = self.io.parts[i] if self.io.parts is not None else None
-                self.writer.submit(p.key, canvas, time.perf_counter() - t0,
-                                   after=parts.remove if parts is not None else None, wide=True)
         except BaseException as e:
             self.error = e
+            if self.canvas is not None:
+                self.canvas.abort()
 
 
 def run_worker(
@@ -412,7 +432,12 @@ def run_worker(
     finisher = None
     if any(r == ctx.rank for r in own.spread.values()):
         finisher = _Finisher(ctx, plans, own, tags, io, writer, kept, failed, lambda n: count(tiles=n))
-    loader = _Loader(ctx, engine, plans, tasks, mask_dir, parts=io.parts if io else None, kept=kept)
+    shared = None
+    if own.spread and ctx.distributed and ctx.local_world_size > 1:
+        remove_stale()
+        shared = NodeDecodes(lambda st, keys, describe: ctx.wait(st, keys, describe=describe), ctx.claimed)
+    loader = _Loader(ctx, engine, plans, tasks, mask_dir, parts=io.parts if io else None, kept=kept,
+                     shared=shared, spread=own.spread)
     poller = _ProgressPoller(ctx, on_tiles) if on_tiles is not None else None
     for t in (finisher, loader, poller):
         if t is not None:
@@ -485,6 +510,10 @@ def run_worker(
         raise Interrupted(getattr(e, "signum", signal.SIGINT), results=decided) from e
     finally:
         loader.stop.set()
+        if shared is not None:
+            # After _DONE the loader has stopped. On a failure it may still be writing a
+            # decode; a file it writes after this is the next job's on this host to remove.
+            shared.close()
         sys.setswitchinterval(switch)
         engine.release_features()
         if not ok:
@@ -497,6 +526,7 @@ def run_worker(
         stats.bytes_sent += io.bytes_sent
         stats.bytes_parts += io.bytes_parts
     stats.decode_s = loader.decode_s
+    stats.decodes_shared = shared.shared if shared is not None else 0
     stats.images_written, stats.bytes_written = writer.images_written, writer.bytes_written
     stats.tiles_reused = finisher.reused if finisher is not None else 0
     stats.ended_at = time.time()
