@@ -311,9 +311,11 @@ def _main_chunk(engine, plan, ids: list[int], image, mask, sums, key) -> tuple[d
     return {"tiles": header_tiles}, arrays
 
 
-def _whole_image(engine, plan, image, mask, key, *, on_chunk: Callable[[list[int]], None]) -> Canvas:
+def _whole_image(engine, plan, image, mask, key, *, on_chunk: Callable[[list[int]], None],
+                 start: Callable[[Canvas], None] | None = None) -> Canvas:
     """One whole-image task: both passes over the plan's chunks (the same batches, hence the
-    same bits, as when the image is spread), stitched in this process."""
+    same bits, as when the image is spread), stitched in this process. ``start(canvas)``:
+    called with the empty canvas once pass 2 begins (a streaming write)."""
     sums = None
     if engine.uses_global:
         partials: dict = {}
@@ -321,6 +323,8 @@ def _whole_image(engine, plan, image, mask, key, *, on_chunk: Callable[[list[int
             partials.update(engine.global_partials(image, mask, [plan.tiles[i] for i in ids], key=key))
         sums = engine.reduce_partials(partials)
     canvas = Canvas(plan.height, plan.width, plan.tiles)
+    if start is not None:
+        start(canvas)
     for ids in plan.chunks[PASS_MAIN]:
         canvas.add(*_main_chunk(engine, plan, ids, image, mask, sums, key))
         on_chunk(ids)
@@ -466,11 +470,17 @@ def run_worker(
                     failed(p, str(loaded))
                     count(tiles=len(p.tiles))
                 else:
-                    canvas = _whole_image(engine, p, *loaded, key, on_chunk=lambda ids: count(tiles=len(ids)))
+                    # An image of several claims is encoded as its rows become final, behind
+                    # the computing of the rest (Canvas.wait_rows); one claim completes at once.
+                    streaming = len(p.chunks[PASS_MAIN]) > 1
+                    start = (lambda c: writer.submit(p.key, c, 0.0, streaming=True)) if streaming else None
+                    canvas = _whole_image(engine, p, *loaded, key, on_chunk=lambda ids: count(tiles=len(ids)),
+                                          start=start)
                     if engine.uses_global:
                         stats.tiles["global"] += len(p.tiles)
                     stats.tiles["main"] += len(p.tiles)
-                    writer.submit(p.key, canvas, time.perf_counter() - t0)
+                    if not streaming:
+                        writer.submit(p.key, canvas, time.perf_counter() - t0)
             elif task.pass_ == PASS_GLOBAL:
                 error = str(loaded) if isinstance(loaded, Exception) else None
                 if error:
