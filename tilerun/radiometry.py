@@ -171,7 +171,7 @@ def _row_steps(shape) -> int:
 def to_uint8(native: np.ndarray, r: Radiometry) -> tuple[np.ndarray, np.ndarray]:
     """native (h, w) or (h, w, bands), any dtype -> (uint8 (h, w, 3), bool (h, w) known).
 
-    8-bit data with the range 0..255 is copied as it is. Otherwise each value is mapped by
+    8-bit data with the range 0..255 is taken as it is (8-bit RGB: ``native`` itself, not a copy). Otherwise each value is mapped by
     ``round((v - low) * 255 / (high - low))`` (halves up), clipped to 0..255, in float64, value by
     value: a window of an image maps exactly as the same pixels of the whole image do. Missing
     pixels (NaN, inf, nodata in every band) are 0.
@@ -181,6 +181,8 @@ def to_uint8(native: np.ndarray, r: Radiometry) -> tuple[np.ndarray, np.ndarray]
     h, w, k = sel.shape
     out = np.empty((h, w, 3), np.uint8)
     if sel.dtype == np.uint8 and (r.low, r.high) == (0, 255):
+        if sel.shape == native.shape == (h, w, 3) and native.flags.c_contiguous:
+            return native, known  # 8-bit RGB as it is: no copy of a large image
         out[...] = sel  # one band broadcasts to the three channels
         return out, known
     span = r.high - r.low

@@ -113,7 +113,7 @@ _OLD_FORMAT = "tilerun.manifest/1"  # without the code: refused (see the module 
 #: cli, options, progress, report, dist (orchestration and messages), runner (passes the
 #: arrays to the encoders), receptive (its result, the measured halo, is recorded
 #: itself), resume (bookkeeping), preview, inspect, train, masks.
-PIXEL_CODE = ("images.py", "tiff.py", "geometry.py", "engine.py", "channels.py", "scheduler.py", "png.py",
+PIXEL_CODE = ("images.py", "radiometry.py", "tiff.py", "geometry.py", "engine.py", "channels.py", "scheduler.py", "png.py",
               "model/net.py", "model/weights.py", "model/loading.py")
 
 
@@ -238,6 +238,10 @@ def fingerprint(*, model, engine) -> Fingerprint:
         settings["tile"] = engine.tile
     if getattr(engine, "precision", "fp32") != "fp32":  # reduced precision moves more than float ties
         settings["precision"] = engine.precision
+    from .images import radiometry_spec
+
+    if not (spec := radiometry_spec()).is_default:  # --input-range, --bands, --nodata
+        settings["radiometry"] = spec.to_json()
     return Fingerprint(settings)
 
 
