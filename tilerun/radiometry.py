@@ -186,11 +186,11 @@ def to_uint8(native: np.ndarray, r: Radiometry) -> tuple[np.ndarray, np.ndarray]
         out[...] = sel  # one band broadcasts to the three channels
         return out, known
     span = r.high - r.low
-    scale = 255.0 / span if span > 0 else 0.0
     step = _row_steps(sel.shape)
     for y in range(0, h, step):
         v = sel[y : y + step].astype(np.float64)
-        x = (v - r.low) * scale + 0.5 if span > 0 else np.where(v > r.low, 255.0, 0.0)
+        # (v - low) * 255 / span, in this order: exact halves (100 of 0..200 is 127.5, rounded up).
+        x = (v - r.low) * 255.0 / span + 0.5 if span > 0 else np.where(v > r.low, 255.0, 0.0)
         np.clip(x, 0, 255, out=x)
         x[~np.isfinite(x)] = 0
         out[y : y + step] = np.floor(x).astype(np.uint8)
@@ -317,7 +317,7 @@ class Histogram:
         vals = self._low_values(b)
         span = high - low
         if span > 0:
-            lv = np.floor(np.clip((vals - low) * (255.0 / span) + 0.5, 0, 255))
+            lv = np.floor(np.clip((vals - low) * 255.0 / span + 0.5, 0, 255))
         else:
             lv = np.where(vals > low, 255.0, 0.0)
         return len(b), len(np.unique(lv))
