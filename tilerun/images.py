@@ -1,7 +1,9 @@
 """Images in, images out: finding inputs, decoding to uint8 RGB + missing mask, naming and writing outputs.
 
-Decoding is Pillow's, except TIFFs that tifffile reads tile by tile (`tiff`); PNG outputs are
-encoded by `png`, TIFF outputs by tifffile.
+Decoding: TIFFs that tifffile reads tile by tile (`tiff`), 8/16-bit PNGs by imagecodecs, the rest
+by Pillow, each as stored; `radiometry` then makes the model's uint8 RGB (bands, input range,
+nodata: ``--bands``, ``--input-range``, ``--nodata``). PNG outputs are encoded by `png`, TIFF
+outputs by tifffile (with the input's georeferencing, `georef`).
 
 Conventions (docs/formats.md says the same for users):
 

@@ -265,7 +265,7 @@ class Histogram:
             known = known_mask(rows, self.nodata)
             if missing is not None:
                 known &= ~missing[y : y + step]
-            values = rows[known]  # (n, k)
+            values = rows if known.all() else rows[known]  # (.., k): no copy when every pixel counts
             if values.size:
                 self.counts += np.bincount(self._bins(values.ravel()), minlength=len(self.counts))
         return self

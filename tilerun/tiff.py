@@ -1,17 +1,19 @@
-"""TIFF through tifffile (the ``tiff`` extra): inputs decoded tile by tile into uint8 arrays,
-outputs (`run --format tiff`) written as tiled, deflate-compressed TIFFs.
+"""TIFF through tifffile (the ``tiff`` extra): inputs decoded tile by tile as stored (any dtype,
+any number of bands), outputs (`run --format tiff`) written as tiled, deflate-compressed TIFFs.
 
 Pillow holds an RGB image at 4 bytes a pixel and `np.asarray` copies it out: a large
 TIFF costs ~2.3x its uint8 pixels on the way in. tifffile decodes each tile (or strip)
-of the file on a few threads straight into the uint8 RGB array and the missing mask,
-so reading costs the arrays the engine needs and a tile: memory grows with the image
-only through its uint8 pixels (python bench/tiff_memory.py).
+of the file on a few threads straight into the pixel array and the missing mask, so
+reading costs the arrays the engine needs and a tile: memory grows with the image only
+through its pixels (python bench/tiff_memory.py). `radiometry` then maps them to uint8.
 
-Layouts read here: 8- or 16-bit grey or RGB, with or without an alpha channel
-(alpha == 0 is missing, as for every input), pixels interleaved, uncompressed or
-compressed with deflate or PackBits, no orientation tag (or "top-left"). Anything else
-(LZW, JPEG, CMYK, palettes, 1-bit, floats, planar files, rotated ones) goes to Pillow,
-which reads all of them; so does every TIFF when tifffile is not installed.
+Layouts read here: grey or bands (MINISBLACK, 1 or more samples; GDAL's multi-band
+files) or RGB, with or without an alpha sample (extra sample "associated" or
+"unassociated" alpha; alpha == 0 is missing, as for every input), 8 to 64 bits,
+unsigned, signed or float, interleaved or planar, with any compression tifffile (with
+imagecodecs) decodes, no orientation tag (or "top-left"). The file's GDAL_NODATA tag is
+returned as its nodata. Anything else (CMYK, YCbCr, palettes, 1-bit, rotated files) goes
+to Pillow, which reads all of them; so does every TIFF when tifffile is not installed.
 """
 
 from __future__ import annotations
