@@ -194,3 +194,37 @@ def test_a_changed_input_range_is_not_resumed(tmp_path, run_cli):
     again = run_cli(tmp_path / "in", tmp_path / "out", "--input-range", "10,200")
     assert again.exit_code == 2, again.output  # other settings: refused, naming them
     assert "radiometry" in again.output
+
+
+def test_two_processes_give_one_process_bytes_ranges_and_warnings(tmp_path):
+    """Real torchrun, 2 processes (the shipped model): the same auto ranges and output bytes as one
+    process, whichever rank decoded an image; its radiometry and warnings reach rank 0's report."""
+    import subprocess
+    import sys
+
+    from test_dist import _env
+
+    u8 = _scene(4)
+    (tmp_path / "in").mkdir()
+    four = np.concatenate([u8.transpose(2, 0, 1).astype(np.uint16) * 16 + 7,
+                           np.full((1, H, W), 1000, np.uint16)])
+    _write_geotiff(tmp_path / "in" / "four.tif", four, transform=from_origin(500000, 4200000, 10, 10))
+    _write_geotiff(tmp_path / "in" / "dem.tif", u8[None, :, :, 0].astype(np.float32) * 3.3 - 50,
+                   transform=from_origin(500000, 4200000, 10, 10), nodata=-9999)
+    outs = {}
+    for nproc in (None, 2):
+        out = tmp_path / f"out-{nproc}"
+        launch = ([sys.executable, "-m", "tilerun"] if nproc is None else
+                  [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                   "-m", "tilerun"])
+        r = subprocess.run([*launch, "run", str(tmp_path / "in"), str(out), "--tile", "64", "--format", "tiff"],
+                           capture_output=True, text=True, timeout=300, env=_env())
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.count("four.tif: 4 bands: using bands 1,2,3") == 1, r.stderr
+        outs[nproc] = out
+    for name in ("four.pred.tif", "four.inpainted.tif", "dem.pred.tif", "dem.inpainted.tif"):
+        assert (outs[None] / name).read_bytes() == (outs[2] / name).read_bytes(), name
+    one, two = _report(outs[None]), _report(outs[2])
+    for name in ("four.tif", "dem.tif"):
+        assert two[name]["radiometry"] == one[name]["radiometry"] and one[name]["radiometry"]["range"]
+    assert one["four.tif"]["radiometry"]["range"] == [7, 4087]
