@@ -283,7 +283,10 @@ def _to_model(native: _Native, *, extra_missing: np.ndarray | None = None,
     except ValueError as e:  # --bands asks for a band the image lacks
         raise InputImageError(str(e)) from e
     rgb, known = to_uint8(native.pixels, r)
-    missing = ~known if missing is None else missing | ~known
+    if known.strides == (0, 0):  # every pixel known (`radiometry.known_mask`): no h x w pass
+        missing = np.zeros(known.shape, bool) if missing is None else missing
+    else:
+        missing = ~known if missing is None else missing | ~known
     return np.ascontiguousarray(rgb), missing, note
 
 

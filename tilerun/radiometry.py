@@ -146,13 +146,15 @@ def select_bands(native: np.ndarray, bands: tuple[int, ...] | None) -> np.ndarra
 
 def known_mask(selected: np.ndarray, nodata: float | None) -> np.ndarray:
     """bool (h, w) of a (h, w, k) array: every band finite, and not every band equal to ``nodata``
-    (cast to the dtype, as GDAL does; a nodata the dtype cannot hold marks nothing)."""
-    known = np.ones(selected.shape[:2], bool)
+    (cast to the dtype, as GDAL does; a nodata the dtype cannot hold marks nothing). Integers
+    without a nodata are all known: a read-only view then (stride 0), no h x w array."""
+    known = None
     if selected.dtype.kind == "f":
-        known &= np.isfinite(selected).all(axis=2)
+        known = np.isfinite(selected).all(axis=2)
     if nodata is not None and not math.isnan(nodata) and _representable(selected.dtype, nodata):
-        known &= ~(selected == selected.dtype.type(nodata)).all(axis=2)
-    return known
+        not_nodata = ~(selected == selected.dtype.type(nodata)).all(axis=2)
+        known = not_nodata if known is None else known & not_nodata
+    return np.broadcast_to(np.True_, selected.shape[:2]) if known is None else known
 
 
 def _representable(dtype: np.dtype, value: float) -> bool:
@@ -174,7 +176,8 @@ def to_uint8(native: np.ndarray, r: Radiometry) -> tuple[np.ndarray, np.ndarray]
     8-bit data with the range 0..255 is taken as it is (8-bit RGB: ``native`` itself, not a copy). Otherwise each value is mapped by
     ``round((v - low) * 255 / (high - low))`` (halves up), clipped to 0..255, in float64, value by
     value: a window of an image maps exactly as the same pixels of the whole image do. Missing
-    pixels (NaN, inf, nodata in every band) are 0.
+    pixels (NaN, inf, nodata in every band) are 0. ``known`` is read-only when every pixel is
+    known by construction (`known_mask`).
     """
     sel = select_bands(native, r.bands)
     known = known_mask(sel, r.nodata)
@@ -264,7 +267,7 @@ class Histogram:
             rows = sel[y : y + step]
             known = known_mask(rows, self.nodata)
             if missing is not None:
-                known &= ~missing[y : y + step]
+                known = known & ~missing[y : y + step]
             values = rows if known.all() else rows[known]  # (.., k): no copy when every pixel counts
             if values.size:
                 self.counts += np.bincount(self._bins(values.ravel()), minlength=len(self.counts))
