@@ -145,8 +145,8 @@ def main(ctx: click.Context) -> None:
 @o.verbose_opt
 @o.quiet_opt
 def run(input_path, output, model_path, tile, halo, batch_size, precision, feature_cache_mib, device, backend,
-        mask_dir, max_pixels, input_range, bands, nodata, fmt, overwrite, verify_inputs, stall_timeout, preview, shared_output, strict, verbose,
-        quiet):
+        mask_dir, max_pixels, input_range, bands, nodata, fmt, overwrite, verify_inputs, stall_timeout, preview,
+        shared_output, strict, verbose, quiet):
     """Run the model over INPUT (an image or a folder, recursive) into the folder OUTPUT.
 
     For a/b/NAME.ext writes OUTPUT/a/b/NAME.pred.png (class map, palette PNG) and

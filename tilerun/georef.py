@@ -54,7 +54,7 @@ def read_georef(path: str | Path) -> tuple[tuple, ...]:
                 if dtype == "s":
                     out.append((code, "s", 0, str(value), True))
                 else:
-                    values = tuple(value) if isinstance(value, (tuple, list)) else tuple(getattr(value, "flat", [value]))
+                    values = tuple(getattr(value, "flat", value)) if hasattr(value, "__iter__") else (value,)
                     out.append((code, dtype, len(values), values, True))
             return tuple(out)
     except (tifffile.TiffFileError, ValueError, TypeError, OSError, KeyError):

@@ -173,7 +173,8 @@ def _row_steps(shape) -> int:
 def to_uint8(native: np.ndarray, r: Radiometry) -> tuple[np.ndarray, np.ndarray]:
     """native (h, w) or (h, w, bands), any dtype -> (uint8 (h, w, 3), bool (h, w) known).
 
-    8-bit data with the range 0..255 is taken as it is (8-bit RGB: ``native`` itself, not a copy). Otherwise each value is mapped by
+    8-bit data with the range 0..255 is taken as it is (8-bit RGB: ``native`` itself, not a copy).
+    Otherwise each value is mapped by
     ``round((v - low) * 255 / (high - low))`` (halves up), clipped to 0..255, in float64, value by
     value: a window of an image maps exactly as the same pixels of the whole image do. Missing
     pixels (NaN, inf, nodata in every band) are 0. ``known`` is read-only when every pixel is

@@ -32,7 +32,8 @@ try:
 except ImportError:  # the optional extra: pip install tilerun[tiff]
     tifffile = None
 
-__all__ = ["TIFF_EXTENSIONS", "NotForTifffile", "TiffPixels", "tiff_size", "read_tiff", "file_nodata", "write_tiff", "TILE"]
+__all__ = ["TIFF_EXTENSIONS", "NotForTifffile", "TiffPixels", "tiff_size", "read_tiff", "file_nodata", "write_tiff",
+           "TILE"]
 
 TIFF_EXTENSIONS = (".tif", ".tiff")
 #: Threads decoding one file's tiles (zlib lets go of the GIL).
