@@ -156,10 +156,22 @@ CASES = [case_rgb, case_l, case_la, case_rgba, case_p, case_p_transparency, case
          case_i16_colour_key, case_i32, case_f, case_cmyk, case_1bit, case_bmp, case_webp_lossless, case_one_pixel]
 
 
+FIXED_RANGES = {"i16": (0, 65535), "i16_colour_key": (0, 65535), "i32": (0, 65535), "f": (0, 1)}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__[5:] for c in CASES])
 def test_every_mode_decodes_to_rgb_and_mask(tmp_path, case):
+    from tilerun.images import set_radiometry
+    from tilerun.radiometry import RadiometrySpec
+
     path, want_rgb, want_mask = case(tmp_path)
-    rgb, mask = load_image(item(path))
+    # 16/32-bit and float data by a fixed --input-range here (auto: tests/test_radiometry.py).
+    fixed = FIXED_RANGES.get(case.__name__[5:])
+    set_radiometry(RadiometrySpec(input_range=fixed))
+    try:
+        rgb, mask = load_image(item(path))
+    finally:
+        set_radiometry(RadiometrySpec())
     assert rgb.dtype == np.uint8 and rgb.shape == want_rgb.shape and rgb.flags.c_contiguous
     np.testing.assert_array_equal(rgb, want_rgb)
     np.testing.assert_array_equal(mask, want_mask)

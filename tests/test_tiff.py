@@ -80,22 +80,36 @@ def test_tiffs_that_pillow_wrote(tmp_path, monkeypatch, compression):
 
 
 def test_sixteen_bit_rgb_rounds_like_the_grey_path(tmp_path):
-    """Pillow reads 16-bit RGB TIFFs as 8-bit by itself; ours rounds v * 255 / 65535 like 16-bit grey."""
+    """Pillow reads 16-bit RGB TIFFs as 8-bit by itself; ours keeps 16 bits: with --input-range 0,65535
+    a value v is round(v * 255 / 65535), as for 16-bit grey."""
+    from tilerun.images import set_radiometry
+    from tilerun.radiometry import RadiometrySpec
+
     data = np.array([[[0, 128, 129], [65535, 385, 386]]], np.uint16)
     path = tmp_path / "rgb16.tif"
     tifffile.imwrite(path, data, photometric="rgb", tile=(16, 16))
-    rgb, _ = load_image(_item(path))
+    set_radiometry(RadiometrySpec(input_range=(0, 65535)))
+    try:
+        rgb, _ = load_image(_item(path))
+    finally:
+        set_radiometry(RadiometrySpec())
     np.testing.assert_array_equal(rgb, np.round(data * (255 / 65535)).astype(np.uint8))
 
 
-@pytest.mark.parametrize("kind", ["lzw", "orientation", "cmyk"])
+def test_lzw_through_imagecodecs_gives_pillows_pixels(tmp_path, monkeypatch):
+    data = _pixels((20, 30, 3), np.uint8)
+    Image.fromarray(data).save(tmp_path / "lzw.tif", compression="tiff_lzw")
+    with tifffile.TiffFile(tmp_path / "lzw.tif") as tif:
+        tilerun.tiff._page(tif)  # ours to read: tifffile decodes LZW with imagecodecs
+    np.testing.assert_array_equal(load_image(_item(tmp_path / "lzw.tif"))[0], data)
+    np.testing.assert_array_equal(_pillow_load(tmp_path / "lzw.tif", monkeypatch)[0], data)
+
+
+@pytest.mark.parametrize("kind", ["orientation", "cmyk"])
 def test_other_tiffs_go_to_pillow(tmp_path, monkeypatch, kind):
     data = _pixels((20, 30, 3), np.uint8)
     path = tmp_path / f"{kind}.tif"
-    if kind == "lzw":  # needs imagecodecs in tifffile; Pillow has it
-        Image.fromarray(data).save(path, compression="tiff_lzw")
-        shape = (20, 30)
-    elif kind == "orientation":  # 6: rotated 90 degrees; Pillow applies it
+    if kind == "orientation":  # 6: rotated 90 degrees; Pillow applies it
         tifffile.imwrite(path, data, photometric="rgb", extratags=[(274, "H", 1, 6, True)])
         shape = (30, 20)
     else:

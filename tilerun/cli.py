@@ -128,6 +128,9 @@ def main(ctx: click.Context) -> None:
 @click.option("--mask-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of sidecar masks NAME.mask.png at the inputs' relative paths (nonzero = missing).")
 @o.max_pixels_opt
+@o.input_range_opt
+@o.bands_opt
+@o.nodata_opt
 @o.format_opt
 @o.overwrite_opt
 @o.verify_inputs_opt
@@ -142,8 +145,8 @@ def main(ctx: click.Context) -> None:
 @o.verbose_opt
 @o.quiet_opt
 def run(input_path, output, model_path, tile, halo, batch_size, precision, feature_cache_mib, device, backend,
-        mask_dir, max_pixels, fmt, overwrite, verify_inputs, stall_timeout, preview, shared_output, strict, verbose,
-        quiet):
+        mask_dir, max_pixels, input_range, bands, nodata, fmt, overwrite, verify_inputs, stall_timeout, preview,
+        shared_output, strict, verbose, quiet):
     """Run the model over INPUT (an image or a folder, recursive) into the folder OUTPUT.
 
     For a/b/NAME.ext writes OUTPUT/a/b/NAME.pred.png (class map, palette PNG) and
@@ -172,11 +175,13 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, featu
                 raise click.UsageError("--format tiff needs tifffile: pip install tilerun[tiff] (or use --format png)")
         if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
             logging.getLogger("tilerun").setLevel(logging.ERROR)  # other ranks print nothing but errors
-        from .images import set_max_pixels
+        from .images import set_max_pixels, set_radiometry
+        from .radiometry import RadiometrySpec
         from .report import summary_line
 
         if max_pixels is not None:
             set_max_pixels(None if max_pixels == 0 else max_pixels)
+        set_radiometry(RadiometrySpec(input_range=input_range, bands=bands, nodata=nodata))
         with _error_boundary(verbose):
             try:
                 with session(backend=backend, device=device, stall=stall_timeout) as ctx:

@@ -1,7 +1,9 @@
 """Images in, images out: finding inputs, decoding to uint8 RGB + missing mask, naming and writing outputs.
 
-Decoding is Pillow's, except TIFFs that tifffile reads tile by tile (`tiff`); PNG outputs are
-encoded by `png`, TIFF outputs by tifffile.
+Decoding: TIFFs that tifffile reads tile by tile (`tiff`), 8/16-bit PNGs by imagecodecs, the rest
+by Pillow, each as stored; `radiometry` then makes the model's uint8 RGB (bands, input range,
+nodata: ``--bands``, ``--input-range``, ``--nodata``). PNG outputs are encoded by `png`, TIFF
+outputs by tifffile (with the input's georeferencing, `georef`).
 
 Conventions (docs/formats.md says the same for users):
 
@@ -47,8 +49,14 @@ from typing import BinaryIO, Callable, Iterable
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+try:  # a dependency; the guard keeps Pillow's path for an install without it
+    import imagecodecs
+except ImportError:
+    imagecodecs = None
+
 from .errors import InputImageError, too_many_pixels
 from .png import write_png
+from .radiometry import RadiometrySpec, resolve, to_uint8
 from .tiff import TIFF_EXTENSIONS, NotForTifffile, read_tiff, tiff_size, write_tiff
 
 __all__ = [
@@ -64,6 +72,9 @@ __all__ = [
     "sidecar_mask_path",
     "to_rgb_and_alpha_mask",
     "set_max_pixels",
+    "set_radiometry",
+    "radiometry_spec",
+    "radiometry_note",
     "read_output_text",
     "OUTPUT_FORMATS",
     "output_suffixes",
@@ -193,18 +204,38 @@ def set_max_pixels(max_pixels: int | None) -> None:
     Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
-    """Single-channel 16/32-bit integer or float data to 8 bits, by the mode's nominal range.
+_SPEC = RadiometrySpec()
+_NOTES: dict[str, dict] = {}  # str(path) -> the radiometry this process used for it (`radiometry_note`)
+_NOTES_LOCK = threading.Lock()
 
-    Fixed ranges, not per-image stretching, so that every frame of one sensor maps alike:
-    I;16 and I (Pillow's mode for 16-bit data from PNG and TIFF) span 0..65535, F spans 0..1.
-    """
-    if arr.dtype.kind == "f":
-        arr = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
-        return (np.clip(arr, 0, 1) * 255).round().astype(np.uint8)
-    if arr.dtype.kind in "ui":
-        return (np.clip(arr.astype(np.float64), 0, 65535) * (255 / 65535)).round().astype(np.uint8)
-    raise InputImageError(f"unsupported pixel type {arr.dtype} (mode {mode})")
+
+def set_radiometry(spec: RadiometrySpec) -> None:
+    """``--input-range``, ``--bands``, ``--nodata`` for every image this process decodes
+    (`load_image`); `radiometry.RadiometrySpec()`: the defaults (auto, default bands, the file's nodata)."""
+    global _SPEC
+    _SPEC = spec
+
+
+def radiometry_spec() -> RadiometrySpec:
+    return _SPEC
+
+
+def radiometry_note(path: str | os.PathLike, *, forget: bool = False) -> dict | None:
+    """How this process mapped ``path``'s pixels the last time it decoded it (`radiometry.finish`'s
+    note: dtype, bands, range, nodata, warnings); None if it has not decoded it. ``forget``: drop
+    it (the report has taken it), so that a job over many images keeps none of them."""
+    with _NOTES_LOCK:
+        return _NOTES.pop(str(path), None) if forget else _NOTES.get(str(path))
+
+
+@dataclass
+class _Native:
+    """An image's pixels as stored (after EXIF orientation): (h, w) or (h, w, bands) of any dtype,
+    alpha taken out; ``missing`` where alpha == 0 (None: no alpha); the file's own nodata."""
+
+    pixels: np.ndarray
+    missing: np.ndarray | None = None
+    nodata: float | None = None
 
 
 def _upright(im: Image.Image) -> Image.Image:
@@ -215,8 +246,9 @@ def _upright(im: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(im)
 
 
-def to_rgb_and_alpha_mask(im: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """Any Pillow mode -> (uint8 HxWx3, bool HxW where alpha == 0); EXIF orientation applied."""
+def _native_pillow(im: Image.Image) -> _Native:
+    """Any Pillow mode -> its pixels: 8-bit modes as uint8 RGB (Pillow's own conversion), 16/32-bit
+    integer and float modes (I;16, I, F) as their grey values; EXIF orientation applied."""
     im = _upright(im)
     if "transparency" in im.info and im.mode in ("1", "L", "P", "RGB"):
         # Palette transparency and colour-key (tRNS) transparency become an alpha channel.
@@ -227,17 +259,42 @@ def to_rgb_and_alpha_mask(im: Image.Image) -> tuple[np.ndarray, np.ndarray]:
         im = im.convert("RGB") if im.mode != "LA" else im.convert("L")
     if im.mode.startswith(("I", "F")):
         raw = np.asarray(im)
+        raw = raw.astype(raw.dtype.newbyteorder("="), copy=False)  # I;16B
         key = im.info.get("transparency")
         if isinstance(key, int):  # a 16-bit grey PNG's colour key, compared before scaling to 8 bits
             alpha = np.where(raw == key, 0, 255).astype(np.uint8)
-        gray = _to_uint8(raw, im.mode)
-        rgb = np.repeat(gray[..., None], 3, axis=2)
+        pixels = raw
     else:
         # 1, L, P, CMYK, YCbCr, LAB, HSV: Pillow's own conversion is the sensible one (RGB as it
         # is: convert would copy it).
-        rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-    mask = np.zeros(rgb.shape[:2], bool) if alpha is None else alpha == 0
-    return np.ascontiguousarray(rgb), mask
+        pixels = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    return _Native(pixels, None if alpha is None else alpha == 0)
+
+
+def _to_model(native: _Native, *, extra_missing: np.ndarray | None = None,
+              spec: RadiometrySpec | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(uint8 HxWx3, bool HxW missing, the radiometry note) of decoded pixels, by ``spec`` (default:
+    `set_radiometry`'s). The auto range counts the pixels known in the file and not in ``extra_missing``."""
+    missing = native.missing
+    if extra_missing is not None:
+        missing = extra_missing if missing is None else missing | extra_missing
+    try:
+        r, note = resolve(spec or _SPEC, native.pixels, missing=missing, file_nodata=native.nodata)
+    except ValueError as e:  # --bands asks for a band the image lacks
+        raise InputImageError(str(e)) from e
+    rgb, known = to_uint8(native.pixels, r)
+    if known.strides == (0, 0):  # every pixel known (`radiometry.known_mask`): no h x w pass
+        missing = np.zeros(known.shape, bool) if missing is None else missing
+    else:
+        missing = ~known if missing is None else missing | ~known
+    return np.ascontiguousarray(rgb), missing, note
+
+
+def to_rgb_and_alpha_mask(im: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Any Pillow mode -> (uint8 HxWx3, bool HxW missing: alpha == 0, NaN, nodata); EXIF orientation
+    applied, radiometry by `set_radiometry`."""
+    rgb, missing, _ = _to_model(_native_pillow(im))
+    return rgb, missing
 
 
 def _describe_unreadable(path: Path) -> str | None:
@@ -309,13 +366,71 @@ def image_size(item: InputItem) -> tuple[int, int]:
     return _decode(item.path, _displayed_size, load=False)
 
 
-def _pixels(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _png_header(path: Path) -> tuple[int, int, int, int, set[bytes]] | None:
+    """(height, width, bit depth, colour type, chunk types before the image data) of a PNG; None if not one."""
+    chunks = set()
+    with open(path, "rb") as f:
+        if f.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        head = None
+        while True:
+            hdr = f.read(8)
+            if len(hdr) < 8:
+                return None
+            size, kind = int.from_bytes(hdr[:4], "big"), hdr[4:]
+            if kind == b"IHDR":
+                head = f.read(size)
+                f.seek(4, os.SEEK_CUR)
+            elif kind == b"IDAT":
+                break
+            else:
+                chunks.add(kind)
+                f.seek(size + 4, os.SEEK_CUR)
+    if head is None or len(head) < 13:
+        return None
+    return int.from_bytes(head[4:8], "big"), int.from_bytes(head[0:4], "big"), head[8], head[9], chunks
+
+
+def _read_png(path: Path) -> _Native | None:
+    """A grey, grey+alpha, RGB or RGBA PNG of 8 or 16 bits by imagecodecs (libpng/libspng): all
+    16 bits kept (Pillow truncates 16-bit RGB to 8), and faster. None: Pillow's (palettes,
+    transparency keys, EXIF orientation, animation, fewer bits, a broken file: Pillow names why)."""
+    if imagecodecs is None:
+        return None
+    try:
+        header = _png_header(path)
+    except OSError:
+        return None
+    if header is None:
+        return None
+    h, w, depth, colour, chunks = header
+    if depth not in (8, 16) or colour not in (0, 2, 4, 6) or chunks & {b"tRNS", b"eXIf", b"acTL"}:
+        return None
+    if Image.MAX_IMAGE_PIXELS is not None and h * w > Image.MAX_IMAGE_PIXELS:
+        raise too_many_pixels(f"{h * w:,} pixels", Image.MAX_IMAGE_PIXELS)
+    try:
+        arr = imagecodecs.png_decode(path.read_bytes())
+    except Exception:  # imagecodecs' PngError and friends: Pillow's path says what is wrong
+        return None
+    if arr.shape[:2] != (h, w):
+        return None
+    if colour in (4, 6):  # grey + alpha, RGBA
+        return _Native(arr[..., :-1], arr[..., -1] == 0)
+    return _Native(arr)
+
+
+def _pixels(path: Path) -> _Native:
     if _tifffile_reads(path):
         try:
-            return read_tiff(path, max_pixels=Image.MAX_IMAGE_PIXELS)
+            t = read_tiff(path, max_pixels=Image.MAX_IMAGE_PIXELS)
+            return _Native(t.pixels, t.missing, t.nodata)
         except NotForTifffile:
             pass
-    return _decode(path, to_rgb_and_alpha_mask)
+    if path.suffix.lower() == ".png" and _describe_unreadable(path) is None:
+        native = _read_png(path)
+        if native is not None:
+            return native
+    return _decode(path, _native_pillow)
 
 
 def sidecar_mask_path(item: InputItem, mask_dir: str | os.PathLike | None) -> Path | None:
@@ -365,13 +480,17 @@ def load_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
 def load_image(item: InputItem, *, mask_dir: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 HxWx3, bool HxW missing) for one input, or InputImageError with the reason.
 
-    TIFFs go through tifffile when it is installed and reads their layout (`tiff.read_tiff`:
-    tile by tile, no copy beside the uint8 array); everything else through Pillow.
+    Decoded as stored (TIFFs by tifffile when it reads their layout, `tiff.read_tiff`; 8/16-bit
+    PNGs by imagecodecs; the rest by Pillow), then mapped to uint8 by the radiometry of
+    `set_radiometry` (`radiometry`: bands, input range, nodata). Missing: alpha == 0, NaN,
+    nodata, and the sidecar mask. The note of what was used is kept (`radiometry_note`).
     """
-    rgb, mask = _pixels(item.path)
+    native = _pixels(item.path)
     side = sidecar_mask_path(item, mask_dir)
-    if side is not None:
-        mask = mask | load_mask(side, rgb.shape[:2])
+    extra = load_mask(side, native.pixels.shape[:2]) if side is not None else None
+    rgb, mask, note = _to_model(native, extra_missing=extra)
+    with _NOTES_LOCK:
+        _NOTES[str(item.path)] = note
     return rgb, mask
 
 
@@ -476,11 +595,14 @@ def write_tiff_atomic(
     palette: list[tuple[int, int, int]] | None = None,
     text: dict[str, str] | None = None,
     threads: int = 1,
+    extratags: tuple = (),
 ) -> None:
     """Write ``pixels`` as a tiled TIFF (`tiff.write_tiff`), atomically (`_write_atomic`).
-    ``text``: a JSON object in the ImageDescription tag (`read_output_text` reads it back)."""
+    ``text``: a JSON object in the ImageDescription tag (`read_output_text` reads it back);
+    ``extratags``: more tags (georeferencing, nodata)."""
     _write_atomic(path, lambda f: write_tiff(f, pixels, palette=palette,
-                                             description=json.dumps(text or {}, sort_keys=True), threads=threads))
+                                             description=json.dumps(text or {}, sort_keys=True), threads=threads,
+                                             extratags=extratags))
 
 
 def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:

@@ -146,3 +146,42 @@ stall_timeout_opt = click.option(
     help="Seconds a process may show no sign of life (its heartbeat) before the job stops, naming it and the "
     "work it holds. Long work is never cut short: a live process beats while it computes. [default: 600]",
 )
+
+
+def _radiometry_parser(parse):
+    def callback(ctx, param, value):
+        if value is None:
+            return None
+        from . import radiometry
+
+        try:
+            return getattr(radiometry, parse)(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e), ctx, param) from None
+
+    return callback
+
+
+input_range_opt = click.option(
+    "--input-range",
+    default="auto",
+    show_default=True,
+    callback=_radiometry_parser("parse_input_range"),
+    help="Values mapped to the model's 0..255: auto (8-bit as it is; 16-bit, float and other data between "
+    "the 0.5th and 99.5th percentiles of each image's known values) or MIN,MAX (e.g. 0,4095), one range "
+    "over the bands used. The report records each image's range.",
+)
+bands_opt = click.option(
+    "--bands",
+    default=None,
+    callback=_radiometry_parser("parse_bands"),
+    help="Bands as R,G,B (e.g. 4,3,2) or one band as grey (e.g. 1), numbered from 1 as in GDAL. "
+    "Default: 1,2,3 (grey for one band); unused bands are warned about.",
+)
+nodata_opt = click.option(
+    "--nodata",
+    type=float,
+    default=None,
+    help="A value that marks missing pixels (in every band used), like alpha = 0. Default: the file's own "
+    "(GDAL_NODATA). NaN is always missing.",
+)

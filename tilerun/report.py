@@ -21,7 +21,9 @@ __all__ = ["REPORT_NAME", "REPORT_FIELDS", "STATUSES", "write_report", "summary_
 
 REPORT_NAME = "tilerun-report.json"
 # Per input; `outputs` relative to OUTPUT, `size` [width, height], `seconds` spent on it in this run.
-REPORT_FIELDS = ("input", "status", "outputs", "size", "tiles", "seconds", "error")
+# `radiometry`: how its pixels became the model's uint8 (dtype, bands used of band_count, range and where
+# it came from, nodata, warnings); None for inputs not decoded in this run.
+REPORT_FIELDS = ("input", "status", "outputs", "size", "tiles", "seconds", "error", "radiometry")
 STATUSES = ("ok", "failed", "skipped", "interrupted")
 _FORMAT = "tilerun.report/1"
 

@@ -107,14 +107,14 @@ _FORMAT = "tilerun.manifest/2"
 _OLD_FORMAT = "tilerun.manifest/1"  # without the code: refused (see the module docstring)
 
 #: tilerun's modules on the path from input file to output bytes, whose source the
-#: fingerprint holds: decoding (images, tiff), tiling and the forward (geometry, engine,
+#: fingerprint holds: decoding (images, radiometry, tiff), tiling and the forward (geometry, engine,
 #: channels' argmax), the global sums and stitching (scheduler), TileNet and its weights'
-#: loading and the foreign-model wrappers (model/), and the encoders (png, tiff). Not:
+#: loading and the foreign-model wrappers (model/), and the encoders (png, tiff; georef's tags). Not:
 #: cli, options, progress, report, dist (orchestration and messages), runner (passes the
 #: arrays to the encoders), receptive (its result, the measured halo, is recorded
 #: itself), resume (bookkeeping), preview, inspect, train, masks.
-PIXEL_CODE = ("images.py", "tiff.py", "geometry.py", "engine.py", "channels.py", "scheduler.py", "png.py",
-              "model/net.py", "model/weights.py", "model/loading.py")
+PIXEL_CODE = ("images.py", "radiometry.py", "tiff.py", "geometry.py", "engine.py", "channels.py", "scheduler.py",
+              "png.py", "georef.py", "model/net.py", "model/weights.py", "model/loading.py")
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
@@ -238,6 +238,10 @@ def fingerprint(*, model, engine) -> Fingerprint:
         settings["tile"] = engine.tile
     if getattr(engine, "precision", "fp32") != "fp32":  # reduced precision moves more than float ties
         settings["precision"] = engine.precision
+    from .images import radiometry_spec
+
+    if not (spec := radiometry_spec()).is_default:  # --input-range, --bands, --nodata
+        settings["radiometry"] = spec.to_json()
     return Fingerprint(settings)
 
 

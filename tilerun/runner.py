@@ -25,6 +25,7 @@ import torch
 from . import assemble
 from .engine import Engine
 from .errors import Interrupted
+from .georef import nodata_tag, read_georef
 from .images import InputItem, plan_outputs, write_png_atomic, write_tiff_atomic
 from .owners import assign
 from .report import REPORT_NAME
@@ -36,6 +37,9 @@ __all__ = ["FileResult", "JobSummary", "run_job", "write_outputs"]
 
 log = logging.getLogger("tilerun")
 
+#: The nodata value a TIFF class map declares (GDAL_NODATA), outside the classes (at most 255 of them).
+CLASS_NODATA = 255
+
 
 @dataclass
 class FileResult:
@@ -46,6 +50,7 @@ class FileResult:
     tiles: int = 0
     seconds: float = 0.0
     error: str | None = None
+    radiometry: dict | None = None  # how its pixels became uint8 (`radiometry.finish`'s note)
 
 
 @dataclass
@@ -69,7 +74,7 @@ class JobSummary:
 
 def write_outputs(
     paths: dict[str, Path], classes: np.ndarray | None, rgb: np.ndarray | None, palette, *, text_for=None, pool=None,
-    threads: int = 1, ready: Callable[[int], None] | None = None,
+    threads: int = 1, georef: tuple = (), ready: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Write the outputs there are, atomically, as PNG or tiled TIFF by the paths' suffixes.
     ``text_for(kinds)``: text entries for them (`resume.OutputPlan.output_text`: the resume
@@ -81,7 +86,9 @@ def write_outputs(
     (the class map on a thread of its own); a TIFF waits for the whole image.
 
     The class map is a palette image: the pixel is the class index, the palette colours it
-    (no palette: every entry black; the indices are the data)."""
+    (no palette: every entry black; the indices are the data). A TIFF carries ``georef`` (the
+    input's GeoTIFF tags, `georef.read_georef`), and a TIFF class map the nodata value
+    `CLASS_NODATA` when the palette leaves it free."""
     kinds = [k for k, a in (("pred", classes), ("inpainted", rgb)) if a is not None]
     text = text_for(kinds) if text_for else None
 
@@ -90,7 +97,8 @@ def write_outputs(
         if path.suffix == ".tif":
             if ready is not None:
                 ready(pixels.shape[0])
-            write_tiff_atomic(pixels, path, palette=pal, text=text, threads=threads)
+            tags = georef + ((nodata_tag(CLASS_NODATA),) if kind == "pred" and len(pal) <= CLASS_NODATA else ())
+            write_tiff_atomic(pixels, path, palette=pal, text=text, threads=threads, extratags=tags)
         else:
             write_png_atomic(pixels, path, palette=pal, text=text, pool=pool, ready=ready)
         return str(path)
@@ -192,7 +200,8 @@ def _run_job(ctx, engine, items, out_dir, *, mask_dir, palette, on_tiles, overwr
     def write(key, classes, rgb, strips, ready=None):
         item = by_key[key]
         return write_outputs(out_plan.outputs(item), classes, rgb, palette, pool=strips, threads=encoders,
-                             text_for=lambda kinds: out_plan.output_text(item, kinds), ready=ready)
+                             text_for=lambda kinds: out_plan.output_text(item, kinds), ready=ready,
+                             georef=read_georef(item.path) if fmt == "tiff" else ())
 
     try:
         results, stats = run_worker(ctx, engine, plans, own, write=write, io=io, kept=kept, mask_dir=mask_dir,
@@ -214,7 +223,7 @@ def _run_job(ctx, engine, items, out_dir, *, mask_dir, palette, on_tiles, overwr
 def _result(d: dict) -> FileResult:
     size = d.get("size")
     return FileResult(d["input"], d["status"], d.get("outputs") or [], tuple(size) if size else None,
-                      d.get("tiles", 0), d.get("seconds", 0.0), d.get("error"))
+                      d.get("tiles", 0), d.get("seconds", 0.0), d.get("error"), d.get("radiometry"))
 
 
 def _spread_io(ctx, plans, own, out_dir, fp, identities, shared_output):
@@ -268,6 +277,9 @@ def _record(items, out_dir, out_plan, fp, results, t0, stats, *, interrupted: in
     else:
         ordered = [by_key[it.key] for it in items if it.key in by_key]
     summary = JobSummary(ordered, time.perf_counter() - t0, stats)
+    for f in summary.files:  # whichever process decoded an image, its radiometry warnings show here
+        for warning in (f.radiometry or {}).get("warnings", ()):
+            log.warning("%s: %s", f.input, warning)
     write_report(out_dir, summary.files, seconds=summary.seconds, settings=dict(fp.settings), ranks=stats,
                  interrupted=signal.Signals(interrupted).name if interrupted else None)
     return summary

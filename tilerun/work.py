@@ -46,7 +46,7 @@ from . import assemble
 from .assemble import Canvas, OutputWriter
 from .errors import InputImageError, Interrupted
 from .decoded import NodeDecodes, remove_stale
-from .images import load_image
+from .images import load_image, radiometry_note
 from .owners import Ownership
 from .parts import PartStore
 from .transport import PointToPoint, pack, unpack
@@ -336,7 +336,8 @@ def _decided(plans, written: tuple) -> dict:
     key, outputs, error, seconds = written
     p = next(q for q in plans if q.key == key)
     return {"input": key, "status": "failed" if error else "ok", "outputs": outputs or [],
-            "size": [p.width, p.height], "tiles": len(p.tiles), "seconds": seconds, "error": error}
+            "size": [p.width, p.height], "tiles": len(p.tiles), "seconds": seconds, "error": error,
+            "radiometry": radiometry_note(p.item.path, forget=True)}
 
 
 def _error_header(plan, pass_: int, chunk: int, error: str) -> dict:
