@@ -37,12 +37,13 @@ def test_the_second_process_maps_the_first_ones_decode(tmp_path):
         return image.copy(), mask.copy()
 
     first, second = _node(tmp_path), _node(tmp_path)
-    got = {}
-    t = threading.Thread(target=lambda: got.update(second=second.load(store, 3, "a.png", decode)))
-    got["first"] = first.load(store, 3, "a.png", decode)
+    got, notes = {}, []
+    t = threading.Thread(target=lambda: got.update(second=second.load(store, 3, "a.png", decode, adopt=notes.append)))
+    got["first"] = first.load(store, 3, "a.png", decode, note=lambda: {"range": [0, 4095]})
     t.start()
     t.join(10)
     assert len(calls) == 1 and second.shared == 1
+    assert notes == [{"range": [0, 4095]}]  # what the decode recorded (its radiometry) travels with it
     for img, msk in got.values():
         assert np.array_equal(img, image) and np.array_equal(msk, mask)
         assert isinstance(img, np.memmap) and not img.flags.writeable

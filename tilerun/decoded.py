@@ -94,10 +94,13 @@ class NodeDecodes:
     def _key(self, image: int) -> str:
         return f"decoded/{self.host}/{image}"
 
-    def load(self, store, image: int, name: str, decode: Callable[[], tuple[np.ndarray, np.ndarray]]
+    def load(self, store, image: int, name: str, decode: Callable[[], tuple[np.ndarray, np.ndarray]], *,
+             note: Callable[[], dict | None] = lambda: None, adopt: Callable[[dict | None], None] = lambda n: None,
              ) -> tuple[np.ndarray, np.ndarray]:
         """Image ``image``'s (pixels, mask): decoded here and shared, or mapped from the node's
-        decoder. ``decode()`` reads the file (raises `InputImageError`); ``name`` is for messages."""
+        decoder. ``decode()`` reads the file (raises `InputImageError`); ``name`` is for messages.
+        ``note()``: what the decode recorded of the image (its radiometry), published with it;
+        a process that maps the decode gets it through ``adopt(note)``."""
         key = self._key(image)
         if store.add(key + "/first", 1) == 1:
             self.claimed(store, key)
@@ -107,7 +110,7 @@ class NodeDecodes:
                 store.set(key, json.dumps({"error": str(e) if isinstance(e, InputImageError) else f"{type(e).__name__}: {e}"}))
                 raise
             paths = self._save(image, pixels, mask)
-            store.set(key, json.dumps({"paths": [str(p) for p in paths]}))
+            store.set(key, json.dumps({"paths": [str(p) for p in paths], "note": note()}))
             if paths:  # the node's one copy: this process maps it too, and lets its own go
                 pixels, mask = (np.load(p, mmap_mode="r") for p in paths)
             return pixels, mask
@@ -119,6 +122,7 @@ class NodeDecodes:
             try:
                 pixels, mask = (np.load(p, mmap_mode="r") for p in doc["paths"])
                 self.shared += 1
+                adopt(doc.get("note"))
                 return pixels, mask
             except OSError as e:
                 log.debug("%s: cannot map the node's decode (%s); decoding here", name, e)

@@ -75,6 +75,7 @@ __all__ = [
     "set_radiometry",
     "radiometry_spec",
     "radiometry_note",
+    "keep_radiometry_note",
     "read_output_text",
     "OUTPUT_FORMATS",
     "output_suffixes",
@@ -226,6 +227,14 @@ def radiometry_note(path: str | os.PathLike, *, forget: bool = False) -> dict | 
     it (the report has taken it), so that a job over many images keeps none of them."""
     with _NOTES_LOCK:
         return _NOTES.pop(str(path), None) if forget else _NOTES.get(str(path))
+
+
+def keep_radiometry_note(path: str | os.PathLike, note: dict | None) -> None:
+    """Record ``note`` as this process's for ``path``: the pixels came decoded from another
+    process of the node (`decoded.NodeDecodes`), which made the note."""
+    if note is not None:
+        with _NOTES_LOCK:
+            _NOTES[str(path)] = note
 
 
 @dataclass

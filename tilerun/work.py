@@ -46,7 +46,7 @@ from . import assemble
 from .assemble import Canvas, OutputWriter
 from .errors import InputImageError, Interrupted
 from .decoded import NodeDecodes, remove_stale
-from .images import load_image, radiometry_note
+from .images import keep_radiometry_note, load_image, radiometry_note
 from .owners import Ownership
 from .parts import PartStore
 from .transport import PointToPoint, pack, unpack
@@ -231,7 +231,9 @@ class _Loader(threading.Thread):
             t0 = time.perf_counter()
             try:
                 if self.shared is not None and i in self.spread:
-                    self.images[i] = self.shared.load(store, i, p.item.key, lambda: self._decode(i))
+                    self.images[i] = self.shared.load(
+                        store, i, p.item.key, lambda: self._decode(i), note=lambda: radiometry_note(p.item.path),
+                        adopt=lambda note: keep_radiometry_note(p.item.path, note))
                 else:
                     self.images[i] = self._decode(i)
             except InputImageError as e:
