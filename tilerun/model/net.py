@@ -189,7 +189,8 @@ def _box(x: Tensor, r: int) -> Tensor:
         return F.conv2d(rows, ones.view(c, 1, k, 1), padding=(r, 0), groups=c).div_(k * k)
 
 
-def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...], far=None) -> Tensor:
+def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...], far=None,
+               with_reach: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
     """A classical, *local* pre-fill of the holes: multi-scale normalised convolution.
 
     At each scale the mean of the known pixels in a tent window (a box blur applied
@@ -199,15 +200,17 @@ def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...], far=None) -
     Pixels with no known pixel within reach get grey, or with ``far`` (a function giving
     [N, 3, H, W] float32: the upsampled whole-image coarse fill, `far_field`) its colour,
     which the coarsest scale then blends into as the finer ones blend into it.
+    ``with_reach``: also the weight of the coarsest scale's local mean against the far field,
+    [N, 1, H, W] in [0, 1] (None where nothing comes from the far field).
     """
     # Nothing to fill: the formula below would give image * 1 + fill * 0. CPU only: on a GPU
     # the test would make the host wait for the device.
     if known.device.type == "cpu" and bool(known.all()):
-        return image
+        return (image, None) if with_reach else image
     # Numerator and denominator filtered together, NHWC (see `_box`).
     c = image.shape[1]
     both = torch.cat([image * known, known], 1).contiguous(memory_format=torch.channels_last)
-    fill = None
+    fill = reach = None
     for r in sorted(radii, reverse=True):
         pooled = _box(_box(both, r), r)
         num, den = pooled[:, :c], pooled[:, c:]
@@ -219,10 +222,12 @@ def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...], far=None) -
                 fill = torch.where(den > 1e-6, mean, 0.5)
             else:
                 fill = torch.lerp(far(), mean, weight)
+                reach = weight
         else:  # a * mean + (1 - a) * fill in one op: each op broadcasting den over NHWC's inner axis is slow
             fill = torch.lerp(fill, mean, (den / PREFILL_MIN_KNOWN).clamp_(0, 1))
     # known is 0 or 1, so this is image * known + fill * (1 - known) to the bit, in one op.
-    return torch.where(known.bool(), image, fill)
+    out = torch.where(known.bool(), image, fill)
+    return (out, reach) if with_reach else out
 
 
 # Spectral radius assumed for the Jacobi iteration in `harmonic_fill`: that of a hole some
@@ -329,20 +334,22 @@ def coarse_sums(image: np.ndarray, mask: np.ndarray | None, scale: int, *, band:
     and give the same numbers as `coarse_sums_of` on the float image. Reads the image in
     bands of ``band`` rows (a multiple of ``scale``): no full-size temporary.
     """
+    if scale * scale * 255 >= 2**16:
+        raise ValueError(f"coarse_scale {scale} too large for the uint16 cell sums (at most 16)")
     h, w = image.shape[:2]
     hc, wc = -(-h // scale), -(-w // scale)
     out = np.zeros((4, hc, wc), np.int64)
     band = max(scale, band - band % scale)
     for r0 in range(0, h, band):
         r1 = min(h, r0 + band)
-        rows = -(-(r1 - r0) // scale) * scale
-        part = np.zeros((rows, wc * scale, 4), np.uint8)
-        part[: r1 - r0, :w, :3] = image[r0:r1]
-        part[: r1 - r0, :w, 3] = 1
-        if mask is not None:
-            part[: r1 - r0, :w][mask[r0:r1]] = 0
-        cells = part.reshape(rows // scale, scale, wc, scale, 4).sum(axis=(1, 3), dtype=np.int64)
-        out[:, r0 // scale : r0 // scale + rows // scale] = cells.transpose(2, 0, 1)
+        known = np.ones((r1 - r0, w), bool) if mask is None else ~mask[r0:r1]
+        part = np.empty((r1 - r0, w, 4), np.uint16)
+        np.multiply(image[r0:r1], known[..., None], out=part[..., :3])
+        part[..., 3] = known
+        # Cell sums by reduceat (ragged last cells included); at most 256 x 255 per cell: uint16 holds it.
+        cells = np.add.reduceat(np.add.reduceat(part, np.arange(0, r1 - r0, scale), axis=0),
+                                np.arange(0, w, scale), axis=1)
+        out[:, r0 // scale : r0 // scale + cells.shape[0]] = cells.transpose(2, 0, 1)
     return out
 
 
@@ -366,7 +373,20 @@ def _sum2x2(t: Tensor) -> Tensor:
     return t.unflatten(-2, (-1, 2)).unflatten(-1, (-1, 2)).sum(dim=(-3, -1))
 
 
-def coarse_fill(sums: Tensor, height: int, width: int, scale: int, sweeps: int = COARSE_SWEEPS) -> Tensor:
+def _np_neighbour_mean(u: np.ndarray) -> np.ndarray:
+    """`_neighbour_mean` in numpy for [C, h, w]: the same operations in the same order."""
+    p = np.pad(u, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    return (p[:, :-2, 1:-1] + p[:, 2:, 1:-1] + p[:, 1:-1, :-2] + p[:, 1:-1, 2:]) * 0.25
+
+
+def _np_sum2x2(t: np.ndarray) -> np.ndarray:
+    """2x2 block sums of [..., h, w] (odd sizes padded with zeros)."""
+    h, w = t.shape[-2:]
+    t = np.pad(t, [(0, 0)] * (t.ndim - 2) + [(0, h % 2), (0, w % 2)])
+    return t.reshape(*t.shape[:-2], (h + 1) // 2, 2, (w + 1) // 2, 2).sum(axis=(-3, -1))
+
+
+def coarse_fill(sums: Tensor | np.ndarray, height: int, width: int, scale: int, sweeps: int = COARSE_SWEEPS) -> Tensor:
     """The coarse image of `coarse_sums` ``sums`` [4, hc, wc] with every hole filled: float64
     [3, hc, wc] in [0, 1].
 
@@ -374,33 +394,33 @@ def coarse_fill(sums: Tensor, height: int, width: int, scale: int, sweeps: int =
     whole numbers, exact), the top's mean colour (grey if nothing is known), then at each
     finer level the level above upsampled, blended with the cell means by their share of
     known pixels (`COARSE_MIN_KNOWN`), and ``sweeps`` Jacobi sweeps that relax the cells
-    that are not fully known. Elementwise float64 operations in a fixed order and number on
-    a CPU: every process computing it from the same sums gets the same bits.
+    that are not fully known. Elementwise float64 numpy operations in a fixed order and
+    number: every process computing it from the same sums gets the same bits.
     """
-    sums = sums.to("cpu", torch.float64)
+    sums = (sums.cpu().numpy() if isinstance(sums, Tensor) else np.asarray(sums)).astype(np.float64)
     hc, wc = sums.shape[-2:]
-    rows = (torch.clamp(height - torch.arange(hc) * scale, max=scale)).double()
-    cols = (torch.clamp(width - torch.arange(wc) * scale, max=scale)).double()
+    rows = np.minimum(height - np.arange(hc) * scale, scale).astype(np.float64)
+    cols = np.minimum(width - np.arange(wc) * scale, scale).astype(np.float64)
     levels = [(sums, rows[:, None] * cols[None, :])]
     while max(levels[-1][1].shape) > 1:
         s, t = levels[-1]
-        levels.append((_sum2x2(s), _sum2x2(t)))
+        levels.append((_np_sum2x2(s), _np_sum2x2(t)))
     u = None
     for s, total in reversed(levels):
         count = s[3]
-        mean = s[:3] / count.clamp_min(1)
+        mean = s[:3] / np.maximum(count, 1)
         if u is None:
-            u = torch.where(count > 0, mean, 127.5)
+            u = np.where(count > 0, mean, 127.5)
             continue
         h, w = count.shape
-        up = u.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)[:, :h, :w]
-        a = (count / (total * COARSE_MIN_KNOWN).clamp_min(1e-9)).clamp(0, 1)
+        up = u.repeat(2, axis=1).repeat(2, axis=2)[:, :h, :w]
+        a = np.clip(count / np.maximum(total * COARSE_MIN_KNOWN, 1e-9), 0, 1)
         held = a * mean
         free = 1 - a
         u = held + free * up
         for _ in range(sweeps):
-            u = held + free * _neighbour_mean(u[None])[0]
-    return u / 255
+            u = held + free * _np_neighbour_mean(u)
+    return torch.from_numpy(u / 255)
 
 
 def far_field(context: Tensor, y0: int, y1: int, x0: int, x1: int, scale: int) -> Tensor:
@@ -515,15 +535,21 @@ class Decoder(nn.Module):
         # to its own and stays inside the network's receptive field.
         return F.relu(_conv_of_cat(self.up0, [s0, fill] if self.residual else [s0], coarse=x), inplace=True)
 
-    def heads(self, x: Tensor, coarse_logits: Tensor, fill: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Full-res features -> (class logits, RGB); coarse_logits at quarter res."""
+    def heads(self, x: Tensor, coarse_logits: Tensor, fill: Tensor | None,
+              reach: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Full-res features -> (class logits, RGB); coarse_logits at quarter res; ``reach``: the
+        weight of the RGB correction (where the pre-fill comes from the far field, the network
+        sees no known pixel and the fill stands)."""
         k = self.cls.out_channels
         both = _conv1x1([x], torch.cat([self.cls.weight, self.rgb.weight]), torch.cat([self.cls.bias, self.rgb.bias]))
         logits, rgb = both[:, :k], both[:, k:]
         # + the coarse logits upsampled 4x (nearest), as a broadcast over 4x4 blocks: no upsampled copy.
         q = coarse_logits.shape[-2:]
         logits.unflatten(2, (q[0], 4)).unflatten(4, (q[1], 4)).add_(coarse_logits[:, :, :, None, :, None])
-        rgb = (fill + rgb).clamp(0, 1) if self.residual else torch.sigmoid(rgb)
+        if self.residual:
+            rgb = (fill + (rgb if reach is None else rgb * reach)).clamp(0, 1)
+        else:
+            rgb = torch.sigmoid(rgb)
         return logits, rgb
 
 
@@ -705,7 +731,7 @@ class TileNet(nn.Module):
         zp = _sub(z, whole, r_pred, 4)
         hfeat, coarse = self.predictor(zp, g)
         detail = self.generator(*(_sub(t, r_pred, r_gen, 4) for t in (zp, hfeat, coarse)))
-        fill = None
+        fill = reach = None
         if self.cfg.prefill_radii:
             r_local, r_harm = region(mg["local"]), region(mg["harmonic"])
             known = _sub(1 - m, whole, r_local, 1)  # once, on the widest region the pre-fill reads
@@ -720,7 +746,10 @@ class TileNet(nn.Module):
                     return torch.stack([far_field(c, oy + r_local[0], oy + r_local[1], ox + r_local[2], ox + r_local[3],
                                                   self.cfg.coarse_scale) for c, (oy, ox) in zip(ctx, origin)]).to(x)
 
-            fill = local_fill(_sub(x[:, :3], whole, r_local, 1), known, self.cfg.prefill_radii, far)
+            fill, reach = local_fill(_sub(x[:, :3], whole, r_local, 1), known, self.cfg.prefill_radii, far,
+                                     with_reach=True)
+            if reach is not None:
+                reach = _sub(reach, r_local, r_up0, 1)
             fill = _sub(fill, r_local, r_harm, 1)
             if self.cfg.prefill_iterations:
                 fill = harmonic_fill(fill, _sub(known, r_local, r_harm, 1), self.cfg.prefill_iterations)
@@ -730,7 +759,7 @@ class TileNet(nn.Module):
         feat = dec.full(_sub(feat, r_up1, r_up0, 2), _sub(s0, whole, r_up0, 1), fill)
         # The 1x1 heads on the whole (contiguous) up0 region, then cropped: cheaper than
         # copying a strided view of its features for each head.
-        logits, rgb = dec.heads(feat, _sub(coarse, r_pred, r_up0, 4), fill)
+        logits, rgb = dec.heads(feat, _sub(coarse, r_pred, r_up0, 4), fill, reach)
         if self.cfg.class_prior:
             logits = self._add_class_prior(logits, fill)
         oy, ox = y0 - r_up0[0], x0 - r_up0[2]
