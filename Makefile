@@ -32,7 +32,7 @@ clean:
 	rm -rf $(OUT) .pytest_cache build *.egg-info
 
 # The shipped weights (docs/training.md) and the inpainting-quality benchmark.
-# coffee and chelsea are held out of training: bench/quality.py measures on them.
+# coffee and chelsea stay out of training; bench/quality.py measures on data/photos.csv's test split.
 # Seven stages: stage 1 without the class prior (1500 steps, batch 4); stage 2 adds the
 # class prior and a hole MSE term and continues from stage 1 (800 steps, batch 8, lower
 # peak rate); stage 3 continues at half that rate (400 steps); stage 4 is the long run
