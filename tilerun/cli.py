@@ -288,13 +288,18 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
 @click.option("--l2-weight", type=float, default=0.0, show_default=True, help="Weight of the hole MSE loss.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: autocast (fast on CPUs with AMX and on GPUs); weights stay fp32.")
+@click.option("--coarse-scale", type=int, default=0, show_default=True, help="Cell size (px) of the whole-image "
+              "coarse context, the pre-fill's far field; 0 = none. 16 for the shipped weights.")
+@click.option("--big-holes", type=float, default=0.0, show_default=True, help="Share of crops that also get one "
+              "box or blob 25-70% of the crop across.")
 @click.option("--augment", is_flag=True, help="Also rotate crops by multiples of 90 degrees and permute "
               "their RGB channels (more variety from few photos).")
 @o.device_opt
 @o.verbose_opt
 @o.quiet_opt
 def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, checkpoint_every, stop_at, resume,
-          init_from, class_prior, l1_weight, l2_weight, precision, augment, device, verbose, quiet):
+          init_from, class_prior, l1_weight, l2_weight, precision, coarse_scale, big_holes, augment, device, verbose,
+          quiet):
     """Self-supervised training on the images in IMAGES (files or folders) into --out.
 
     Random crops with random holes; the model learns K colour classes and to fill the
@@ -308,8 +313,8 @@ def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, chec
     try:
         cfg = TrainConfig(steps=steps, crop=crop, batch_size=batch_size, classes=classes, lr=lr, seed=seed,
                           checkpoint_every=checkpoint_every, l1_weight=l1_weight, l2_weight=l2_weight,
-                          precision=precision, augment=augment)
-        net_cfg = default_net_config(classes, class_prior=class_prior)
+                          precision=precision, augment=augment, big_holes=big_holes)
+        net_cfg = default_net_config(classes, class_prior=class_prior, coarse_scale=coarse_scale)
         result = run_training(images, out=out, cfg=cfg, net_cfg=net_cfg, exclude=exclude, resume=resume,
                               init_from=init_from, stop_at=stop_at, device=device, progress=not quiet)
     except (TrainingError, DistributedError) as e:

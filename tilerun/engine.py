@@ -34,7 +34,7 @@ from .defaults import (DEFAULT_BATCH, DEFAULT_PRECISION, DEFAULT_TILE, FEATURE_C
 from .channels import first_extreme
 from .dist import _device  # the CLI's resolution of --device, "auto" included
 from .geometry import Tile, grid, round_up
-from .receptive import ModelProbe, probe_for
+from .receptive import ModelProbe, probe_for, takes_context
 
 __all__ = ["Engine", "TileResult", "infer_image", "takes_out_box", "takes_features", "DEFAULT_TILE", "DEFAULT_BATCH",
            "PRECISIONS"]
@@ -332,6 +332,9 @@ class Engine:
         # layers that need the halo (TileNet: its full-res decoder runs on 1.04x the core's
         # pixels instead of 1.46x at tile 384).
         self.cores_only = takes_out_box(self.model)
+        # A model with a whole-image context (TileNet.coarse_context) gets it once per image.
+        self.takes_context = takes_context(self.model)
+        self._context: tuple[object, Tensor | None] | None = None
 
     @property
     def stride(self) -> int:
@@ -445,8 +448,21 @@ class Engine:
         """Drop the features pass 1 kept for image ``key`` (None: for every image)."""
         self._features.discard(key)
 
+    def context(self, image: np.ndarray, mask: np.ndarray, key: object = None) -> Tensor | None:
+        """The model's whole-image context on the device (None without one), kept for ``key``.
+
+        Computed from the uint8 image each process holds, in integers then fixed float64
+        operations: every process and every chunk of an image gets the same bits.
+        """
+        if not self.takes_context:
+            return None
+        if key is None or self._context is None or self._context[0] is not key:
+            ctx = self.model.coarse_context(image, mask)
+            self._context = (key, None if ctx is None else ctx.to(self.device))
+        return self._context[1]
+
     def _launch(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile], global_sums: Tensor | None,
-                key: object = None) -> _InFlight:
+                key: object = None, context: Tensor | None = None) -> _InFlight:
         """Queue one batch's forward and the copies of its uint8 results to the host.
 
         ``global_sums`` is already float32 on the device: a blocking copy here would
@@ -460,6 +476,8 @@ class Engine:
         if self.cores_only:
             ys, xs = batch[0].core_in_window()
             kwargs["out_box"] = out_box = (ys.start, ys.stop, xs.start, xs.stop)
+        if context is not None:
+            kwargs["context"], kwargs["origin"] = context, [(t.wy0, t.wx0) for t in batch]
         if key is not None:
             features = self._features.take(key, tuple(t.index for t in batch))
             if features is not None:
@@ -523,7 +541,8 @@ class Engine:
         if key is not None:
             self._features.start_image(key)
         batches = self._batches(tiles, cores=self.cores_only)
-        for launched in self._map_batches(lambda b: self._launch(image, mask, b, global_sums, key), batches):
+        context = self.context(image, mask, key)
+        for launched in self._map_batches(lambda b: self._launch(image, mask, b, global_sums, key, context), batches):
             yield from launched.results()
 
     def _map_batches(self, fn: Callable[[list[Tile]], R], batches: Iterable[list[Tile]]) -> Iterator[R]:

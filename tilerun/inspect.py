@@ -70,6 +70,7 @@ class InspectReport:
     feature_cache: int = 0  # the engine's default budget for them on the device measured on
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    context: str | None = None  # the whole-image coarse context (`coarse_context_summary`), if the model has one
 
 
 class _PeakStorage(TorchDispatchMode):
@@ -219,6 +220,7 @@ def inspect_model(
             feats = model.to("cpu").encode(side.expand(1, 3, -1, -1), side)
         feature_bytes = sum(t.numel() * t.element_size() for t in feats)
     exact = check_tile_exact(model.to("cpu"), probe)
+    context = coarse_context_summary(model)
     return InspectReport(
         source=source or type(model).__name__,
         model_type=getattr(model, "original_name", None) or type(model).__name__,
@@ -240,7 +242,27 @@ def inspect_model(
         feature_cache=default_feature_cache(torch.device(device)),
         seconds=time.perf_counter() - t0,
         notes=notes,
+        context=context,
     )
+
+
+def coarse_context_summary(model: torch.nn.Module, *, side: int = 2048) -> str | None:
+    """Scale, size and cost of a model's whole-image coarse context (TileNet's ``coarse_scale``),
+    measured on a ``side`` x ``side`` image with a hole; None without one."""
+    from .receptive import takes_context
+
+    scale = getattr(getattr(model, "cfg", None), "coarse_scale", 0)
+    if not takes_context(model) or not scale:
+        return None
+    image = np.zeros((side, side, 3), np.uint8)
+    mask = np.zeros((side, side), bool)
+    mask[side // 4 : side // 2, side // 4 : side // 2] = True
+    t = time.perf_counter()
+    ctx = model.coarse_context(image, mask)
+    ms = 1000 * (time.perf_counter() - t)
+    cells = ctx.shape[-2:]
+    return (f"1/{scale} scale, {cells[0]}x{cells[1]} cells ({_mb(ctx.numel() * ctx.element_size())} float64) for a "
+            f"{side}x{side} image, {ms:.0f} ms once per image and process; the pre-fill's far field, exact under tiling")
 
 
 def _mb(n: int) -> str:
@@ -290,6 +312,8 @@ def format_report(r: InspectReport, *, color: bool = False) -> str:
         lines.append(f"{_label('global branch')}yes (global_terms: {gr}); two passes, whole-image sums shared by all tiles")
     else:
         lines.append(f"{_label('global branch')}no (one pass)")
+    if r.context:
+        lines.append(f"{_label('coarse context')}{r.context}")
     if r.tile:
         which = "the default, tilerun/defaults.py" if r.tile == r.default_tile else f"--tile; the default is {r.default_tile}"
         lines.append(f"{_label('tile')}{r.tile} px ({which}) -> window {r.window}x{r.window} px, "

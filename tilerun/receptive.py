@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -206,6 +207,15 @@ def has_global_hook(model: torch.nn.Module) -> bool:
     return callable(getattr(model, "global_terms", None))
 
 
+def takes_context(model: torch.nn.Module) -> bool:
+    """Whether ``model`` takes a whole-image context (`TileNet.coarse_context`): a
+    ``coarse_context(image, mask)`` method and ``context`` and ``origin`` parameters on forward."""
+    if not callable(getattr(model, "coarse_context", None)):
+        return False
+    params = inspect.signature(model.forward).parameters
+    return "context" in params and "origin" in params
+
+
 def _probe_forms(model: torch.nn.Module) -> tuple[Fn, Fn | None, int]:
     """A float64 CPU copy of ``model`` as the probes call it: its forward (with the global sums
     fixed when it has the hook, so that only the local receptive field shows), its
@@ -213,8 +223,11 @@ def _probe_forms(model: torch.nn.Module) -> tuple[Fn, Fn | None, int]:
     import copy
 
     m = copy.deepcopy(model).to("cpu", torch.float64).eval()
+    # A whole-image context is an input like the global sums: fixed (one grey cell), so that
+    # only the local receptive field shows.
+    ctx = {"context": torch.full((1, 3, 1, 1), 0.5, dtype=torch.float64)} if takes_context(m) else {}
     if not has_global_hook(m):
-        return m, None, 1
+        return (lambda image, mask: m(image, mask, **ctx)) if ctx else m, None, 1
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         terms = m.global_terms(torch.rand(1, 3, 32, 32, generator=g, dtype=torch.float64),
@@ -222,7 +235,7 @@ def _probe_forms(model: torch.nn.Module) -> tuple[Fn, Fn | None, int]:
     fixed = terms.sum(dim=(2, 3))
 
     def fwd(image, mask):
-        return m(image, mask, global_sums=fixed.expand(image.shape[0], -1))
+        return m(image, mask, global_sums=fixed.expand(image.shape[0], -1), **ctx)
 
     return fwd, m.global_terms, 32 // terms.shape[-1]  # the terms' stride: input over output size
 

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from ..channels import first_extreme
 from ..geometry import round_up
 
-__all__ = ["TileNetConfig", "TileNet", "local_fill", "harmonic_fill"]
+__all__ = ["TileNetConfig", "TileNet", "local_fill", "harmonic_fill", "coarse_sums", "coarse_fill", "far_field"]
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class TileNetConfig:
     # Add log P(class) of the pre-filled colours to the class logits (needs prefill_radii):
     # known pixels keep their own class, holes start from the class of their fill.
     class_prior: bool = False
+    # Whole-image coarse context (see `coarse_context`): the side, in pixels, of the cells of a
+    # filled coarse image of the whole input that is the pre-fill's far field; 0 = none (grey).
+    coarse_scale: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -185,33 +189,45 @@ def _box(x: Tensor, r: int) -> Tensor:
         return F.conv2d(rows, ones.view(c, 1, k, 1), padding=(r, 0), groups=c).div_(k * k)
 
 
-def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
+def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...], far=None,
+               with_reach: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
     """A classical, *local* pre-fill of the holes: multi-scale normalised convolution.
 
     At each scale the mean of the known pixels in a tent window (a box blur applied
     twice, radius 2r); the finest scale with enough known pixels wins, blended into
     the coarser ones. Unlike Telea or biharmonic inpainting, which propagate across a
     whole hole, its receptive field is finite (2 * max(radii)), so tiling stays exact.
-    Pixels with no known pixel within reach get grey.
+    Pixels with no known pixel within reach get grey, or with ``far`` (a function giving
+    [N, 3, H, W] float32: the upsampled whole-image coarse fill, `far_field`) its colour,
+    which the coarsest scale then blends into as the finer ones blend into it.
+    ``with_reach``: also the weight of the coarsest scale's local mean against the far field,
+    [N, 1, H, W] in [0, 1] (None where nothing comes from the far field).
     """
     # Nothing to fill: the formula below would give image * 1 + fill * 0. CPU only: on a GPU
     # the test would make the host wait for the device.
     if known.device.type == "cpu" and bool(known.all()):
-        return image
+        return (image, None) if with_reach else image
     # Numerator and denominator filtered together, NHWC (see `_box`).
     c = image.shape[1]
     both = torch.cat([image * known, known], 1).contiguous(memory_format=torch.channels_last)
-    fill = None
+    fill = reach = None
     for r in sorted(radii, reverse=True):
         pooled = _box(_box(both, r), r)
         num, den = pooled[:, :c], pooled[:, c:]
         mean = num / den.clamp_min(1e-6)
         if fill is None:
-            fill = torch.where(den > 1e-6, mean, 0.5)
+            weight = (den / PREFILL_MIN_KNOWN).clamp_(0, 1)
+            # The far field only where it counts; CPU only (the test would make the host wait for a GPU).
+            if far is None or (known.device.type == "cpu" and bool((weight == 1).all())):
+                fill = torch.where(den > 1e-6, mean, 0.5)
+            else:
+                fill = torch.lerp(far(), mean, weight)
+                reach = weight
         else:  # a * mean + (1 - a) * fill in one op: each op broadcasting den over NHWC's inner axis is slow
             fill = torch.lerp(fill, mean, (den / PREFILL_MIN_KNOWN).clamp_(0, 1))
     # known is 0 or 1, so this is image * known + fill * (1 - known) to the bit, in one op.
-    return torch.where(known.bool(), image, fill)
+    out = torch.where(known.bool(), image, fill)
+    return (out, reach) if with_reach else out
 
 
 # Spectral radius assumed for the Jacobi iteration in `harmonic_fill`: that of a hole some
@@ -299,6 +315,136 @@ def _harmonic_fill_holes(fill: Tensor, known: Tensor, iterations: int, rho: floa
         flat.index_copy_(1, here, nxt)
         prev, cur = cur, nxt
     return flat.reshape(c, n, h, w).transpose(0, 1)
+
+
+# -- the whole-image coarse context ----------------------------------------------------
+# A cell of the coarse image counts as known (its mean colour kept) from this share of known
+# pixels; below it its mean is blended with the fill from the level above.
+COARSE_MIN_KNOWN = 0.3
+# Jacobi sweeps of Laplace's equation per pyramid level, after the level above initialised it
+# (nested iteration): a fixed count, so every process does the same operations.
+COARSE_SWEEPS = 24
+
+
+def coarse_sums(image: np.ndarray, mask: np.ndarray | None, scale: int, *, band: int = 256) -> np.ndarray:
+    """Per ``scale`` x ``scale`` cell of a uint8 [H, W, 3] image, the int64 sums of its known
+    pixels' colours and their count: [4, ceil(H/scale), ceil(W/scale)] (``mask`` True = missing).
+
+    Integer sums are exact in any order, so cells may be summed by bands, tiles or processes
+    and give the same numbers as `coarse_sums_of` on the float image. Reads the image in
+    bands of ``band`` rows (a multiple of ``scale``): no full-size temporary.
+    """
+    if scale * scale * 255 >= 2**16:
+        raise ValueError(f"coarse_scale {scale} too large for the uint16 cell sums (at most 16)")
+    h, w = image.shape[:2]
+    hc, wc = -(-h // scale), -(-w // scale)
+    out = np.zeros((4, hc, wc), np.int64)
+    band = max(scale, band - band % scale)
+    for r0 in range(0, h, band):
+        r1 = min(h, r0 + band)
+        known = np.ones((r1 - r0, w), bool) if mask is None else ~mask[r0:r1]
+        part = np.empty((r1 - r0, w, 4), np.uint16)
+        np.multiply(image[r0:r1], known[..., None], out=part[..., :3])
+        part[..., 3] = known
+        # Cell sums by reduceat (ragged last cells included); at most 256 x 255 per cell: uint16 holds it.
+        cells = np.add.reduceat(np.add.reduceat(part, np.arange(0, r1 - r0, scale), axis=0),
+                                np.arange(0, w, scale), axis=1)
+        out[:, r0 // scale : r0 // scale + cells.shape[0]] = cells.transpose(2, 0, 1)
+    return out
+
+
+def coarse_sums_of(image: Tensor, mask: Tensor, scale: int) -> Tensor:
+    """`coarse_sums` of float images [N, 3, H, W] in [0, 1] (mask [N, 1, H, W], 1 = missing):
+    int64 [N, 4, hc, wc]. A colour is its uint8 value, round(255 x): what the engine reads."""
+    n, _, h, w = image.shape
+    with torch.no_grad():
+        known = (mask < 0.5).double()
+        x = torch.cat([(image.double() * 255).round() * known, known], 1)
+        x = F.pad(x, (0, -w % scale, 0, -h % scale))
+        hc, wc = x.shape[-2] // scale, x.shape[-1] // scale
+        # Whole numbers below 2^53: exact in float64 in any order of summation.
+        return x.reshape(n, 4, hc, scale, wc, scale).sum(dim=(3, 5)).round().long()
+
+
+def _sum2x2(t: Tensor) -> Tensor:
+    """2x2 block sums of [..., h, w] (odd sizes padded with zeros)."""
+    h, w = t.shape[-2:]
+    t = F.pad(t, (0, w % 2, 0, h % 2))
+    return t.unflatten(-2, (-1, 2)).unflatten(-1, (-1, 2)).sum(dim=(-3, -1))
+
+
+def _np_neighbour_mean(u: np.ndarray) -> np.ndarray:
+    """`_neighbour_mean` in numpy for [C, h, w]: the same operations in the same order."""
+    p = np.pad(u, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    return (p[:, :-2, 1:-1] + p[:, 2:, 1:-1] + p[:, 1:-1, :-2] + p[:, 1:-1, 2:]) * 0.25
+
+
+def _np_sum2x2(t: np.ndarray) -> np.ndarray:
+    """2x2 block sums of [..., h, w] (odd sizes padded with zeros)."""
+    h, w = t.shape[-2:]
+    t = np.pad(t, [(0, 0)] * (t.ndim - 2) + [(0, h % 2), (0, w % 2)])
+    return t.reshape(*t.shape[:-2], (h + 1) // 2, 2, (w + 1) // 2, 2).sum(axis=(-3, -1))
+
+
+def coarse_fill(sums: Tensor | np.ndarray, height: int, width: int, scale: int, sweeps: int = COARSE_SWEEPS) -> Tensor:
+    """The coarse image of `coarse_sums` ``sums`` [4, hc, wc] with every hole filled: float64
+    [3, hc, wc] in [0, 1].
+
+    A converged harmonic fill by nested iteration: a pyramid of the sums (2x2 block sums,
+    whole numbers, exact), the top's mean colour (grey if nothing is known), then at each
+    finer level the level above upsampled, blended with the cell means by their share of
+    known pixels (`COARSE_MIN_KNOWN`), and ``sweeps`` Jacobi sweeps that relax the cells
+    that are not fully known. Elementwise float64 numpy operations in a fixed order and
+    number: every process computing it from the same sums gets the same bits.
+    """
+    sums = (sums.cpu().numpy() if isinstance(sums, Tensor) else np.asarray(sums)).astype(np.float64)
+    hc, wc = sums.shape[-2:]
+    rows = np.minimum(height - np.arange(hc) * scale, scale).astype(np.float64)
+    cols = np.minimum(width - np.arange(wc) * scale, scale).astype(np.float64)
+    levels = [(sums, rows[:, None] * cols[None, :])]
+    while max(levels[-1][1].shape) > 1:
+        s, t = levels[-1]
+        levels.append((_np_sum2x2(s), _np_sum2x2(t)))
+    u = None
+    for s, total in reversed(levels):
+        count = s[3]
+        mean = s[:3] / np.maximum(count, 1)
+        if u is None:
+            u = np.where(count > 0, mean, 127.5)
+            continue
+        h, w = count.shape
+        up = u.repeat(2, axis=1).repeat(2, axis=2)[:, :h, :w]
+        a = np.clip(count / np.maximum(total * COARSE_MIN_KNOWN, 1e-9), 0, 1)
+        held = a * mean
+        free = 1 - a
+        u = held + free * up
+        for _ in range(sweeps):
+            u = held + free * _np_neighbour_mean(u)
+    return torch.from_numpy(u / 255)
+
+
+def far_field(context: Tensor, y0: int, y1: int, x0: int, x1: int, scale: int) -> Tensor:
+    """Pixels [y0, y1) x [x0, x1) (whole-image coordinates) of the coarse image ``context``
+    [C, hc, wc] upsampled bilinearly (cell centres at scale * (i + 1/2), edges clamped): [C, y1-y0, x1-x0].
+
+    A pixel's value is a function of its position in the image alone (the same elementwise
+    operations on the same cells), so a tile's window gets the bits the whole image would.
+    """
+    hc, wc = context.shape[-2:]
+
+    def taps(a: int, b: int, n: int):
+        t = (torch.arange(a, b, dtype=torch.float64, device=context.device) + 0.5) / scale - 0.5
+        i0 = t.floor()
+        f = t - i0
+        i0 = i0.long()
+        return i0.clamp(0, n - 1), (i0 + 1).clamp(0, n - 1), f
+
+    r0, r1, fy = taps(y0, y1, hc)
+    c0, c1, fx = taps(x0, x1, wc)
+    lo, hi = int(c0.min()), int(c1.max()) + 1  # only the columns these pixels read
+    band = context[:, :, lo:hi]
+    rows = band[:, r0] * (1 - fy)[:, None] + band[:, r1] * fy[:, None]
+    return rows[:, :, c0 - lo] * (1 - fx) + rows[:, :, c1 - lo] * fx
 
 
 class Encoder(nn.Module):
@@ -389,15 +535,21 @@ class Decoder(nn.Module):
         # to its own and stays inside the network's receptive field.
         return F.relu(_conv_of_cat(self.up0, [s0, fill] if self.residual else [s0], coarse=x), inplace=True)
 
-    def heads(self, x: Tensor, coarse_logits: Tensor, fill: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Full-res features -> (class logits, RGB); coarse_logits at quarter res."""
+    def heads(self, x: Tensor, coarse_logits: Tensor, fill: Tensor | None,
+              reach: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Full-res features -> (class logits, RGB); coarse_logits at quarter res; ``reach``: the
+        weight of the RGB correction (where the pre-fill comes from the far field, the network
+        sees no known pixel and the fill stands)."""
         k = self.cls.out_channels
         both = _conv1x1([x], torch.cat([self.cls.weight, self.rgb.weight]), torch.cat([self.cls.bias, self.rgb.bias]))
         logits, rgb = both[:, :k], both[:, k:]
         # + the coarse logits upsampled 4x (nearest), as a broadcast over 4x4 blocks: no upsampled copy.
         q = coarse_logits.shape[-2:]
         logits.unflatten(2, (q[0], 4)).unflatten(4, (q[1], 4)).add_(coarse_logits[:, :, :, None, :, None])
-        rgb = (fill + rgb).clamp(0, 1) if self.residual else torch.sigmoid(rgb)
+        if self.residual:
+            rgb = (fill + (rgb if reach is None else rgb * reach)).clamp(0, 1)
+        else:
+            rgb = torch.sigmoid(rgb)
         return logits, rgb
 
 
@@ -495,6 +647,23 @@ class TileNet(nn.Module):
         return (logits + floor).scatter_(1, own, logits.gather(1, own))
 
     # -- the hooks used by the tiling engine ----------------------------------------
+    def coarse_context(self, image: np.ndarray, mask: np.ndarray | None) -> Tensor | None:
+        """The whole-image context of a uint8 [H, W, 3] image (``mask`` True = missing) that
+        `forward` takes as ``context``: its filled coarse image, float64 [1, 3, hc, wc]; None
+        when the configuration has none. The engine computes it once per image, from the
+        uint8 pixels every process holds, and gives every tile the same tensor."""
+        s = self.cfg.coarse_scale
+        if not s:
+            return None
+        h, w = image.shape[:2]
+        return coarse_fill(torch.from_numpy(coarse_sums(image, mask, s)), h, w, s)[None]
+
+    def _context_of(self, image: Tensor, mask: Tensor) -> Tensor:
+        """`coarse_context` of a float batch, computed by the forward of a whole image."""
+        s = self.cfg.coarse_scale
+        h, w = image.shape[-2:]
+        return torch.stack([coarse_fill(c, h, w, s) for c in coarse_sums_of(image, mask, s)])
+
     def encode(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The encoder's features of ``image`` (s0, s1, z): the first thing both `global_terms`
         and `forward` compute. The engine hands pass 1's to pass 2 (``features=``) instead of
@@ -524,7 +693,8 @@ class TileNet(nn.Module):
         return {k: round_up(v, s) for k, v in raw.items()}
 
     def forward(self, image: Tensor, mask: Tensor, global_sums: Tensor | None = None,
-                out_box: Box | None = None, features: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor]:
+                out_box: Box | None = None, features: tuple[Tensor, ...] | None = None,
+                context: Tensor | None = None, origin: list[tuple[int, int]] | None = None) -> tuple[Tensor, Tensor]:
         """``(logits, rgb)`` for ``image``; with ``out_box = (y0, y1, x0, x1)`` only that part of them;
         ``features``: `encode`'s of the same input, if already computed.
 
@@ -533,7 +703,9 @@ class TileNet(nn.Module):
         the costly full-resolution decoder then runs on the core alone instead of
         core + halo, with the same values there (zero padding at the cropped edges
         touches only pixels that are dropped). ``y0`` and ``x0`` must be multiples of
-        the stride.
+        the stride. ``context``: the whole image's `coarse_context` ([1 or N, 3, hc, wc]) when
+        ``image`` is a window of it, ``origin`` the window's (y, x) in the image (per batch
+        item); without it, a whole-image forward computes its own.
         """
         h, w = image.shape[-2:]
         y0, y1, x0, x1 = out_box = (0, h, 0, w) if out_box is None else tuple(out_box)
@@ -559,11 +731,25 @@ class TileNet(nn.Module):
         zp = _sub(z, whole, r_pred, 4)
         hfeat, coarse = self.predictor(zp, g)
         detail = self.generator(*(_sub(t, r_pred, r_gen, 4) for t in (zp, hfeat, coarse)))
-        fill = None
+        fill = reach = None
         if self.cfg.prefill_radii:
             r_local, r_harm = region(mg["local"]), region(mg["harmonic"])
             known = _sub(1 - m, whole, r_local, 1)  # once, on the widest region the pre-fill reads
-            fill = local_fill(_sub(x[:, :3], whole, r_local, 1), known, self.cfg.prefill_radii)
+            far = None
+            if self.cfg.coarse_scale:
+                if context is None:
+                    context = self._context_of(image, mask)
+                origin = origin or [(0, 0)] * x.shape[0]
+
+                def far():
+                    ctx = [context[min(i, context.shape[0] - 1)] for i in range(len(origin))]
+                    return torch.stack([far_field(c, oy + r_local[0], oy + r_local[1], ox + r_local[2], ox + r_local[3],
+                                                  self.cfg.coarse_scale) for c, (oy, ox) in zip(ctx, origin)]).to(x)
+
+            fill, reach = local_fill(_sub(x[:, :3], whole, r_local, 1), known, self.cfg.prefill_radii, far,
+                                     with_reach=True)
+            if reach is not None:
+                reach = _sub(reach, r_local, r_up0, 1)
             fill = _sub(fill, r_local, r_harm, 1)
             if self.cfg.prefill_iterations:
                 fill = harmonic_fill(fill, _sub(known, r_local, r_harm, 1), self.cfg.prefill_iterations)
@@ -573,7 +759,7 @@ class TileNet(nn.Module):
         feat = dec.full(_sub(feat, r_up1, r_up0, 2), _sub(s0, whole, r_up0, 1), fill)
         # The 1x1 heads on the whole (contiguous) up0 region, then cropped: cheaper than
         # copying a strided view of its features for each head.
-        logits, rgb = dec.heads(feat, _sub(coarse, r_pred, r_up0, 4), fill)
+        logits, rgb = dec.heads(feat, _sub(coarse, r_pred, r_up0, 4), fill, reach)
         if self.cfg.class_prior:
             logits = self._add_class_prior(logits, fill)
         oy, ox = y0 - r_up0[0], x0 - r_up0[2]
