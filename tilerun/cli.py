@@ -128,6 +128,8 @@ def main(ctx: click.Context) -> None:
 @click.option("--mask-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of sidecar masks NAME.mask.png at the inputs' relative paths (nonzero = missing).")
 @o.max_pixels_opt
+@o.level_opt
+@o.mpp_opt
 @o.format_opt
 @o.overwrite_opt
 @o.verify_inputs_opt
@@ -142,7 +144,7 @@ def main(ctx: click.Context) -> None:
 @o.verbose_opt
 @o.quiet_opt
 def run(input_path, output, model_path, tile, halo, batch_size, precision, feature_cache_mib, device, backend,
-        mask_dir, max_pixels, fmt, overwrite, verify_inputs, stall_timeout, preview, shared_output, strict, verbose,
+        mask_dir, max_pixels, level, mpp, fmt, overwrite, verify_inputs, stall_timeout, preview, shared_output, strict, verbose,
         quiet):
     """Run the model over INPUT (an image or a folder, recursive) into the folder OUTPUT.
 
@@ -177,6 +179,11 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, featu
 
         if max_pixels is not None:
             set_max_pixels(None if max_pixels == 0 else max_pixels)
+        if level and mpp is not None:
+            raise click.UsageError("give --level or --mpp, not both")
+        from .sources import set_level
+
+        set_level(level=level, mpp=mpp)
         with _error_boundary(verbose):
             try:
                 with session(backend=backend, device=device, stall=stall_timeout) as ctx:

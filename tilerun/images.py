@@ -300,7 +300,13 @@ def _tifffile_reads(path: Path) -> bool:
 
 
 def image_size(item: InputItem) -> tuple[int, int]:
-    """(height, width) of an input as `load_image` will return it (EXIF orientation applied), from its header."""
+    """(height, width) of an input as `load_image` will return it (EXIF orientation applied), from its
+    header; for an input read window by window, of the level `sources.set_level` picks."""
+    from .sources import source_size
+
+    size = source_size(item.path)
+    if size is not None:
+        return size
     if _tifffile_reads(item.path):
         try:
             return tiff_size(item.path)

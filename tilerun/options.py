@@ -122,6 +122,21 @@ format_opt = click.option(
     help="Output files: png, or tiff (tiled, deflate; NAME.pred.tif, NAME.inpainted.tif) for images too big "
     "for PNG viewers. tiff needs tifffile (pip install tilerun[tiff]).",
 )
+level_opt = click.option(
+    "--level",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Pyramid level to read of pyramidal TIFFs, OME-Zarr and whole-slide images (0: full resolution). "
+    "Other inputs have only level 0.",
+)
+mpp_opt = click.option(
+    "--mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Instead of --level: read the coarsest level whose pixel size is at most this many µm "
+    "(from OME, OpenSlide or TIFF resolution metadata).",
+)
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Redo every input even if its outputs exist.")
 verify_inputs_opt = click.option(
     "--verify-inputs", is_flag=True,

@@ -238,6 +238,10 @@ def fingerprint(*, model, engine) -> Fingerprint:
         settings["tile"] = engine.tile
     if getattr(engine, "precision", "fp32") != "fp32":  # reduced precision moves more than float ties
         settings["precision"] = engine.precision
+    from .sources import LevelChoice, current_level
+
+    if current_level() != LevelChoice():  # another pyramid level: other pixels (`run --level`, `--mpp`)
+        settings["level"] = [current_level().level, current_level().mpp]
     return Fingerprint(settings)
 
 

@@ -45,9 +45,10 @@ import torch
 from . import assemble
 from .assemble import Canvas, OutputWriter
 from .errors import InputImageError, Interrupted
-from .images import load_image
+from .images import load_image, load_mask, sidecar_mask_path
 from .owners import Ownership
 from .parts import PartStore
+from .sources import WindowedImage, open_source, windowed
 from .transport import PointToPoint, pack, unpack
 
 if TYPE_CHECKING:
@@ -200,6 +201,19 @@ class SpreadIO:
 _DONE = object()
 
 
+def load_input(item, *, mask_dir=None) -> tuple:
+    """(image, mask) for the engine. An input `sources.windowed` reads: a `sources.WindowedImage`
+    and its mask, whose windows are decoded as the engine asks for them (the decompression-bomb
+    limit does not apply: no full-size array of it is ever made); any other: decoded whole."""
+    if not windowed(item.path):
+        return load_image(item, mask_dir=mask_dir)
+    image = WindowedImage(open_source(item.path))
+    side = sidecar_mask_path(item, mask_dir)
+    if side is not None:  # a PNG mask has no windows: read whole (a bool a pixel)
+        image.sidecar = load_mask(side, image.shape[:2])
+    return image, image.mask
+
+
 class _Loader(threading.Thread):
     """Claims tasks and prepares their inputs (decoded image; a spread pass-2 chunk's sums) ahead of compute."""
 
@@ -219,7 +233,7 @@ class _Loader(threading.Thread):
             p = self.plans[i]
             t0 = time.perf_counter()
             try:
-                image, mask = load_image(p.item, mask_dir=self.mask_dir)
+                image, mask = load_input(p.item, mask_dir=self.mask_dir)
                 if mask.shape != (p.height, p.width):
                     raise InputImageError(f"decoded size {mask.shape} differs from its header {(p.height, p.width)}")
                 self.images[i] = (image, mask)
