@@ -92,6 +92,7 @@ def _check_output(output: Path) -> None:
     from .images import IMAGE_EXTENSIONS, OUTPUT_FORMATS, output_suffixes
 
     suffixes = {*IMAGE_EXTENSIONS, *(Path(s).suffix for f in OUTPUT_FORMATS for s in output_suffixes(f).values())}
+    suffixes.discard("")  # ome-zarr's class map is a folder inside its image's (labels/pred)
     if not output.is_dir() and output.suffix.lower() in suffixes:
         raise click.UsageError(
             f"OUTPUT {output} looks like an image file name, but OUTPUT is the folder the outputs go into "
@@ -172,6 +173,11 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, featu
 
             if tiff.tifffile is None:
                 raise click.UsageError("--format tiff needs tifffile: pip install tilerun[tiff] (or use --format png)")
+        if fmt == "ome-zarr":
+            try:
+                import zarr  # noqa: F401
+            except ImportError:
+                raise click.UsageError("--format ome-zarr needs zarr: pip install tilerun[ome] (or use --format png)")
         if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
             logging.getLogger("tilerun").setLevel(logging.ERROR)  # other ranks print nothing but errors
         from .images import set_max_pixels

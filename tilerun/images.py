@@ -34,6 +34,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -74,8 +75,9 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", *TIFF_EXTENSIONS, ".bmp", ".webp")
 MASK_SUFFIX = ".mask.png"
-#: Output file formats (`run --format`): PNG, or tiled TIFF through tifffile (the tiff extra).
-OUTPUT_FORMATS = ("png", "tiff")
+#: Output file formats (`run --format`): PNG, tiled TIFF through tifffile (the tiff extra), or
+#: OME-Zarr through zarr (the ome extra; `omezarr`: one folder, the class map in its labels/).
+OUTPUT_FORMATS = ("png", "tiff", "ome-zarr")
 
 
 def output_suffixes(fmt: str = "png") -> dict[str, str]:
@@ -83,6 +85,8 @@ def output_suffixes(fmt: str = "png") -> dict[str, str]:
     the colour preview some commands write, so that it too is never read back as input."""
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"output format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
+    if fmt == "ome-zarr":
+        return {"pred": ".inpainted.ome.zarr/labels/pred", "inpainted": ".inpainted.ome.zarr", "preview": ".preview.png"}
     ext = ".tif" if fmt == "tiff" else ".png"
     return {"pred": ".pred" + ext, "inpainted": ".inpainted" + ext, "preview": ".preview.png"}
 
@@ -176,7 +180,7 @@ def plan_outputs(
 def output_paths(item: InputItem, out_dir: str | os.PathLike, stem: str | None = None, *, fmt: str = "png") -> dict[str, Path]:
     """Output paths of one input considered alone (no collision rule: use `plan_outputs` for a job)."""
     base = Path(out_dir) / item.rel.parent / (stem or item.rel.stem)
-    return {kind: base.with_name(base.name + suffix) for kind, suffix in output_suffixes(fmt).items()}
+    return {kind: base.parent / (base.name + suffix) for kind, suffix in output_suffixes(fmt).items()}
 
 
 # -- decoding --------------------------------------------------------------------------
@@ -387,6 +391,10 @@ def load_image(item: InputItem, *, mask_dir: str | os.PathLike | None = None) ->
 def read_output_text(path: str | os.PathLike, key: str) -> str | None:
     """A text entry of an output written with ``text`` (`write_png_atomic`, `write_tiff_atomic`),
     reading the header only; None if absent or unreadable."""
+    if os.path.isdir(path):  # an OME-Zarr group (`omezarr`)
+        from .omezarr import read_text
+
+        return read_text(path, key)
     try:
         with Image.open(path) as im:
             if im.format == "TIFF":  # our entries: a JSON object in the ImageDescription tag
@@ -532,7 +540,10 @@ def remove_stale_temps(paths: Iterable[str | os.PathLike], *, since: float | Non
                 stale = owner is not None and owner[0] == _HOST and (owner[1] == me or not _pid_alive(owner[1]))
                 if not stale and not (since is not None and os.stat(tmp).st_mtime < since):
                     continue
-                os.unlink(tmp)
+                if os.path.isdir(tmp):  # an OME-Zarr output's folder (`omezarr.OmeZarrCanvas`)
+                    shutil.rmtree(tmp)
+                else:
+                    os.unlink(tmp)
                 removed += 1
             except FileNotFoundError:
                 pass

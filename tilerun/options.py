@@ -116,11 +116,13 @@ max_pixels_opt = click.option(
 format_opt = click.option(
     "--format",
     "fmt",
-    type=click.Choice(["png", "tiff"]),  # images.OUTPUT_FORMATS (not imported: --help stays fast)
+    type=click.Choice(["png", "tiff", "ome-zarr"]),  # images.OUTPUT_FORMATS (not imported: --help stays fast)
     default="png",
     show_default=True,
     help="Output files: png, or tiff (tiled, deflate; NAME.pred.tif, NAME.inpainted.tif) for images too big "
-    "for PNG viewers. tiff needs tifffile (pip install tilerun[tiff]).",
+    "for PNG viewers; ome-zarr (NGFF 0.4: NAME.inpainted.ome.zarr, the class map in its labels/pred), written "
+    "chunk by chunk, for napari, QuPath and Dask. tiff needs tifffile (pip install tilerun[tiff]), ome-zarr "
+    "needs zarr (pip install tilerun[ome]).",
 )
 level_opt = click.option(
     "--level",

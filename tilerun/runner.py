@@ -76,6 +76,11 @@ def write_outputs(
 
     The class map is a palette image: the pixel is the class index, the palette colours it
     (no palette: every entry black; the indices are the data)."""
+    from .omezarr import Plane, finish
+
+    if isinstance(rgb, Plane):  # an `omezarr.OmeZarrCanvas`'s: its chunks are on disk already
+        kinds = [k for k, a in (("pred", classes), ("inpainted", rgb)) if a.written]
+        return finish(rgb.canvas, palette=palette, text=text_for(kinds) if text_for else None)
     kinds = [k for k, a in (("pred", classes), ("inpainted", rgb)) if a is not None]
     text = text_for(kinds) if text_for else None
     written = []
@@ -180,9 +185,16 @@ def _run_job(ctx, engine, items, out_dir, *, mask_dir, palette, on_tiles, overwr
         return write_outputs(out_plan.outputs(item), classes, rgb, palette, pool=strips, threads=encoders,
                              text_for=lambda kinds: out_plan.output_text(item, kinds))
 
+    new_canvas = None
+    if fmt == "ome-zarr":  # cores go straight into the output's zarr chunks: no full-size array
+        from .omezarr import OmeZarrCanvas
+
+        def new_canvas(p):
+            return OmeZarrCanvas(p.height, p.width, p.tiles, path=out_plan.outputs(by_key[p.key])["inpainted"])
+
     try:
         results, stats = run_worker(ctx, engine, plans, own, write=write, io=io, kept=kept, mask_dir=mask_dir,
-                                    on_tiles=on_tiles if ctx.rank == 0 else None)
+                                    on_tiles=on_tiles if ctx.rank == 0 else None, new_canvas=new_canvas)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         if ctx.rank != 0:

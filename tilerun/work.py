@@ -308,7 +308,8 @@ def _main_chunk(engine, plan, ids: list[int], image, mask, sums, key) -> tuple[d
     return {"tiles": header_tiles}, arrays
 
 
-def _whole_image(engine, plan, image, mask, key, *, on_chunk: Callable[[list[int]], None]) -> Canvas:
+def _whole_image(engine, plan, image, mask, key, *, on_chunk: Callable[[list[int]], None],
+                 new_canvas: Callable = None) -> Canvas:
     """One whole-image task: both passes over the plan's chunks (the same batches, hence the
     same bits, as when the image is spread), stitched in this process."""
     sums = None
@@ -317,7 +318,7 @@ def _whole_image(engine, plan, image, mask, key, *, on_chunk: Callable[[list[int
         for ids in plan.chunks[PASS_GLOBAL]:
             partials.update(engine.global_partials(image, mask, [plan.tiles[i] for i in ids], key=key))
         sums = engine.reduce_partials(partials)
-    canvas = Canvas(plan.height, plan.width, plan.tiles)
+    canvas = new_canvas(plan) if new_canvas else Canvas(plan.height, plan.width, plan.tiles)
     for ids in plan.chunks[PASS_MAIN]:
         canvas.add(*_main_chunk(engine, plan, ids, image, mask, sums, key))
         on_chunk(ids)
@@ -340,10 +341,12 @@ class _Finisher(threading.Thread):
     """Assembles and writes the spread images this rank finishes, as their chunks arrive."""
 
     def __init__(self, ctx, plans, own: Ownership, tags: dict[tuple[int, int], int], io: SpreadIO,
-                 writer: OutputWriter, kept: Kept, failed: Callable, done_tiles: Callable[[int], None]):
+                 writer: OutputWriter, kept: Kept, failed: Callable, done_tiles: Callable[[int], None],
+                 new_canvas: Callable = None):
         super().__init__(daemon=True, name="tilerun-finisher")
         self.ctx, self.plans, self.own, self.tags, self.io, self.writer = ctx, plans, own, tags, io, writer
         self.kept, self.failed, self.done_tiles = kept, failed, done_tiles
+        self.new_canvas = new_canvas or (lambda p: Canvas(p.height, p.width, p.tiles))
         self.error: BaseException | None = None
         self.reused = 0
         describe = describer(plans)
@@ -357,7 +360,7 @@ class _Finisher(threading.Thread):
                     continue
                 p = self.plans[i]
                 t0 = time.perf_counter()
-                canvas = Canvas(p.height, p.width, p.tiles)
+                canvas = self.new_canvas(p)
                 kept = self.kept.get(i, {}).get(PASS_MAIN, set())
                 for c in range(len(p.chunks[PASS_MAIN])):
                     if c in kept:
@@ -387,6 +390,7 @@ def run_worker(
     kept: Kept | None = None,
     mask_dir=None,
     on_tiles: Callable[[int, int], None] | None = None,
+    new_canvas: Callable | None = None,
 ) -> tuple[list[dict], list[RankStats]]:
     """Compute this process's claims and write the images it finishes.
 
@@ -394,7 +398,8 @@ def run_worker(
     ``io``: how spread images' chunks travel (None: no image is spread). ``on_tiles(tiles,
     images)`` (rank 0): every rank's progress. Returns (every rank's per-image results as
     dicts: input, status, outputs, size, tiles, seconds, error; every rank's stats) on rank
-    0, ([], [own stats]) elsewhere.
+    0, ([], [own stats]) elsewhere. ``new_canvas(plan)``: the `assemble.Canvas` an image's cores
+    go into (default: in memory; `omezarr.OmeZarrCanvas` writes them to disk as they come).
     """
     started_at = time.time()
     kept = kept or {}
@@ -425,7 +430,7 @@ def run_worker(
     writer.on_written = lambda key, ok: count(images=1, failed=int(not ok))
     finisher = None
     if any(r == ctx.rank for r in own.spread.values()):
-        finisher = _Finisher(ctx, plans, own, tags, io, writer, kept, failed, lambda n: count(tiles=n))
+        finisher = _Finisher(ctx, plans, own, tags, io, writer, kept, failed, lambda n: count(tiles=n), new_canvas)
     loader = _Loader(ctx, engine, plans, tasks, mask_dir, parts=io.parts if io else None, kept=kept)
     poller = _ProgressPoller(ctx, on_tiles) if on_tiles is not None else None
     for t in (finisher, loader, poller):
@@ -455,7 +460,8 @@ def run_worker(
                     failed(p, str(loaded))
                     count(tiles=len(p.tiles))
                 else:
-                    canvas = _whole_image(engine, p, *loaded, key, on_chunk=lambda ids: count(tiles=len(ids)))
+                    canvas = _whole_image(engine, p, *loaded, key, on_chunk=lambda ids: count(tiles=len(ids)),
+                                          new_canvas=new_canvas)
                     if engine.uses_global:
                         stats.tiles["global"] += len(p.tiles)
                     stats.tiles["main"] += len(p.tiles)
