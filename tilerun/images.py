@@ -5,7 +5,8 @@ encoded by `png`, TIFF outputs by tifffile.
 
 Conventions (docs/formats.md says the same for users):
 
-* **Inputs**: files ending in one of `IMAGE_EXTENSIONS` (any case) under INPUT, recursively.
+* **Inputs**: files ending in one of `IMAGE_EXTENSIONS` (any case) under INPUT, recursively,
+  and zarr / OME-Zarr folders (``*.zarr``, not descended into; `sources` reads them).
   Never inputs: hidden names (``.x``), sidecar masks (``*.mask.png``), files named like
   tilerun outputs (``*.pred.png``, ``*.inpainted.png``, ``*.preview.png``), and anything
   under an excluded folder (OUTPUT, when it lies inside INPUT).
@@ -113,6 +114,12 @@ def _is_not_input(name: str) -> bool:
     return name.startswith(".") or not low.endswith(IMAGE_EXTENSIONS) or low.endswith(_NOT_INPUT_SUFFIXES)
 
 
+def _is_zarr_input(path: Path) -> bool:
+    """A zarr / OME-Zarr folder (``*.zarr``, read window by window: `sources`), not an OME-Zarr output of ours."""
+    low = path.name.lower()
+    return low.endswith(".zarr") and not low.endswith(".inpainted.ome.zarr") and path.is_dir()
+
+
 def find_inputs(root: str | os.PathLike, *, exclude: Iterable[str | os.PathLike] = ()) -> list[InputItem]:
     """Images under ``root`` (or ``root`` itself), sorted by relative path; sidecars and outputs excluded.
 
@@ -123,7 +130,7 @@ def find_inputs(root: str | os.PathLike, *, exclude: Iterable[str | os.PathLike]
     (a link cycle would never end).
     """
     root = Path(root).absolute()
-    if root.is_file():
+    if root.is_file() or _is_zarr_input(root):
         return [InputItem(root, Path(root.name))]
     if not root.is_dir():
         raise FileNotFoundError(f"input {root} does not exist")
@@ -135,6 +142,9 @@ def find_inputs(root: str | os.PathLike, *, exclude: Iterable[str | os.PathLike]
         dirnames[:] = sorted(
             n for n in dirnames if not n.startswith(".") and os.path.realpath(d / n) not in skip
         )
+        for name in [n for n in dirnames if _is_zarr_input(d / n)]:  # an image, not a folder to descend
+            dirnames.remove(name)
+            items.append(InputItem(d / name, (d / name).relative_to(root)))
         for name in filenames:
             if not _is_not_input(name):
                 p = d / name

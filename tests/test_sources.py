@@ -1,0 +1,205 @@
+"""Inputs read window by window (`tilerun.sources`): the same bytes as a whole decode, pyramid
+levels by --level / --mpp, zarr / OME-Zarr and OpenSlide readers, under torchrun too."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli_fixtures import model_file, run_cli  # noqa: F401  (fixtures)
+from test_dist import run_tilerun
+
+tifffile = pytest.importorskip("tifffile", reason="tiled TIFF inputs need tifffile (pip install tilerun[tiff])")
+
+from tilerun.sources import LevelChoice, WindowedImage, open_source, windowed  # noqa: E402
+from tilerun.tiff import read_tiff  # noqa: E402
+
+
+def _pixels(shape, dtype, seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
+
+
+def _write(path: Path, data: np.ndarray, **kw) -> Path:
+    spp = data.shape[2]
+    extra = {"extrasamples": ["unassalpha"]} if spp in (2, 4) else {}
+    tifffile.imwrite(path, data if spp > 1 else data[..., 0], photometric="rgb" if spp >= 3 else "minisblack",
+                     compression="zlib", **extra, **kw)
+    return path
+
+
+def _scene(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """RGBA with structure a model can see (a real photo's crop, tiled) and a hole."""
+    src = np.asarray(Image.open(Path(__file__).parent.parent / "sample_images" / "chelsea.png").convert("RGB"))
+    rgb = np.tile(src, (-(-h // src.shape[0]), -(-w // src.shape[1]), 1))[:h, :w]
+    rgba = np.dstack([rgb, np.full((h, w), 255, np.uint8)])
+    rgba[40 + seed : 70, 30:110, 3] = 0
+    return rgba
+
+
+@pytest.mark.parametrize("dtype,spp", [(np.uint8, 3), (np.uint8, 4), (np.uint16, 1), (np.uint16, 2)])
+def test_windows_are_the_whole_decodes_pixels(tmp_path, dtype, spp):
+    data = _pixels((300, 270, spp), dtype)
+    if spp in (2, 4):
+        data[50:90, 30:100, -1] = 0
+    path = _write(tmp_path / "x.tif", data, tile=(64, 48))
+    assert windowed(path)
+    rgb, missing = read_tiff(path, max_pixels=None)
+    image = WindowedImage(open_source(path))
+    assert image.shape == (300, 270, 3) and image.mask.shape == (300, 270)
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        y0, x0 = rng.integers(0, 299), rng.integers(0, 269)
+        y1, x1 = rng.integers(y0 + 1, 301), rng.integers(x0 + 1, 271)
+        got_rgb, got_missing = image.read_window(y0, y1, x0, x1)
+        np.testing.assert_array_equal(got_rgb, rgb[y0:y1, x0:x1])
+        np.testing.assert_array_equal(got_missing, missing[y0:y1, x0:x1])
+    np.testing.assert_array_equal(image.mask[10:20, 5:9], missing[10:20, 5:9])
+
+
+def test_which_inputs_are_read_window_by_window(tmp_path):
+    data = _pixels((64, 64, 3), np.uint8)
+    assert windowed(_write(tmp_path / "tiled.tif", data, tile=(32, 32)))
+    assert not windowed(_write(tmp_path / "strips.tif", data))  # decoded whole, as before
+    Image.fromarray(data).save(tmp_path / "x.png")
+    assert not windowed(tmp_path / "x.png")
+
+
+def test_the_cli_writes_the_same_bytes_window_by_window(tmp_path, run_cli, monkeypatch):
+    """A tiled TIFF (windows) and the same pixels as a strip TIFF (decoded whole): equal outputs,
+    and the tiled one never goes through the whole decode."""
+    import tilerun.work
+
+    data = _scene(230, 300)
+    for kind, kw in (("tiled", {"tile": (48, 64)}), ("strips", {"rowsperstrip": 16})):
+        (tmp_path / kind).mkdir()
+        _write(tmp_path / kind / "x.tif", data, **kw)
+    r = run_cli(tmp_path / "strips", tmp_path / "out-strips")
+    assert r.exit_code == 0, r.output
+
+    def no_whole_decode(item, **kw):
+        raise AssertionError(f"{item.path} decoded whole")
+
+    monkeypatch.setattr(tilerun.work, "load_image", no_whole_decode)
+    r = run_cli(tmp_path / "tiled", tmp_path / "out-tiled")
+    assert r.exit_code == 0, r.output
+    _same_pixels(tmp_path / "out-tiled", tmp_path / "out-strips")
+
+
+def _same_pixels(a: Path, b: Path) -> None:
+    """The outputs' pixels and palettes (their text stamps name their own input files)."""
+    for name in ("x.pred.png", "x.inpainted.png"):
+        ia, ib = Image.open(a / name), Image.open(b / name)
+        assert ia.getpalette() == ib.getpalette(), name
+        np.testing.assert_array_equal(np.asarray(ia), np.asarray(ib), err_msg=name)
+
+
+def _pyramid(path: Path, data: np.ndarray, mpp: float = 0.25) -> list[np.ndarray]:
+    levels = [data, data[::2, ::2], data[::4, ::4]]
+    with tifffile.TiffWriter(path) as w:
+        w.write(levels[0], tile=(64, 64), subifds=2, photometric="rgb", extrasamples=["unassalpha"],
+                compression="zlib", resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+        for lv in levels[1:]:
+            w.write(lv, tile=(64, 64), subfiletype=1, photometric="rgb", extrasamples=["unassalpha"],
+                    compression="zlib")
+    return levels
+
+
+def test_pyramid_levels_by_level_and_by_mpp(tmp_path):
+    levels = _pyramid(tmp_path / "p.tif", _scene(400, 360))
+    for choice, level in ((LevelChoice(), 0), (LevelChoice(level=2), 2), (LevelChoice(mpp=0.5), 1),
+                          (LevelChoice(mpp=0.7), 1), (LevelChoice(mpp=0.1), 0), (LevelChoice(mpp=5), 2)):
+        src = open_source(tmp_path / "p.tif", choice=choice)
+        assert src.level == level, choice
+        assert src.mpp == pytest.approx(0.25 * 2**level)
+        want = levels[level]
+        np.testing.assert_array_equal(src.read(0, want.shape[0], 0, want.shape[1]), want)
+    assert open_source(tmp_path / "p.tif").describe() == {
+        "reader": "tifffile", "level": 0, "levels": 3, "size": [360, 400], "mpp": 0.25}
+
+
+def test_the_cli_reads_the_chosen_level(tmp_path, run_cli):
+    """--level 1 of a pyramid gives what the level's own pixels give as a PNG; a level the
+    file lacks fails that file, naming --level."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "png").mkdir()
+    levels = _pyramid(tmp_path / "in" / "p.tif", _scene(300, 280))
+    Image.fromarray(levels[1], "RGBA").save(tmp_path / "png" / "p.png")
+    r = run_cli(tmp_path / "png", tmp_path / "out-png")
+    assert r.exit_code == 0, r.output
+    r = run_cli(tmp_path / "in", tmp_path / "out-l1", "--level", "1")
+    assert r.exit_code == 0, r.output
+    for name in ("p.pred.png", "p.inpainted.png"):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out-l1" / name)),
+                                      np.asarray(Image.open(tmp_path / "out-png" / name)))
+    report = json.loads((tmp_path / "out-l1" / "tilerun-report.json").read_text())
+    assert report["files"][0]["size"] == [140, 150]
+    r = run_cli(tmp_path / "in", tmp_path / "out-l7", "--level", "7")
+    assert r.exit_code == 1
+    assert "--level 7" in json.loads((tmp_path / "out-l7" / "tilerun-report.json").read_text())["files"][0]["error"]
+
+
+def test_torchrun_reads_windows_and_matches_a_whole_decode(tmp_path):
+    """Two processes spread a tiled TIFF (pass 1 and pass 2 from windows): the bytes of one
+    process decoding the same pixels whole."""
+    data = _scene(260, 300, seed=3)
+    for kind, kw in (("tiled", {"tile": (64, 64)}), ("strips", {"rowsperstrip": 32})):
+        (tmp_path / kind).mkdir()
+        _write(tmp_path / kind / "x.tif", data, **kw)
+    r = run_tilerun([str(tmp_path / "strips"), str(tmp_path / "out-whole"), "--tile", "64"])
+    assert r.returncode == 0, r.stderr
+    r = run_tilerun([str(tmp_path / "tiled"), str(tmp_path / "out-win"), "--tile", "64"], nproc=2)
+    assert r.returncode == 0, r.stderr
+    assert "spread over 2 processes" in r.stderr, r.stderr
+    _same_pixels(tmp_path / "out-win", tmp_path / "out-whole")
+
+
+def test_ome_zarr_input_by_level(tmp_path, run_cli, monkeypatch):
+    """An OME-Zarr written by `--format ome-zarr` is an input: its level 1 gives what that
+    level's pixels give as a PNG."""
+    zarr = pytest.importorskip("zarr", reason="zarr inputs need zarr (pip install tilerun[ome])")
+    import tilerun.omezarr as omezarr
+
+    monkeypatch.setattr(omezarr, "CHUNK", 64)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(_scene(200, 230)).save(tmp_path / "in" / "s.png")
+    r = run_cli(tmp_path / "in", tmp_path / "oz", "--format", "ome-zarr")
+    assert r.exit_code == 0, r.output
+    src = tmp_path / "zin" / "s.ome.zarr"
+    shutil.copytree(tmp_path / "oz" / "s.inpainted.ome.zarr", src)
+    level1 = np.moveaxis(np.asarray(zarr.open_group(str(src), mode="r")["1"]), 0, -1)
+    source = open_source(src, choice=LevelChoice(level=1))
+    assert (source.kind, source.level, source.height, source.width) == ("zarr", 1, 100, 115)
+    np.testing.assert_array_equal(source.read(0, 100, 0, 115), level1)
+
+    (tmp_path / "png").mkdir()
+    Image.fromarray(level1).save(tmp_path / "png" / "s.ome.png")
+    r = run_cli(tmp_path / "png", tmp_path / "out-png")
+    assert r.exit_code == 0, r.output
+    r = run_cli(tmp_path / "zin", tmp_path / "out-z", "--level", "1")
+    assert r.exit_code == 0, r.output
+    for name in ("s.ome.pred.png", "s.ome.inpainted.png"):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out-z" / name)),
+                                      np.asarray(Image.open(tmp_path / "out-png" / name)))
+
+
+def test_openslide_reads_the_windows_tifffile_reads(tmp_path):
+    openslide = pytest.importorskip("openslide", reason="whole-slide inputs need openslide-python + openslide-bin")
+    from tilerun.sources import SlideSource, TiffSource
+
+    data = _scene(300, 280)[..., :3]
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, data, tile=(64, 64), photometric="rgb", compression="zlib",
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    assert openslide.OpenSlide.detect_format(str(path)) == "generic-tiff"
+    slide, tiff = SlideSource(path, LevelChoice()), TiffSource(path, LevelChoice())
+    assert (slide.height, slide.width) == (tiff.height, tiff.width) == (300, 280)
+    for y0, y1, x0, x1 in ((0, 300, 0, 280), (17, 90, 33, 250), (250, 300, 200, 280)):
+        rgb, missing = slide.window(y0, y1, x0, x1)
+        np.testing.assert_array_equal(rgb, tiff.window(y0, y1, x0, x1)[0])
+        assert not missing.any()
