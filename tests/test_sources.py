@@ -203,3 +203,31 @@ def test_openslide_reads_the_windows_tifffile_reads(tmp_path):
         rgb, missing = slide.window(y0, y1, x0, x1)
         np.testing.assert_array_equal(rgb, tiff.window(y0, y1, x0, x1)[0])
         assert not missing.any()
+
+
+def test_inspect_input_says_what_run_reads(tmp_path):
+    """`tilerun inspect INPUT`: levels and pixel sizes of a pyramid; CRS, nodata, dtype and
+    range of a float GeoTIFF; the model form of the command is unchanged (tests/test_ux.py)."""
+    from click.testing import CliRunner
+
+    from tilerun.cli import main
+
+    _pyramid(tmp_path / "p.tif", _scene(400, 360))
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "p.tif"), "--mpp", "0.5"])
+    assert r.exit_code == 0, r.output
+    assert "window by window (tifffile), level 1 (180x200)" in r.output
+    for want in ("level 0          360x400, 0.25 µm/px", "level 2          90x100, 1 µm/px", "tiles 64x64",
+                 "4 (rgb, last is alpha)", "uint8"):
+        assert want in r.output, (want, r.output)
+
+    dem = np.linspace(0, 1200, 50 * 40, dtype=np.float32).reshape(50, 40)
+    dem[0, 0] = np.nan
+    geokeys = (1, 1, 0, 3, 1024, 0, 1, 1, 1025, 0, 1, 1, 3072, 0, 1, 32633)
+    tifffile.imwrite(tmp_path / "dem.tif", dem, extratags=[
+        (33550, "d", 3, (30.0, 30.0, 0.0), True), (33922, "d", 6, (0, 0, 0, 500000.0, 4100000.0, 0), True),
+        (34735, "H", len(geokeys), geokeys, True), (42113, "s", 0, "-9999", True)])
+    r = CliRunner().invoke(main, ["inspect", str(tmp_path / "dem.tif")])
+    assert r.exit_code == 0, r.output
+    for want in ("EPSG:32633 (georeferenced: tie point + pixel scale)", "nodata           -9999", "float32",
+                 "(1 NaN)", "..1200.0"):
+        assert want in r.output, (want, r.output)

@@ -354,23 +354,35 @@ def merge(weights, out, overwrite, verbose, quiet):
 
 
 @main.command("inspect")
-@click.argument("model_path", metavar="[MODEL]", required=False, type=o.ModelSpec())
+@click.argument("model_path", metavar="[MODEL | INPUT]", required=False, type=o.ModelSpec())
 # Not o.tile_opt/o.batch_opt: inspect reports for tilerun's default on the chosen device unless told otherwise.
 @click.option("--tile", type=int, default=None, help="Tile core side to measure memory for. "
               "Default: tilerun's default for the device.")
 @click.option("--batch-size", type=int, default=None, help="Tiles per forward. Default: tilerun's default.")
 @o.device_opt
 @click.option("--no-memory", is_flag=True, help="Skip the full-size forward that measures memory per tile.")
+@o.level_opt
+@o.mpp_opt
 @o.verbose_opt
 @o.quiet_opt
-def inspect_cmd(model_path, tile, batch_size, device, no_memory, verbose, quiet):
+def inspect_cmd(model_path, tile, batch_size, device, no_memory, level, mpp, verbose, quiet):
     """Describe MODEL (default: tilerun's own): architecture, parameters, K and palette,
     measured stride and receptive field, memory per tile, and whether tiles are exact.
 
     MODEL is a .safetensors checkpoint, TorchScript (.pt), exported program (.pt2) or
     package.module:factory, as for `tilerun run --model`.
+
+    Or describe what `tilerun run` will read of INPUT (an image, a whole slide, a *.zarr
+    folder): format, size and pixel size per level, the level read (--level, --mpp),
+    tiling, dtype and value range, bands, CRS and nodata.
     """
     _setup_logging(verbose, quiet)
+    from .inspect import format_input_report, inspect_input, is_input
+
+    if model_path is not None and is_input(model_path):
+        with _error_boundary(verbose):
+            click.echo(format_input_report(inspect_input(model_path, level=level, mpp=mpp)))
+        return
     from .dist import _device
     from .inspect import format_report, inspect_model
     from .model import load_model

@@ -25,8 +25,8 @@ class ModelSpec(click.ParamType):
         import re
 
         text = os.fspath(value)
-        if os.path.isfile(text):
-            return text
+        if os.path.isfile(text) or (text.lower().rstrip("/").endswith(".zarr") and os.path.isdir(text)):
+            return text  # a zarr folder: an input, for `tilerun inspect INPUT`
         if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", text):
             return text
         what = "is a folder" if os.path.isdir(text) else "does not exist"

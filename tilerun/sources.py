@@ -301,9 +301,12 @@ class ZarrSource(Source):
             ms = (node.attrs.get("multiscales") or node.attrs.get("ome", {}).get("multiscales") or [None])[0]
             if ms is None:
                 raise InputImageError("a zarr group without OME multiscales metadata: give the array's folder")
-            axes = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])] or None
-            arrays = [node[d["path"]] for d in ms["datasets"]]
-            mpps = _ome_mpps(ms, axes)
+            try:
+                axes = [a["name"] if isinstance(a, dict) else a for a in ms.get("axes", [])] or None
+                arrays = [node[d["path"]] for d in ms["datasets"]]
+                mpps = _ome_mpps(ms, axes)
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                raise InputImageError(f"its OME multiscales metadata is incomplete ({type(e).__name__}: {e})") from e
         else:
             arrays, mpps = [node], [None]
         if axes is None:
