@@ -139,6 +139,9 @@ def test_the_cli_reads_the_chosen_level(tmp_path, run_cli):
                                       np.asarray(Image.open(tmp_path / "out-png" / name)))
     report = json.loads((tmp_path / "out-l1" / "tilerun-report.json").read_text())
     assert report["files"][0]["size"] == [140, 150]
+    read = {"reader": "tifffile", "level": 1, "levels": 3, "size": [140, 150], "mpp": 0.5}
+    assert report["files"][0]["read"] == read  # the report and the outputs record the level and its pixel size
+    assert json.loads(Image.open(tmp_path / "out-l1" / "p.pred.png").info["tilerun.read"]) == read
     r = run_cli(tmp_path / "in", tmp_path / "out-l7", "--level", "7")
     assert r.exit_code == 1
     assert "--level 7" in json.loads((tmp_path / "out-l7" / "tilerun-report.json").read_text())["files"][0]["error"]

@@ -28,6 +28,7 @@ from .owners import assign
 from .report import REPORT_NAME
 from .resume import Fingerprint, Manifest, OutputLock, OutputPlan, fingerprint, prepare_outputs
 from .scheduler import JobPlan, job_settings, plan_job
+from .sources import describe
 from .work import run_worker
 
 __all__ = ["FileResult", "JobSummary", "run_job", "write_outputs"]
@@ -44,6 +45,7 @@ class FileResult:
     tiles: int = 0
     seconds: float = 0.0
     error: str | None = None
+    read: dict | None = None  # an input read window by window: `sources.describe` (reader, level, µm per pixel)
 
 
 @dataclass
@@ -182,8 +184,14 @@ def _run_job(ctx, engine, items, out_dir, *, mask_dir, palette, on_tiles, overwr
 
     def write(key, classes, rgb, strips):
         item = by_key[key]
+
+        def text_for(kinds):
+            text = out_plan.output_text(item, kinds)
+            read = describe(item.path)  # the level read and its pixel size, in the outputs too
+            return text if read is None else {**text, "tilerun.read": json.dumps(read, sort_keys=True)}
+
         return write_outputs(out_plan.outputs(item), classes, rgb, palette, pool=strips, threads=encoders,
-                             text_for=lambda kinds: out_plan.output_text(item, kinds))
+                             text_for=text_for)
 
     new_canvas = None
     if fmt == "ome-zarr":  # cores go straight into the output's zarr chunks: no full-size array
@@ -212,7 +220,7 @@ def _run_job(ctx, engine, items, out_dir, *, mask_dir, palette, on_tiles, overwr
 def _result(d: dict) -> FileResult:
     size = d.get("size")
     return FileResult(d["input"], d["status"], d.get("outputs") or [], tuple(size) if size else None,
-                      d.get("tiles", 0), d.get("seconds", 0.0), d.get("error"))
+                      d.get("tiles", 0), d.get("seconds", 0.0), d.get("error"), d.get("read"))
 
 
 def _spread_io(ctx, plans, own, out_dir, fp, identities, shared_output):

@@ -441,9 +441,16 @@ def source_size(path: Path) -> tuple[int, int] | None:
         src.close()
 
 
-def level_sizes_text(src: Source) -> str:
-    return ", ".join(f"{w}x{h}" for h, w in src.sizes)
-
-
-def mpp_text(mpp: float | None) -> str:
-    return "unknown" if mpp is None else f"{mpp:.4g} µm"
+def describe(path: Path) -> dict | None:
+    """What `open_source` reads of ``path`` (`Source.describe`: reader, level, levels, size, µm per
+    pixel), for the report and the outputs' text; None for an input decoded whole."""
+    try:
+        if not windowed(path):
+            return None
+        src = open_source(path)
+    except InputImageError:
+        return None
+    try:
+        return src.describe()
+    finally:
+        src.close()

@@ -48,7 +48,7 @@ from .errors import InputImageError, Interrupted
 from .images import load_image, load_mask, sidecar_mask_path
 from .owners import Ownership
 from .parts import PartStore
-from .sources import WindowedImage, open_source, windowed
+from .sources import WindowedImage, describe, open_source, windowed
 from .transport import PointToPoint, pack, unpack
 
 if TYPE_CHECKING:
@@ -330,7 +330,8 @@ def _decided(plans, written: tuple) -> dict:
     key, outputs, error, seconds = written
     p = next(q for q in plans if q.key == key)
     return {"input": key, "status": "failed" if error else "ok", "outputs": outputs or [],
-            "size": [p.width, p.height], "tiles": len(p.tiles), "seconds": seconds, "error": error}
+            "size": [p.width, p.height], "tiles": len(p.tiles), "seconds": seconds, "error": error,
+            "read": describe(p.item.path)}
 
 
 def _error_header(plan, pass_: int, chunk: int, error: str) -> dict:
