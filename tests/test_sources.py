@@ -234,3 +234,26 @@ def test_inspect_input_says_what_run_reads(tmp_path):
     for want in ("EPSG:32633 (georeferenced: tie point + pixel scale)", "nodata           -9999", "float32",
                  "(1 NaN)", "..1200.0"):
         assert want in r.output, (want, r.output)
+
+
+@pytest.mark.parametrize("fmt", ["png", "ome-zarr"])
+def test_a_tile_that_cannot_be_decoded_fails_its_file_only(tmp_path, run_cli, fmt):
+    """A corrupt tile is found while computing (windows are read then), not while loading:
+    still one failed file with the reason, the others written, no temporary output left."""
+    if fmt == "ome-zarr":
+        pytest.importorskip("zarr", reason="OME-Zarr outputs need zarr")
+    (tmp_path / "in").mkdir()
+    _write(tmp_path / "in" / "bad.tif", _scene(200, 210), tile=(64, 64))
+    _write(tmp_path / "in" / "good.tif", _scene(100, 90), tile=(64, 64))
+    with tifffile.TiffFile(tmp_path / "in" / "bad.tif") as tif:
+        offset, count = tif.pages.first.dataoffsets[5], tif.pages.first.databytecounts[5]
+    with open(tmp_path / "in" / "bad.tif", "r+b") as f:
+        f.seek(offset)
+        f.write(b"\xff" * count)
+    r = run_cli(tmp_path / "in", tmp_path / "out", "--format", fmt)
+    assert r.exit_code == 1, r.output
+    files = {f["input"]: f for f in json.loads((tmp_path / "out" / "tilerun-report.json").read_text())["files"]}
+    assert files["good.tif"]["status"] == "ok"
+    assert files["bad.tif"]["status"] == "failed" and "cannot decode tile 5" in files["bad.tif"]["error"]
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".bad")]
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("bad")]

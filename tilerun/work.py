@@ -319,10 +319,20 @@ def _whole_image(engine, plan, image, mask, key, *, on_chunk: Callable[[list[int
             partials.update(engine.global_partials(image, mask, [plan.tiles[i] for i in ids], key=key))
         sums = engine.reduce_partials(partials)
     canvas = new_canvas(plan) if new_canvas else Canvas(plan.height, plan.width, plan.tiles)
-    for ids in plan.chunks[PASS_MAIN]:
-        canvas.add(*_main_chunk(engine, plan, ids, image, mask, sums, key))
-        on_chunk(ids)
+    try:
+        for ids in plan.chunks[PASS_MAIN]:
+            canvas.add(*_main_chunk(engine, plan, ids, image, mask, sums, key))
+            on_chunk(ids)
+    except BaseException:
+        _discard(canvas)
+        raise
     return canvas
+
+
+def _discard(canvas: Canvas) -> None:
+    """A canvas that will not be written: an `omezarr.OmeZarrCanvas` removes its temporary folder."""
+    if hasattr(canvas, "discard"):
+        canvas.discard()
 
 
 def _decided(plans, written: tuple) -> dict:
@@ -371,6 +381,7 @@ class _Finisher(threading.Thread):
                     else:
                         canvas.add(*self.io.collect(store, self.tags[(i, c)], i, c, self.wait))
                 if canvas.error:
+                    _discard(canvas)
                     self.failed(p, canvas.error)
                     continue
                 parts = self.io.parts[i] if self.io.parts is not None else None
@@ -461,12 +472,22 @@ def run_worker(
                     failed(p, str(loaded))
                     count(tiles=len(p.tiles))
                 else:
-                    canvas = _whole_image(engine, p, *loaded, key, on_chunk=lambda ids: count(tiles=len(ids)),
-                                          new_canvas=new_canvas)
-                    if engine.uses_global:
-                        stats.tiles["global"] += len(p.tiles)
-                    stats.tiles["main"] += len(p.tiles)
-                    writer.submit(p.key, canvas, time.perf_counter() - t0)
+                    done = []
+
+                    def on_chunk(ids: list[int]) -> None:
+                        done.extend(ids)
+                        count(tiles=len(ids))
+
+                    try:
+                        canvas = _whole_image(engine, p, *loaded, key, on_chunk=on_chunk, new_canvas=new_canvas)
+                    except InputImageError as e:  # a window that cannot be decoded (`sources`): this file fails
+                        failed(p, str(e))
+                        count(tiles=len(p.tiles) - len(done))
+                    else:
+                        if engine.uses_global:
+                            stats.tiles["global"] += len(p.tiles)
+                        stats.tiles["main"] += len(p.tiles)
+                        writer.submit(p.key, canvas, time.perf_counter() - t0)
             elif task.pass_ == PASS_GLOBAL:
                 error = str(loaded) if isinstance(loaded, Exception) else None
                 if error:
@@ -474,9 +495,13 @@ def run_worker(
                 else:
                     image, mask = loaded
                     tiles = [p.tiles[i] for i in p.chunks[PASS_GLOBAL][task.chunk]]
-                    partials = engine.global_partials(image, mask, tiles, key=key)
-                    header, arrays = {"tiles": [t.index for t in tiles]}, [np.stack([partials[t.index].numpy() for t in tiles])]
-                    stats.tiles["global"] += len(tiles)
+                    try:
+                        partials = engine.global_partials(image, mask, tiles, key=key)
+                        header, arrays = {"tiles": [t.index for t in tiles]}, [np.stack([partials[t.index].numpy() for t in tiles])]
+                        stats.tiles["global"] += len(tiles)
+                    except InputImageError as e:  # a window that cannot be decoded (`sources`)
+                        error = str(e)
+                        header, arrays = _error_header(p, PASS_GLOBAL, task.chunk, error), []
                 if io is not None and io.parts is not None and not error:
                     stats.bytes_parts += io.parts[task.image].put(PASS_GLOBAL, task.chunk, header, arrays)
                 payload = pack(header, arrays)
@@ -488,8 +513,11 @@ def run_worker(
                     header, arrays = _error_header(p, PASS_MAIN, task.chunk, str(loaded) if isinstance(loaded, Exception) else sums), []
                 else:
                     image, mask = loaded
-                    header, arrays = _main_chunk(engine, p, ids, image, mask, sums, key)
-                    stats.tiles["main"] += len(ids)
+                    try:
+                        header, arrays = _main_chunk(engine, p, ids, image, mask, sums, key)
+                        stats.tiles["main"] += len(ids)
+                    except InputImageError as e:  # a window that cannot be decoded (`sources`)
+                        header, arrays = _error_header(p, PASS_MAIN, task.chunk, str(e)), []
                 io.deliver(store, n, task.image, task.chunk, own.spread[task.image], header, arrays)
                 count(tiles=len(ids))
             stats.compute_s += time.perf_counter() - t0
