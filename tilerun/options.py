@@ -119,8 +119,8 @@ format_opt = click.option(
     type=click.Choice(["png", "tiff", "ome-zarr"]),  # images.OUTPUT_FORMATS (not imported: --help stays fast)
     default="png",
     show_default=True,
-    help="Output files: png, or tiff (tiled, deflate; NAME.pred.tif, NAME.inpainted.tif) for images too big "
-    "for PNG viewers; ome-zarr (NGFF 0.4: NAME.inpainted.ome.zarr, the class map in its labels/pred), written "
+    help="Output files: png; tiff (tiled, deflate; NAME.pred.tif, NAME.inpainted.tif) for images too big "
+    "for PNG viewers; or ome-zarr (NGFF 0.4: NAME.inpainted.ome.zarr, the class map in its labels/pred), written "
     "chunk by chunk, for napari, QuPath and Dask. tiff needs tifffile (pip install tilerun[tiff]), ome-zarr "
     "needs zarr (pip install tilerun[ome]).",
 )
