@@ -2,6 +2,7 @@
 synthetic SIZE^2 tiled pyramidal TIFF, into OME-Zarr (nothing full-size is held anywhere).
 
     nice -n 10 python bench/big_scene.py [--size 40000] [--procs 1,2] [--dir /tmp/big]
+    nice -n 10 python bench/big_scene.py --size 8192 --procs 1 --compare-whole
 
 The scene (made once, kept in --dir): RGB, 512^2 deflate tiles, two SubIFD levels, a
 smooth pattern with noise and a few holes (alpha 0), written tile by tile from a generator
@@ -10,6 +11,9 @@ TILERUN_SLEEP_RATE=1e12 (no sleep: pointwise, next to no compute), so the run is
 host side alone: window decode, stitching into zarr chunks, the pyramid. Each run is
 `tilerun run` (or torchrun with N processes) in a fresh OUTPUT; a sampler reads every
 process's RSS from /proc every 0.2 s and prints the largest seen per process.
+
+``--compare-whole`` (a size small enough to decode whole): the same pixels also as a strip
+TIFF, which tilerun decodes whole; both run into PNG, and their output pixels must be equal.
 """
 
 from __future__ import annotations
@@ -98,10 +102,23 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-def measure(scene: Path, out: Path, procs: int, size: int) -> None:
+def strip_copy(scene: Path) -> Path:
+    """Level 0 of ``scene`` as a strip TIFF (decoded whole by tilerun), in a folder of its own."""
+    import tifffile
+
+    path = scene.parent / "strips" / scene.name
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        data = tifffile.imread(scene)
+        tifffile.imwrite(path, data, photometric="rgb", extrasamples=["unassalpha"], compression="zlib",
+                         compressionargs={"level": 1}, rowsperstrip=64)
+    return path
+
+
+def measure(scene: Path, out: Path, procs: int, size: int, fmt: str = "ome-zarr") -> None:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'bench'}", TILERUN_SLEEP_RATE="1e12", OMP_NUM_THREADS="1")
     tilerun = [sys.executable, "-m", "tilerun"]
-    args = ["run", str(scene), str(out), "--model", "sleep_model:make", "--tile", "1024", "--format", "ome-zarr",
+    args = ["run", str(scene), str(out), "--model", "sleep_model:make", "--tile", "1024", "--format", fmt,
             "--device", "cpu", "-q"]
     if procs == 1:
         cmd = [*tilerun, *args]
@@ -131,7 +148,8 @@ def measure(scene: Path, out: Path, procs: int, size: int) -> None:
     stop.set()
     th.join()
     workers = {p: r for p, r in peaks.items() if "-m tilerun" in names[p] and "torch.distributed.run" not in names[p]}
-    print(f"{procs} process{'es' * (procs > 1)}: exit {rc}, {seconds:.0f} s, {size * size / 1e6 / seconds:.1f} MP/s; "
+    print(f"{scene.name} ({'decoded whole' if scene.parent.name == 'strips' else 'windows'}) -> {fmt}, "
+          f"{procs} process{'es' * (procs > 1)}: exit {rc}, {seconds:.0f} s, {size * size / 1e6 / seconds:.1f} MP/s; "
           f"peak RSS per tilerun process (MB): {sorted(round(r) for r in workers.values())}; "
           f"largest of any process {max(peaks.values()):.0f} MB", flush=True)
 
@@ -141,11 +159,27 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=40000)
     ap.add_argument("--procs", default="1,2")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/tilerun-big-scene"))
+    ap.add_argument("--compare-whole", action="store_true", help="also decode a strip copy whole; PNG outputs")
     a = ap.parse_args()
     a.dir.mkdir(parents=True, exist_ok=True)
     scene = a.dir / f"scene-{a.size}.tif"
     if not scene.exists():
         make_scene(scene, a.size)
+    if a.compare_whole:
+        from PIL import Image
+
+        Image.MAX_IMAGE_PIXELS = None
+        n = int(a.procs.split(",")[0])
+        outs = {}
+        for src in (scene, strip_copy(scene)):
+            outs[src] = a.dir / f"out-{src.parent.name}"
+            measure(src, outs[src], n, a.size, fmt="png")
+        for kind in ("pred", "inpainted"):
+            x, y = (np.asarray(Image.open(o / f"{scene.stem}.{kind}.png")) for o in outs.values())
+            print(f"{kind}: windows and whole decode {'equal' if np.array_equal(x, y) else 'DIFFER'}", flush=True)
+        for o in outs.values():
+            shutil.rmtree(o, ignore_errors=True)
+        return
     for n in map(int, a.procs.split(",")):
         measure(scene, a.dir / f"out-{n}", n, a.size)
         shutil.rmtree(a.dir / f"out-{n}", ignore_errors=True)

@@ -90,3 +90,23 @@ def test_ome_zarr_output_is_written_without_a_full_size_array(tmp_path, monkeypa
     # Level 1 is the 2x2 mean of level 0, rounded.
     s = want[:300, :260].astype(np.uint16).reshape(150, 2, 130, 2, 3).sum((1, 3))
     np.testing.assert_array_equal(np.moveaxis(np.asarray(root["1"]), 0, -1), ((s + 2) // 4).astype(np.uint8))
+
+
+def test_ome_zarr_scale_is_the_input_levels_pixel_size(tmp_path, run_cli):
+    """A pyramidal TIFF read at --level 1 (0.5 µm/px there): the output's scales are in µm from 0.5."""
+    tifffile = pytest.importorskip("tifffile", reason="pyramidal TIFF inputs need tifffile")
+    (tmp_path / "in").mkdir()
+    data = _photo(260, 240)
+    with tifffile.TiffWriter(tmp_path / "in" / "p.tif") as w:
+        w.write(data, tile=(64, 64), subifds=1, photometric="rgb", extrasamples=["unassalpha"],
+                resolution=(1e4 / 0.25, 1e4 / 0.25), resolutionunit="CENTIMETER")
+        w.write(data[::2, ::2], tile=(64, 64), subfiletype=1, photometric="rgb", extrasamples=["unassalpha"])
+    r = run_cli(tmp_path / "in", tmp_path / "oz", "--format", "ome-zarr", "--level", "1")
+    assert r.exit_code == 0, r.output
+    root = zarr.open_group(str(tmp_path / "oz" / "p.inpainted.ome.zarr"), mode="r")
+    ms = root.attrs["multiscales"][0]
+    assert ms["axes"][1] == {"name": "y", "type": "space", "unit": "micrometer"}
+    assert ms["datasets"][0]["coordinateTransformations"][0]["scale"] == [1.0, 0.5, 0.5]
+    assert root["0"].shape == (3, 130, 120)
+    label = root["labels/pred"].attrs["multiscales"][0]
+    assert label["datasets"][0]["coordinateTransformations"][0]["scale"] == [0.5, 0.5]

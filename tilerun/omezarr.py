@@ -74,8 +74,9 @@ class OmeZarrCanvas(Canvas):
     """`assemble.Canvas` whose outputs are zarr arrays in a temporary folder beside ``path``."""
 
     def __init__(self, height: int, width: int, tiles: list[Tile], *, path: str | os.PathLike,
-                 chunk: int | None = None) -> None:
+                 chunk: int | None = None, mpp: float | None = None) -> None:
         super().__init__(height, width, tiles)
+        self.mpp = mpp  # µm per pixel of the level read (`sources`): the y, x scale of level 0
         from .images import _HOST
 
         zarr = _zarr()
@@ -123,17 +124,17 @@ def _levels(group, first, *, channels: bool, mean: bool, chunk: int) -> list[str
     return paths
 
 
-def _multiscales(name: str, paths: list[str], axes: list[dict]) -> list[dict]:
-    n = len(axes)
+def _multiscales(name: str, paths: list[str], channels: bool, mpp: float | None) -> list[dict]:
+    """NGFF 0.4 multiscales: y and x in µm when the input's pixel size is known, else in pixels."""
+    yx = [{"name": a, "type": "space", **({"unit": "micrometer"} if mpp else {})} for a in ("y", "x")]
+    axes = [{"name": "c", "type": "channel"}, *yx] if channels else yx
+    base = mpp or 1.0
     return [{
         "version": "0.4", "name": name, "axes": axes,
         "datasets": [{"path": p, "coordinateTransformations": [
-            {"type": "scale", "scale": [1.0] * (n - 2) + [float(2 ** i)] * 2}]} for i, p in enumerate(paths)],
-        "type": "mean" if n == 3 else "nearest",
+            {"type": "scale", "scale": [1.0] * channels + [base * 2**i] * 2}]} for i, p in enumerate(paths)],
+        "type": "mean" if channels else "nearest",
     }]
-
-
-_YX = [{"name": "y", "type": "space", "unit": "micrometer"}, {"name": "x", "type": "space", "unit": "micrometer"}]
 
 
 def finish(canvas: OmeZarrCanvas, *, palette, text: dict[str, str] | None = None) -> list[str]:
@@ -146,8 +147,7 @@ def finish(canvas: OmeZarrCanvas, *, palette, text: dict[str, str] | None = None
         # The image group always carries the multiscales (labels live under an image, NGFF 0.4):
         # a model without an RGB output leaves level 0 at its fill value, without levels.
         paths = _levels(root, root["0"], channels=True, mean=True, chunk=canvas.chunk) if canvas.rgb.written else ["0"]
-        root.attrs.update({"multiscales": _multiscales(canvas.path.name, paths,
-                                                       [{"name": "c", "type": "channel"}, *_YX]),
+        root.attrs.update({"multiscales": _multiscales(canvas.path.name, paths, True, canvas.mpp),
                            "omero": {"version": "0.4", "channels": [
                                {"label": c, "color": col, "window": {"start": 0, "end": 255, "min": 0, "max": 255},
                                 "active": True} for c, col in (("R", "FF0000"), ("G", "00FF00"), ("B", "0000FF"))],
@@ -158,7 +158,7 @@ def finish(canvas: OmeZarrCanvas, *, palette, text: dict[str, str] | None = None
             lpaths = _levels(label, label["0"], channels=False, mean=False, chunk=canvas.chunk)
             colors = [{"label-value": i, "rgba": [int(r), int(g), int(b), 255]}
                       for i, (r, g, b) in enumerate(palette or [])]
-            label.attrs.update({"multiscales": _multiscales(LABEL, lpaths, list(_YX)),
+            label.attrs.update({"multiscales": _multiscales(LABEL, lpaths, False, canvas.mpp),
                                 "image-label": {"version": "0.4", "colors": colors,
                                                 "source": {"image": "../../"}}, **stamp})
             labels.attrs["labels"] = [LABEL]

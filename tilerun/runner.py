@@ -198,7 +198,9 @@ def _run_job(ctx, engine, items, out_dir, *, mask_dir, palette, on_tiles, overwr
         from .omezarr import OmeZarrCanvas
 
         def new_canvas(p):
-            return OmeZarrCanvas(p.height, p.width, p.tiles, path=out_plan.outputs(by_key[p.key])["inpainted"])
+            read = describe(p.item.path) or {}  # the pixel size of the level read: the zarr's scale in µm
+            return OmeZarrCanvas(p.height, p.width, p.tiles, path=out_plan.outputs(by_key[p.key])["inpainted"],
+                                 mpp=read.get("mpp"))
 
     try:
         results, stats = run_worker(ctx, engine, plans, own, write=write, io=io, kept=kept, mask_dir=mask_dir,
