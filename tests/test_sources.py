@@ -257,3 +257,15 @@ def test_a_tile_that_cannot_be_decoded_fails_its_file_only(tmp_path, run_cli, fm
     assert files["bad.tif"]["status"] == "failed" and "cannot decode tile 5" in files["bad.tif"]["error"]
     assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".bad")]
     assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith("bad")]
+
+
+def test_a_slide_without_openslide_names_the_extra(tmp_path, monkeypatch):
+    import tilerun.sources as sources
+    from tilerun.errors import InputImageError
+    from tilerun.images import InputItem, find_inputs, image_size
+
+    tifffile.imwrite(tmp_path / "s.svs", _scene(64, 64)[..., :3], tile=(32, 32), photometric="rgb")
+    assert [it.key for it in find_inputs(tmp_path)] == ["s.svs"]  # a slide is an input
+    monkeypatch.setattr(sources, "_openslide", lambda: None)
+    with pytest.raises(InputImageError, match=r"tilerun\[slide\]"):
+        image_size(InputItem(tmp_path / "s.svs", Path("s.svs")))

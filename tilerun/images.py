@@ -51,6 +51,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputImageError, too_many_pixels
 from .png import write_png
+from .sources import SLIDE_EXTENSIONS
 from .tiff import TIFF_EXTENSIONS, NotForTifffile, read_tiff, tiff_size, write_tiff
 
 __all__ = [
@@ -74,7 +75,8 @@ __all__ = [
     "remove_stale_temps",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", *TIFF_EXTENSIONS, ".bmp", ".webp")
+# Whole-slide formats (read through OpenSlide, `sources`) are inputs too.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", *TIFF_EXTENSIONS, ".bmp", ".webp", *SLIDE_EXTENSIONS)
 MASK_SUFFIX = ".mask.png"
 #: Output file formats (`run --format`): PNG, tiled TIFF through tifffile (the tiff extra), or
 #: OME-Zarr through zarr (the ome extra; `omezarr`: one folder, the class map in its labels/).

@@ -432,6 +432,8 @@ class WindowedImage:
 
 def source_size(path: Path) -> tuple[int, int] | None:
     """(height, width) of the level `open_source` reads, None when the input is not windowed."""
+    if path.name.lower().endswith(SLIDE_EXTENSIONS) and _openslide() is None:
+        raise InputImageError("whole-slide files are read through OpenSlide: pip install tilerun[slide]")
     if not windowed(path):
         return None
     src = open_source(path)
