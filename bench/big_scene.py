@@ -14,6 +14,14 @@ process's RSS from /proc every 0.2 s and prints the largest seen per process.
 
 ``--compare-whole`` (a size small enough to decode whole): the same pixels also as a strip
 TIFF, which tilerun decodes whole; both run into PNG, and their output pixels must be equal.
+
+Measured on this project's 2 shared cores, under nice -n 10 (MP/s is noisy: other jobs ran):
+
+* ``--size 40000 --procs 1,2``: 1 process 474 s, 3.4 MP/s, peak RSS 625 MB; 2 processes
+  (torchrun, the image spread) 284 s, 5.6 MP/s, peak RSS 529 and 613 MB. The image is
+  1.6 gigapixels: 4.8 GB as uint8 RGB, which no process ever holds.
+* ``--size 8192 --procs 1 --compare-whole``: windows 21 s, peak RSS 757 MB; decoded whole
+  24 s, 990 MB; output pixels equal. Into OME-Zarr (``--size 8192 --procs 1``): 10 s, 558 MB.
 """
 
 from __future__ import annotations
