@@ -173,6 +173,9 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, featu
 
             if tiff.tifffile is None:
                 raise click.UsageError("--format tiff needs tifffile: pip install tilerun[tiff] (or use --format png)")
+        if fmt == "ome-zarr" and preview:
+            raise click.UsageError("--preview draws PNG or TIFF outputs; an OME-Zarr opens as a pyramid in napari "
+                                   "or QuPath (or use --format png)")
         if fmt == "ome-zarr":
             try:
                 import zarr  # noqa: F401
