@@ -13,6 +13,15 @@ from cli_fixtures import model_file, run_cli  # noqa: F401  (fixtures)
 zarr = pytest.importorskip("zarr", reason="OME-Zarr outputs need zarr (pip install tilerun[ome])")
 
 
+@pytest.fixture(autouse=True)
+def _level_zero():
+    """`run --level` sets the process's level (`sources.set_level`); the CLI runs in-process here."""
+    yield
+    import tilerun.sources
+
+    tilerun.sources.set_level()
+
+
 def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     rgba = np.full((h, w, 4), 255, np.uint8)

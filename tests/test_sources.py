@@ -20,6 +20,15 @@ from tilerun.sources import LevelChoice, WindowedImage, open_source, windowed  #
 from tilerun.tiff import read_tiff  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _level_zero():
+    """`run --level` / `--mpp` set the process's level (`sources.set_level`); the CLI runs in-process here."""
+    yield
+    import tilerun.sources
+
+    tilerun.sources.set_level()
+
+
 def _pixels(shape, dtype, seed=0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     return rng.integers(0, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
@@ -269,3 +278,37 @@ def test_a_slide_without_openslide_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "_openslide", lambda: None)
     with pytest.raises(InputImageError, match=r"tilerun\[slide\]"):
         image_size(InputItem(tmp_path / "s.svs", Path("s.svs")))
+
+
+def test_a_level_a_single_level_input_lacks_fails_it(tmp_path, run_cli):
+    (tmp_path / "in").mkdir()
+    Image.fromarray(_scene(64, 64)).save(tmp_path / "in" / "x.png")
+    for option, reason in ((["--level", "1"], "--level 1"), (["--mpp", "0.5"], "records no pixel size")):
+        r = run_cli(tmp_path / "in", tmp_path / f"out{option[0]}", *option)
+        assert r.exit_code == 1, r.output
+        report = json.loads((tmp_path / f"out{option[0]}" / "tilerun-report.json").read_text())
+        assert reason in report["files"][0]["error"]
+
+
+def test_windows_read_from_many_threads_at_once(tmp_path, monkeypatch):
+    """Engine workers read windows concurrently: every one must be the file's pixels (a file
+    position shared without a lock gave other tiles' bytes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import tilerun.sources as sources
+
+    monkeypatch.setattr(sources, "CACHE_BYTES", 0)  # every window from the file
+    data = _pixels((512, 512, 3), np.uint8, seed=4)
+    path = _write(tmp_path / "x.tif", data, tile=(32, 32))
+    image = WindowedImage(open_source(path))
+
+    def check(seed: int) -> bool:
+        rng = np.random.default_rng(seed)
+        for _ in range(20):
+            y0, x0 = rng.integers(0, 400, 2)
+            if not np.array_equal(image.read_window(y0, y0 + 100, x0, x0 + 100)[0], data[y0 : y0 + 100, x0 : x0 + 100]):
+                return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(check, range(16)))

@@ -383,7 +383,10 @@ def inspect_cmd(model_path, tile, batch_size, device, no_memory, level, mpp, ver
     from .inspect import format_input_report, inspect_input, is_input
 
     if model_path is not None and is_input(model_path):
+        from .sources import set_level
+
         with _error_boundary(verbose):
+            set_level(level=level, mpp=mpp)  # as `run` would read it: a level the input lacks is refused
             click.echo(format_input_report(inspect_input(model_path, level=level, mpp=mpp)))
         return
     from .dist import _device

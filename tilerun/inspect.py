@@ -461,9 +461,7 @@ def inspect_input(path, *, level: int = 0, mpp: float | None = None) -> InputRep
     with Image.open(path) as im:
         fmt, mode, bands = im.format, im.mode, len(im.getbands())
         native = np.asarray(im) if h * w <= RANGE_PIXELS else None
-    notes = []
-    if level or mpp is not None:
-        notes.append("this input has one level: --level / --mpp do not apply")
+    notes: list[str] = []
     value_range = _range_text(native, "the whole image") if native is not None else "not read (over 16 MP)"
     return InputReport(str(path), f"{fmt} (mode {mode})", "decoded whole", [{"width": w, "height": h, "mpp": None}],
                        tiling, str(native.dtype) if native is not None else mode, str(bands), value_range, crs,

@@ -200,6 +200,7 @@ class TiffSource(Source):
         super().__init__(path, sizes=sizes, mpps=mpps, level=level, chunk=chunk, dtype=page.dtype,
                          samples=page.samplesperpixel, alpha=page.samplesperpixel in (2, 4))
         self._per_row = -(-page.imagewidth // chunk[1])
+        self._file_lock = threading.Lock()
         self._decodeargs: dict = {"_fullsize": page.is_tiled}
         if page.compression in (6, 7, 34892, 33007):  # JPEG: the tables live in the page
             self._decodeargs.update(jpegtables=page.jpegtables, jpegheader=page.jpegheader)
@@ -212,7 +213,7 @@ class TiffSource(Source):
         offset, count = page.dataoffsets[k], page.databytecounts[k]
         if not offset or not count:
             return None
-        with fh.lock:
+        with self._file_lock:  # engine workers read at once; tifffile's own handle lock is a no-op by default
             fh.seek(offset)
             data = fh.read(count)
         try:
@@ -435,6 +436,8 @@ def source_size(path: Path) -> tuple[int, int] | None:
     if path.name.lower().endswith(SLIDE_EXTENSIONS) and _openslide() is None:
         raise InputImageError("whole-slide files are read through OpenSlide: pip install tilerun[slide]")
     if not windowed(path):
+        if _CHOICE != LevelChoice():  # a single-level input: --level / --mpp name nothing in it
+            _pick([(0, 0)], [None], _CHOICE, path)
         return None
     src = open_source(path)
     try:
