@@ -17,11 +17,11 @@ TIFF, which tilerun decodes whole; both run into PNG, and their output pixels mu
 
 Measured on this project's 2 shared cores, under nice -n 10 (MP/s is noisy: other jobs ran):
 
-* ``--size 40000 --procs 1,2``: 1 process 474 s, 3.4 MP/s, peak RSS 625 MB; 2 processes
-  (torchrun, the image spread) 284 s, 5.6 MP/s, peak RSS 529 and 613 MB. The image is
+* ``--size 40000 --procs 1,2``: 1 process 242 s, 6.6 MP/s, peak RSS 627 MB; 2 processes
+  (torchrun, the image spread) 210 s, 7.6 MP/s, peak RSS 545 and 610 MB. The image is
   1.6 gigapixels: 4.8 GB as uint8 RGB, which no process ever holds.
-* ``--size 8192 --procs 1 --compare-whole``: windows 21 s, peak RSS 757 MB; decoded whole
-  24 s, 990 MB; output pixels equal. Into OME-Zarr (``--size 8192 --procs 1``): 10 s, 558 MB.
+* ``--size 8192 --procs 1 --compare-whole``: windows 11 s, peak RSS 759 MB; decoded whole
+  10 s, 956 MB; output pixels equal. Into OME-Zarr (``--size 8192 --procs 1``): 10 s, 558 MB.
 """
 
 from __future__ import annotations
