@@ -92,6 +92,7 @@ def _check_output(output: Path) -> None:
     from .images import IMAGE_EXTENSIONS, OUTPUT_FORMATS, output_suffixes
 
     suffixes = {*IMAGE_EXTENSIONS, *(Path(s).suffix for f in OUTPUT_FORMATS for s in output_suffixes(f).values())}
+    suffixes.discard("")  # ome-zarr's class map is a folder inside its image's (labels/pred)
     if not output.is_dir() and output.suffix.lower() in suffixes:
         raise click.UsageError(
             f"OUTPUT {output} looks like an image file name, but OUTPUT is the folder the outputs go into "
@@ -131,6 +132,8 @@ def main(ctx: click.Context) -> None:
 @o.input_range_opt
 @o.bands_opt
 @o.nodata_opt
+@o.level_opt
+@o.mpp_opt
 @o.format_opt
 @o.overwrite_opt
 @o.verify_inputs_opt
@@ -145,8 +148,8 @@ def main(ctx: click.Context) -> None:
 @o.verbose_opt
 @o.quiet_opt
 def run(input_path, output, model_path, tile, halo, batch_size, precision, feature_cache_mib, device, backend,
-        mask_dir, max_pixels, input_range, bands, nodata, fmt, overwrite, verify_inputs, stall_timeout, preview,
-        shared_output, strict, verbose, quiet):
+        mask_dir, max_pixels, input_range, bands, nodata, level, mpp, fmt, overwrite, verify_inputs, stall_timeout,
+        preview, shared_output, strict, verbose, quiet):
     """Run the model over INPUT (an image or a folder, recursive) into the folder OUTPUT.
 
     For a/b/NAME.ext writes OUTPUT/a/b/NAME.pred.png (class map, palette PNG) and
@@ -173,6 +176,14 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, featu
 
             if tiff.tifffile is None:
                 raise click.UsageError("--format tiff needs tifffile: pip install tilerun[tiff] (or use --format png)")
+        if fmt == "ome-zarr" and preview:
+            raise click.UsageError("--preview draws PNG or TIFF outputs; an OME-Zarr opens as a pyramid in napari "
+                                   "or QuPath (or use --format png)")
+        if fmt == "ome-zarr":
+            try:
+                import zarr  # noqa: F401
+            except ImportError:
+                raise click.UsageError("--format ome-zarr needs zarr: pip install tilerun[ome] (or use --format png)")
         if launched_by_torchrun() and int(os.environ["RANK"]) != 0:
             logging.getLogger("tilerun").setLevel(logging.ERROR)  # other ranks print nothing but errors
         from .images import set_max_pixels, set_radiometry
@@ -182,6 +193,11 @@ def run(input_path, output, model_path, tile, halo, batch_size, precision, featu
         if max_pixels is not None:
             set_max_pixels(None if max_pixels == 0 else max_pixels)
         set_radiometry(RadiometrySpec(input_range=input_range, bands=bands, nodata=nodata))
+        if level and mpp is not None:
+            raise click.UsageError("give --level or --mpp, not both")
+        from .sources import set_level
+
+        set_level(level=level, mpp=mpp)
         with _error_boundary(verbose):
             try:
                 with session(backend=backend, device=device, stall=stall_timeout) as ctx:
@@ -351,23 +367,38 @@ def merge(weights, out, overwrite, verbose, quiet):
 
 
 @main.command("inspect")
-@click.argument("model_path", metavar="[MODEL]", required=False, type=o.ModelSpec())
+@click.argument("model_path", metavar="[MODEL | INPUT]", required=False, type=o.ModelSpec())
 # Not o.tile_opt/o.batch_opt: inspect reports for tilerun's default on the chosen device unless told otherwise.
 @click.option("--tile", type=int, default=None, help="Tile core side to measure memory for. "
               "Default: tilerun's default for the device.")
 @click.option("--batch-size", type=int, default=None, help="Tiles per forward. Default: tilerun's default.")
 @o.device_opt
 @click.option("--no-memory", is_flag=True, help="Skip the full-size forward that measures memory per tile.")
+@o.level_opt
+@o.mpp_opt
 @o.verbose_opt
 @o.quiet_opt
-def inspect_cmd(model_path, tile, batch_size, device, no_memory, verbose, quiet):
+def inspect_cmd(model_path, tile, batch_size, device, no_memory, level, mpp, verbose, quiet):
     """Describe MODEL (default: tilerun's own): architecture, parameters, K and palette,
     measured stride and receptive field, memory per tile, and whether tiles are exact.
 
     MODEL is a .safetensors checkpoint, TorchScript (.pt), exported program (.pt2) or
     package.module:factory, as for `tilerun run --model`.
+
+    Or describe what `tilerun run` will read of INPUT (an image, a whole slide, a *.zarr
+    folder): format, size and pixel size per level, the level read (--level, --mpp),
+    tiling, dtype and value range, bands, CRS and nodata.
     """
     _setup_logging(verbose, quiet)
+    from .inspect import format_input_report, inspect_input, is_input
+
+    if model_path is not None and is_input(model_path):
+        from .sources import set_level
+
+        with _error_boundary(verbose):
+            set_level(level=level, mpp=mpp)  # as `run` would read it: a level the input lacks is refused
+            click.echo(format_input_report(inspect_input(model_path, level=level, mpp=mpp)))
+        return
     from .dist import _device
     from .inspect import format_report, inspect_model
     from .model import load_model

@@ -376,7 +376,8 @@ class Engine:
     def _windows(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile]) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
         """The batch's windows on the device: as floats, x [B,3,h,w] in [0,1] (NHWC-strided) and
         m [B,1,h,w]; as they came, uint8 [B,h,w,3] and uint8 0/1 [B,h,w]; and whether any
-        pixel of them is missing (from the host's copy: no device sync).
+        pixel of them is missing (from the host's copy: no device sync). ``image`` is a decoded
+        array or a `sources.WindowedImage` (then ``mask`` is its ``.mask``).
 
         Only uint8 crosses to the device (a quarter of float32's bytes); the float
         conversion happens there.
@@ -385,7 +386,11 @@ class Engine:
         imgs = self._host((len(batch), h, w, 3))
         msks = self._host((len(batch), h, w))
         imgs_np, msks_np = imgs.numpy(), msks.numpy()
+        read = getattr(image, "read_window", None)  # `sources.WindowedImage`: decodes just this window
         for i, t in enumerate(batch):
+            if read is not None:
+                imgs_np[i], msks_np[i] = read(t.wy0, t.wy1, t.wx0, t.wx1)
+                continue
             imgs_np[i] = image[t.wy0 : t.wy1, t.wx0 : t.wx1]
             msks_np[i] = mask[t.wy0 : t.wy1, t.wx0 : t.wx1]
         holes = bool(msks_np.any())

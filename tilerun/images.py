@@ -7,7 +7,8 @@ outputs by tifffile (with the input's georeferencing, `georef`).
 
 Conventions (docs/formats.md says the same for users):
 
-* **Inputs**: files ending in one of `IMAGE_EXTENSIONS` (any case) under INPUT, recursively.
+* **Inputs**: files ending in one of `IMAGE_EXTENSIONS` (any case) under INPUT, recursively,
+  and zarr / OME-Zarr folders (``*.zarr``, not descended into; `sources` reads them).
   Never inputs: hidden names (``.x``), sidecar masks (``*.mask.png``), files named like
   tilerun outputs (``*.pred.png``, ``*.inpainted.png``, ``*.preview.png``), and anything
   under an excluded folder (OUTPUT, when it lies inside INPUT).
@@ -36,6 +37,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import socket
 import tempfile
 import threading
@@ -57,6 +59,7 @@ except ImportError:
 from .errors import InputImageError, too_many_pixels
 from .png import write_png
 from .radiometry import RadiometrySpec, resolve, to_uint8
+from .sources import SLIDE_EXTENSIONS
 from .tiff import TIFF_EXTENSIONS, NotForTifffile, read_tiff, tiff_size, write_tiff
 
 __all__ = [
@@ -84,10 +87,12 @@ __all__ = [
     "remove_stale_temps",
 ]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", *TIFF_EXTENSIONS, ".bmp", ".webp")
+# Whole-slide formats (read through OpenSlide, `sources`) are inputs too.
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", *TIFF_EXTENSIONS, ".bmp", ".webp", *SLIDE_EXTENSIONS)
 MASK_SUFFIX = ".mask.png"
-#: Output file formats (`run --format`): PNG, or tiled TIFF through tifffile (the tiff extra).
-OUTPUT_FORMATS = ("png", "tiff")
+#: Output file formats (`run --format`): PNG, tiled TIFF through tifffile (the tiff extra), or
+#: OME-Zarr through zarr (the ome extra; `omezarr`: one folder, the class map in its labels/).
+OUTPUT_FORMATS = ("png", "tiff", "ome-zarr")
 
 
 def output_suffixes(fmt: str = "png") -> dict[str, str]:
@@ -95,6 +100,8 @@ def output_suffixes(fmt: str = "png") -> dict[str, str]:
     the colour preview some commands write, so that it too is never read back as input."""
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"output format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
+    if fmt == "ome-zarr":
+        return {"pred": ".inpainted.ome.zarr/labels/pred", "inpainted": ".inpainted.ome.zarr", "preview": ".preview.png"}
     ext = ".tif" if fmt == "tiff" else ".png"
     return {"pred": ".pred" + ext, "inpainted": ".inpainted" + ext, "preview": ".preview.png"}
 
@@ -121,6 +128,12 @@ def _is_not_input(name: str) -> bool:
     return name.startswith(".") or not low.endswith(IMAGE_EXTENSIONS) or low.endswith(_NOT_INPUT_SUFFIXES)
 
 
+def _is_zarr_input(path: Path) -> bool:
+    """A zarr / OME-Zarr folder (``*.zarr``, read window by window: `sources`), not an OME-Zarr output of ours."""
+    low = path.name.lower()
+    return low.endswith(".zarr") and not low.endswith(".inpainted.ome.zarr") and path.is_dir()
+
+
 def find_inputs(root: str | os.PathLike, *, exclude: Iterable[str | os.PathLike] = ()) -> list[InputItem]:
     """Images under ``root`` (or ``root`` itself), sorted by relative path; sidecars and outputs excluded.
 
@@ -131,7 +144,7 @@ def find_inputs(root: str | os.PathLike, *, exclude: Iterable[str | os.PathLike]
     (a link cycle would never end).
     """
     root = Path(root).absolute()
-    if root.is_file():
+    if root.is_file() or _is_zarr_input(root):
         return [InputItem(root, Path(root.name))]
     if not root.is_dir():
         raise FileNotFoundError(f"input {root} does not exist")
@@ -143,6 +156,9 @@ def find_inputs(root: str | os.PathLike, *, exclude: Iterable[str | os.PathLike]
         dirnames[:] = sorted(
             n for n in dirnames if not n.startswith(".") and os.path.realpath(d / n) not in skip
         )
+        for name in [n for n in dirnames if _is_zarr_input(d / n)]:  # an image, not a folder to descend
+            dirnames.remove(name)
+            items.append(InputItem(d / name, (d / name).relative_to(root)))
         for name in filenames:
             if not _is_not_input(name):
                 p = d / name
@@ -188,7 +204,7 @@ def plan_outputs(
 def output_paths(item: InputItem, out_dir: str | os.PathLike, stem: str | None = None, *, fmt: str = "png") -> dict[str, Path]:
     """Output paths of one input considered alone (no collision rule: use `plan_outputs` for a job)."""
     base = Path(out_dir) / item.rel.parent / (stem or item.rel.stem)
-    return {kind: base.with_name(base.name + suffix) for kind, suffix in output_suffixes(fmt).items()}
+    return {kind: base.parent / (base.name + suffix) for kind, suffix in output_suffixes(fmt).items()}
 
 
 # -- decoding --------------------------------------------------------------------------
@@ -366,7 +382,13 @@ def _tifffile_reads(path: Path) -> bool:
 
 
 def image_size(item: InputItem) -> tuple[int, int]:
-    """(height, width) of an input as `load_image` will return it (EXIF orientation applied), from its header."""
+    """(height, width) of an input as `load_image` will return it (EXIF orientation applied), from its
+    header; for an input read window by window, of the level `sources.set_level` picks."""
+    from .sources import source_size
+
+    size = source_size(item.path)
+    if size is not None:
+        return size
     if _tifffile_reads(item.path):
         try:
             return tiff_size(item.path)
@@ -509,6 +531,10 @@ def load_image(item: InputItem, *, mask_dir: str | os.PathLike | None = None) ->
 def read_output_text(path: str | os.PathLike, key: str) -> str | None:
     """A text entry of an output written with ``text`` (`write_png_atomic`, `write_tiff_atomic`),
     reading the header only; None if absent or unreadable."""
+    if os.path.isdir(path):  # an OME-Zarr group (`omezarr`)
+        from .omezarr import read_text
+
+        return read_text(path, key)
     try:
         with Image.open(path) as im:
             if im.format == "TIFF":  # our entries: a JSON object in the ImageDescription tag
@@ -660,7 +686,10 @@ def remove_stale_temps(paths: Iterable[str | os.PathLike], *, since: float | Non
                 stale = owner is not None and owner[0] == _HOST and (owner[1] == me or not _pid_alive(owner[1]))
                 if not stale and not (since is not None and os.stat(tmp).st_mtime < since):
                     continue
-                os.unlink(tmp)
+                if os.path.isdir(tmp):  # an OME-Zarr output's folder (`omezarr.OmeZarrCanvas`)
+                    shutil.rmtree(tmp)
+                else:
+                    os.unlink(tmp)
                 removed += 1
             except FileNotFoundError:
                 pass

@@ -1,4 +1,5 @@
-"""What tilerun knows about a model, all of it measured: ``tilerun inspect [MODEL]``.
+"""What tilerun knows about a model, all of it measured: ``tilerun inspect [MODEL]``; and what
+`tilerun run` will read of an input: ``tilerun inspect INPUT`` (`inspect_input`).
 
 * **Architecture**: the top-level submodules and their parameter counts.
 * **Outputs**: K (the number of classes) and RGB, from one small forward (the contract check).
@@ -30,7 +31,8 @@ from .defaults import DEFAULT_BATCH, DEFAULT_TILE
 from .geometry import round_up
 from .receptive import ModelProbe, probe_for
 
-__all__ = ["InspectReport", "ExactCheck", "inspect_model", "format_report", "peak_forward_bytes", "check_tile_exact"]
+__all__ = ["InspectReport", "ExactCheck", "inspect_model", "format_report", "peak_forward_bytes", "check_tile_exact",
+           "InputReport", "inspect_input", "format_input_report", "is_input"]
 
 
 @dataclass(frozen=True)
@@ -343,4 +345,159 @@ def format_report(r: InspectReport, *, color: bool = False) -> str:
     for n in r.notes:
         lines.append(f"{_label('note')}{n}")
     lines.append(f"{_label('measured in')}{r.seconds:.1f} s")
+    return "\n".join(lines)
+
+
+# -- inputs: ``tilerun inspect INPUT`` ------------------------------------------------------------
+
+
+@dataclass
+class InputReport:
+    """What `tilerun run` will read of one input (`inspect_input`)."""
+
+    path: str
+    format: str
+    reader: str  # how run reads it: window by window (and with what), or decoded whole
+    levels: list[dict]  # per level: width, height, mpp (µm or None)
+    tiling: str
+    dtype: str
+    bands: str
+    value_range: str
+    crs: str = "none"
+    nodata: str = "none"
+    notes: list[str] = field(default_factory=list)
+
+
+def is_input(path) -> bool:
+    """Whether ``tilerun inspect``'s argument names an input (an image, a slide, a zarr folder), not a model."""
+    from pathlib import Path
+
+    from .images import IMAGE_EXTENSIONS
+    from .sources import SLIDE_EXTENSIONS, ZARR_SUFFIX
+
+    low = Path(path).name.lower()
+    return low.endswith((*IMAGE_EXTENSIONS, *SLIDE_EXTENSIONS, ZARR_SUFFIX))
+
+
+#: Pixels of a level read to give the value range (the smallest level at most this big).
+RANGE_PIXELS = 16 * 2**20
+
+
+def _range_text(arr: np.ndarray, what: str) -> str:
+    arr = arr.reshape(-1, arr.shape[-1]) if arr.ndim == 3 else arr.reshape(-1, 1)
+    parts = []
+    for b in range(arr.shape[1]):
+        col = arr[:, b]
+        nan = int(np.isnan(col).sum()) if col.dtype.kind == "f" else 0
+        finite = col[~np.isnan(col)] if nan else col
+        lo, hi = (finite.min(), finite.max()) if finite.size else (np.nan, np.nan)
+        parts.append(f"{lo}..{hi}" + (f" ({nan:,} NaN)" if nan else ""))
+    return f"{', '.join(parts)} (band by band, {what})"
+
+
+def _geo(page) -> tuple[str, str]:
+    """CRS and nodata from GeoTIFF tags (tifffile's reading of GeoKeyDirectory and GDAL_NODATA)."""
+    crs, nodata = "none", "none"
+    tags = getattr(page, "geotiff_tags", None) if getattr(page, "is_geotiff", False) else None
+    if tags:
+        for key in ("ProjectedCSTypeGeoKey", "GeographicTypeGeoKey"):
+            v = tags.get(key)
+            if v is not None:
+                code = int(v.value) if hasattr(v, "value") else int(v)
+                crs = f"EPSG:{code}" if code != 32767 else "user-defined"
+                break
+        else:
+            crs = "GeoTIFF tags without an EPSG code"
+        if "ModelTiepoint" in tags or "ModelTransformation" in tags:
+            crs += " (georeferenced: " + ("tie point + pixel scale" if "ModelTiepoint" in tags else "transformation")
+            crs += ")"
+    nd = page.tags.get(42113)  # GDAL_NODATA
+    if nd is not None:
+        nodata = str(nd.value).strip("\x00 ")
+    return crs, nodata
+
+
+def inspect_input(path, *, level: int = 0, mpp: float | None = None) -> InputReport:
+    """Describe one input from its headers (and its smallest level's pixels, for the value range)."""
+    from pathlib import Path
+
+    from . import sources
+
+    path = Path(path)
+    choice = sources.LevelChoice(level, mpp)
+    low = path.name.lower()
+    if sources.windowed(path):
+        src = sources.open_source(path, choice=choice)
+        try:
+            levels = [{"width": w, "height": h, "mpp": m} for (h, w), m in zip(src.sizes, src.mpps)]
+            reader = f"window by window ({src.kind}), level {src.level} ({src.width}x{src.height})"
+            crs = nodata = "none"
+            notes: list[str] = []
+            if isinstance(src, sources.TiffSource):
+                page = src._page
+                fmt = f"{'BigTIFF' if src._tif.is_bigtiff else 'TIFF'}, {page.compression.name.lower()}"
+                fmt += ", pyramidal" if len(src.sizes) > 1 else ""
+                tiling = (f"tiles {page.tilewidth}x{page.tilelength}" if page.is_tiled
+                          else f"strips of {page.rowsperstrip} rows")
+                bands = f"{page.samplesperpixel} ({page.photometric.name.lower()}" + (", last is alpha)" if src.alpha else ")")
+                crs, nodata = _geo(src._tif.pages.first)
+            elif isinstance(src, sources.SlideSource):
+                props = src._slide.properties
+                fmt = f"whole slide ({props.get('openslide.vendor', '?')})"
+                tiling = f"tiles {props.get('openslide.level[0].tile-width', '?')}x{props.get('openslide.level[0].tile-height', '?')}"
+                bands = "4 (RGBA from OpenSlide; alpha 0 outside the scanned area)"
+            else:
+                fmt = "OME-Zarr" if len(src.sizes) > 1 or src.mpp is not None else "zarr"
+                tiling = f"chunks {src.chunk[1]}x{src.chunk[0]} (axes {', '.join(src._axes)})"
+                bands = f"{src.samples}" + (" (last is alpha)" if src.alpha else "")
+            dtype = str(src.dtype)
+            small = min(range(len(src.sizes)), key=lambda i: src.sizes[i][0] * src.sizes[i][1])
+            h, w = src.sizes[small]
+            if h * w <= RANGE_PIXELS:
+                low_src = src if small == src.level else sources.open_source(path, choice=sources.LevelChoice(small))
+                value_range = _range_text(low_src.read(0, h, 0, w), f"level {small}")
+            else:
+                value_range = f"not read (the smallest level has {h * w:,} pixels)"
+            if src.dtype not in (np.uint8, np.uint16) or src.samples not in (1, 2, 3, 4):
+                notes.append("tilerun reads 8- and 16-bit grey or RGB (+ alpha) window by window today")
+        finally:
+            src.close()
+        return InputReport(str(path), fmt, reader, levels, tiling, dtype, bands, value_range, crs, nodata, notes)
+    # Everything else is decoded whole: tifffile for the TIFF layouts it reads, else Pillow.
+    from PIL import Image
+
+    from .images import InputItem, image_size
+
+    item = InputItem(path.absolute(), Path(path.name))
+    h, w = image_size(item)
+    crs = nodata = "none"
+    tiling = "none (decoded whole)"
+    if low.endswith((".tif", ".tiff")):
+        try:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages.first
+                tiling = f"strips of {page.rowsperstrip} rows" if not page.is_tiled else tiling
+                crs, nodata = _geo(page)
+        except Exception:  # not a TIFF tifffile parses: Pillow's header below says what it is
+            pass
+    with Image.open(path) as im:
+        fmt, mode, bands = im.format, im.mode, len(im.getbands())
+        native = np.asarray(im) if h * w <= RANGE_PIXELS else None
+    notes: list[str] = []
+    value_range = _range_text(native, "the whole image") if native is not None else "not read (over 16 MP)"
+    return InputReport(str(path), f"{fmt} (mode {mode})", "decoded whole", [{"width": w, "height": h, "mpp": None}],
+                       tiling, str(native.dtype) if native is not None else mode, str(bands), value_range, crs,
+                       nodata, notes)
+
+
+def format_input_report(r: InputReport) -> str:
+    lines = [f"{_label('input')}{r.path}", f"{_label('format')}{r.format}", f"{_label('read')}{r.reader}"]
+    for i, lv in enumerate(r.levels):
+        m = "" if lv["mpp"] is None else f", {lv['mpp']:.4g} µm/px"
+        lines.append(f"{_label('level ' + str(i))}{lv['width']}x{lv['height']}{m}")
+    lines += [f"{_label('tiling')}{r.tiling}", f"{_label('dtype')}{r.dtype}", f"{_label('bands')}{r.bands}",
+              f"{_label('range')}{r.value_range}", f"{_label('CRS')}{r.crs}", f"{_label('nodata')}{r.nodata}"]
+    lines += [f"{_label('note')}{n}" for n in r.notes]
     return "\n".join(lines)

@@ -25,8 +25,8 @@ class ModelSpec(click.ParamType):
         import re
 
         text = os.fspath(value)
-        if os.path.isfile(text):
-            return text
+        if os.path.isfile(text) or (text.lower().rstrip("/").endswith(".zarr") and os.path.isdir(text)):
+            return text  # a zarr folder: an input, for `tilerun inspect INPUT`
         if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", text):
             return text
         what = "is a folder" if os.path.isdir(text) else "does not exist"
@@ -116,11 +116,28 @@ max_pixels_opt = click.option(
 format_opt = click.option(
     "--format",
     "fmt",
-    type=click.Choice(["png", "tiff"]),  # images.OUTPUT_FORMATS (not imported: --help stays fast)
+    type=click.Choice(["png", "tiff", "ome-zarr"]),  # images.OUTPUT_FORMATS (not imported: --help stays fast)
     default="png",
     show_default=True,
-    help="Output files: png, or tiff (tiled, deflate; NAME.pred.tif, NAME.inpainted.tif) for images too big "
-    "for PNG viewers. tiff needs tifffile (pip install tilerun[tiff]).",
+    help="Output files: png; tiff (tiled, deflate; NAME.pred.tif, NAME.inpainted.tif) for images too big "
+    "for PNG viewers; or ome-zarr (NGFF 0.4: NAME.inpainted.ome.zarr, the class map in its labels/pred), written "
+    "chunk by chunk, for napari, QuPath and Dask. tiff needs tifffile (pip install tilerun[tiff]), ome-zarr "
+    "needs zarr (pip install tilerun[ome]).",
+)
+level_opt = click.option(
+    "--level",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Pyramid level to read of pyramidal TIFFs, OME-Zarr and whole-slide images (0: full resolution). "
+    "Other inputs have only level 0.",
+)
+mpp_opt = click.option(
+    "--mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Instead of --level: read the coarsest level whose pixel size is at most this many µm "
+    "(from OME, OpenSlide or TIFF resolution metadata).",
 )
 overwrite_opt = click.option("--overwrite", is_flag=True, help="Redo every input even if its outputs exist.")
 verify_inputs_opt = click.option(

@@ -44,6 +44,8 @@ def _entry(result: Any, out_dir: Path | None = None) -> dict[str, Any]:
     e["outputs"] = [_relative(p, out_dir) for p in e["outputs"] or ()]
     e["size"] = list(e["size"]) if e["size"] is not None else None
     e["seconds"] = round(float(e["seconds"] or 0.0), 3)
+    if d.get("read"):  # an input read window by window: its reader, level and µm per pixel (`sources.describe`)
+        e["read"] = d["read"]
     return e
 
 

@@ -242,6 +242,11 @@ def fingerprint(*, model, engine) -> Fingerprint:
 
     if not (spec := radiometry_spec()).is_default:  # --input-range, --bands, --nodata
         settings["radiometry"] = spec.to_json()
+
+    from .sources import LevelChoice, current_level
+
+    if current_level() != LevelChoice():  # another pyramid level: other pixels (`run --level`, `--mpp`)
+        settings["level"] = [current_level().level, current_level().mpp]
     return Fingerprint(settings)
 
 
@@ -285,6 +290,9 @@ def _file_id(path: Path | None, *, full: bool) -> tuple[list | None, str | None]
     if path is None:
         return None, None
     st = path.stat()
+    if stat.S_ISDIR(st.st_mode):  # a zarr input (`sources`): its files' count, bytes and newest mtime
+        files = [p.stat() for p in sorted(path.rglob("*")) if p.is_file()]
+        return [len(files), sum(f.st_size for f in files), max((f.st_mtime_ns for f in files), default=0)], None
     if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reader forever: the decoder reports it
         raise OSError(f"{path}: not a regular file")
     ident = [st.st_size, st.st_mtime_ns, content_digest(path)]

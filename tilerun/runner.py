@@ -31,6 +31,7 @@ from .owners import assign
 from .report import REPORT_NAME
 from .resume import Fingerprint, Manifest, OutputLock, OutputPlan, fingerprint, prepare_outputs
 from .scheduler import JobPlan, job_settings, plan_job
+from .sources import describe
 from .work import run_worker
 
 __all__ = ["FileResult", "JobSummary", "run_job", "write_outputs"]
@@ -51,6 +52,7 @@ class FileResult:
     seconds: float = 0.0
     error: str | None = None
     radiometry: dict | None = None  # how its pixels became uint8 (`radiometry.finish`'s note)
+    read: dict | None = None  # an input read window by window: `sources.describe` (reader, level, µm per pixel)
 
 
 @dataclass
@@ -89,6 +91,13 @@ def write_outputs(
     (no palette: every entry black; the indices are the data). A TIFF carries ``georef`` (the
     input's GeoTIFF tags, `georef.read_georef`), and a TIFF class map the nodata value
     `CLASS_NODATA` when the palette leaves it free."""
+    from .omezarr import Plane, finish
+
+    if isinstance(rgb, Plane):  # an `omezarr.OmeZarrCanvas`'s: its chunks are on disk already
+        if ready is not None:  # the pyramid is made from the whole of level 0
+            ready(rgb.canvas.height)
+        kinds = [k for k, a in (("pred", classes), ("inpainted", rgb)) if a.written]
+        return finish(rgb.canvas, palette=palette, text=text_for(kinds) if text_for else None)
     kinds = [k for k, a in (("pred", classes), ("inpainted", rgb)) if a is not None]
     text = text_for(kinds) if text_for else None
 
@@ -199,13 +208,28 @@ def _run_job(ctx, engine, items, out_dir, *, mask_dir, palette, on_tiles, overwr
 
     def write(key, classes, rgb, strips, ready=None):
         item = by_key[key]
+
+        def text_for(kinds):
+            text = out_plan.output_text(item, kinds)
+            read = describe(item.path)  # the level read and its pixel size, in the outputs too
+            return text if read is None else {**text, "tilerun.read": json.dumps(read, sort_keys=True)}
+
         return write_outputs(out_plan.outputs(item), classes, rgb, palette, pool=strips, threads=encoders,
-                             text_for=lambda kinds: out_plan.output_text(item, kinds), ready=ready,
+                             text_for=text_for, ready=ready,
                              georef=read_georef(item.path) if fmt == "tiff" else ())
+
+    new_canvas = None
+    if fmt == "ome-zarr":  # cores go straight into the output's zarr chunks: no full-size array
+        from .omezarr import OmeZarrCanvas
+
+        def new_canvas(p):
+            read = describe(p.item.path) or {}  # the pixel size of the level read: the zarr's scale in µm
+            return OmeZarrCanvas(p.height, p.width, p.tiles, path=out_plan.outputs(by_key[p.key])["inpainted"],
+                                 mpp=read.get("mpp"))
 
     try:
         results, stats = run_worker(ctx, engine, plans, own, write=write, io=io, kept=kept, mask_dir=mask_dir,
-                                    on_tiles=on_tiles if ctx.rank == 0 else None)
+                                    on_tiles=on_tiles if ctx.rank == 0 else None, new_canvas=new_canvas)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
         if ctx.rank != 0:
@@ -223,7 +247,8 @@ def _run_job(ctx, engine, items, out_dir, *, mask_dir, palette, on_tiles, overwr
 def _result(d: dict) -> FileResult:
     size = d.get("size")
     return FileResult(d["input"], d["status"], d.get("outputs") or [], tuple(size) if size else None,
-                      d.get("tiles", 0), d.get("seconds", 0.0), d.get("error"), d.get("radiometry"))
+                      d.get("tiles", 0), d.get("seconds", 0.0), d.get("error"), d.get("radiometry"),
+                      d.get("read"))
 
 
 def _spread_io(ctx, plans, own, out_dir, fp, identities, shared_output):

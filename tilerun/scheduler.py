@@ -218,6 +218,9 @@ def job_settings(engine: Engine, items: list[InputItem], *, model_id: str | None
         from .resume import model_digest
 
         model_id = model_digest(engine.model)
+    from .sources import current_level
+
+    level = current_level()
     return {
         "--model": f"sha256 {model_id[:16]}",
         "--tile": engine.tile,
@@ -226,6 +229,7 @@ def job_settings(engine: Engine, items: list[InputItem], *, model_id: str | None
         "--precision": engine.precision,
         "--feature-cache": "on" if getattr(engine, "keeps_features", False) else "off",
         "--format": fmt,
+        "--level / --mpp": [level.level, level.mpp],
         "the probed receptive field": asdict(engine.probe),
         "the inputs": [it.key for it in items],
     }

@@ -46,9 +46,10 @@ from . import assemble
 from .assemble import Canvas, OutputWriter
 from .errors import InputImageError, Interrupted
 from .decoded import NodeDecodes, remove_stale
-from .images import keep_radiometry_note, load_image, radiometry_note
+from .images import keep_radiometry_note, load_image, load_mask, radiometry_note, radiometry_spec, sidecar_mask_path
 from .owners import Ownership
 from .parts import PartStore
+from .sources import WindowedImage, describe, open_source, windowed
 from .transport import PointToPoint, pack, unpack
 
 if TYPE_CHECKING:
@@ -202,6 +203,23 @@ class SpreadIO:
 _DONE = object()
 
 
+def load_input(item, *, mask_dir=None) -> tuple:
+    """(image, mask) for the engine. An input `sources.windowed` reads: a `sources.WindowedImage`
+    and its mask, whose windows are decoded as the engine asks for them (the decompression-bomb
+    limit does not apply: no full-size array of it is ever made); any other: decoded whole."""
+    if not windowed(item.path):
+        return load_image(item, mask_dir=mask_dir)
+    image = WindowedImage(open_source(item.path))
+    try:  # the image's mapping to uint8, as a whole decode would find it (`sources`)
+        keep_radiometry_note(item.path, image.source.prepare_radiometry(radiometry_spec()))
+    except ValueError as e:  # --bands names a band the image lacks
+        raise InputImageError(str(e)) from e
+    side = sidecar_mask_path(item, mask_dir)
+    if side is not None:  # a PNG mask has no windows: read whole (a bool a pixel)
+        image.sidecar = load_mask(side, image.shape[:2])
+    return image, image.mask
+
+
 class _Loader(threading.Thread):
     """Claims tasks and prepares their inputs (decoded image; a spread pass-2 chunk's sums) ahead of compute."""
 
@@ -220,7 +238,7 @@ class _Loader(threading.Thread):
 
     def _decode(self, i: int):
         p = self.plans[i]
-        image, mask = load_image(p.item, mask_dir=self.mask_dir)
+        image, mask = load_input(p.item, mask_dir=self.mask_dir)
         if mask.shape != (p.height, p.width):
             raise InputImageError(f"decoded size {mask.shape} differs from its header {(p.height, p.width)}")
         return image, mask
@@ -230,7 +248,7 @@ class _Loader(threading.Thread):
             p = self.plans[i]
             t0 = time.perf_counter()
             try:
-                if self.shared is not None and i in self.spread:
+                if self.shared is not None and i in self.spread and not windowed(p.item.path):
                     self.images[i] = self.shared.load(
                         store, i, p.item.key, lambda: self._decode(i), note=lambda: radiometry_note(p.item.path),
                         adopt=lambda note: keep_radiometry_note(p.item.path, note))
@@ -314,7 +332,7 @@ def _main_chunk(engine, plan, ids: list[int], image, mask, sums, key) -> tuple[d
 
 
 def _whole_image(engine, plan, image, mask, key, *, on_chunk: Callable[[list[int]], None],
-                 start: Callable[[Canvas], None] | None = None) -> Canvas:
+                 new_canvas: Callable | None = None, start: Callable[[Canvas], None] | None = None) -> Canvas:
     """One whole-image task: both passes over the plan's chunks (the same batches, hence the
     same bits, as when the image is spread), stitched in this process. ``start(canvas)``:
     called with the empty canvas once pass 2 begins (a streaming write)."""
@@ -324,13 +342,24 @@ def _whole_image(engine, plan, image, mask, key, *, on_chunk: Callable[[list[int
         for ids in plan.chunks[PASS_GLOBAL]:
             partials.update(engine.global_partials(image, mask, [plan.tiles[i] for i in ids], key=key))
         sums = engine.reduce_partials(partials)
-    canvas = Canvas(plan.height, plan.width, plan.tiles)
+    canvas = new_canvas(plan) if new_canvas else Canvas(plan.height, plan.width, plan.tiles)
     if start is not None:
         start(canvas)
-    for ids in plan.chunks[PASS_MAIN]:
-        canvas.add(*_main_chunk(engine, plan, ids, image, mask, sums, key))
-        on_chunk(ids)
+    try:
+        for ids in plan.chunks[PASS_MAIN]:
+            canvas.add(*_main_chunk(engine, plan, ids, image, mask, sums, key))
+            on_chunk(ids)
+    except BaseException:
+        canvas.abort()  # its streaming write gives up
+        _discard(canvas)
+        raise
     return canvas
+
+
+def _discard(canvas: Canvas) -> None:
+    """A canvas that will not be written: an `omezarr.OmeZarrCanvas` removes its temporary folder."""
+    if hasattr(canvas, "discard"):
+        canvas.discard()
 
 
 def _decided(plans, written: tuple) -> dict:
@@ -339,7 +368,7 @@ def _decided(plans, written: tuple) -> dict:
     p = next(q for q in plans if q.key == key)
     return {"input": key, "status": "failed" if error else "ok", "outputs": outputs or [],
             "size": [p.width, p.height], "tiles": len(p.tiles), "seconds": seconds, "error": error,
-            "radiometry": radiometry_note(p.item.path, forget=True)}
+            "radiometry": radiometry_note(p.item.path, forget=True), "read": describe(p.item.path)}
 
 
 def _error_header(plan, pass_: int, chunk: int, error: str) -> dict:
@@ -350,10 +379,12 @@ class _Finisher(threading.Thread):
     """Assembles and writes the spread images this rank finishes, as their chunks arrive."""
 
     def __init__(self, ctx, plans, own: Ownership, tags: dict[tuple[int, int], int], io: SpreadIO,
-                 writer: OutputWriter, kept: Kept, failed: Callable, done_tiles: Callable[[int], None]):
+                 writer: OutputWriter, kept: Kept, failed: Callable, done_tiles: Callable[[int], None],
+                 new_canvas: Callable = None):
         super().__init__(daemon=True, name="tilerun-finisher")
         self.ctx, self.plans, self.own, self.tags, self.io, self.writer = ctx, plans, own, tags, io, writer
         self.kept, self.failed, self.done_tiles = kept, failed, done_tiles
+        self.new_canvas = new_canvas or (lambda p: Canvas(p.height, p.width, p.tiles))
         self.error: BaseException | None = None
         self.canvas: Canvas | None = None  # the image being collected
         self.reused = 0
@@ -367,7 +398,7 @@ class _Finisher(threading.Thread):
                 if rank != self.ctx.rank:
                     continue
                 p = self.plans[i]
-                canvas = self.canvas = Canvas(p.height, p.width, p.tiles)
+                canvas = self.canvas = self.new_canvas(p)
                 # Written as its rows become final: the encoding overlaps the computing of
                 # the rest, instead of being the job's tail (python bench/scale_out.py).
                 parts = self.io.parts[i] if self.io.parts is not None else None
@@ -382,6 +413,7 @@ class _Finisher(threading.Thread):
                     else:
                         canvas.add(*self.io.collect(store, self.tags[(i, c)], i, c, self.wait))
                 if canvas.error:  # its write gives up (`Canvas.wait_rows`); reported here
+                    _discard(canvas)
                     self.failed(p, canvas.error)
         except BaseException as e:
             self.error = e
@@ -400,6 +432,7 @@ def run_worker(
     kept: Kept | None = None,
     mask_dir=None,
     on_tiles: Callable[[int, int], None] | None = None,
+    new_canvas: Callable | None = None,
 ) -> tuple[list[dict], list[RankStats]]:
     """Compute this process's claims and write the images it finishes.
 
@@ -407,7 +440,8 @@ def run_worker(
     ``io``: how spread images' chunks travel (None: no image is spread). ``on_tiles(tiles,
     images)`` (rank 0): every rank's progress. Returns (every rank's per-image results as
     dicts: input, status, outputs, size, tiles, seconds, error; every rank's stats) on rank
-    0, ([], [own stats]) elsewhere.
+    0, ([], [own stats]) elsewhere. ``new_canvas(plan)``: the `assemble.Canvas` an image's cores
+    go into (default: in memory; `omezarr.OmeZarrCanvas` writes them to disk as they come).
     """
     started_at = time.time()
     kept = kept or {}
@@ -438,7 +472,7 @@ def run_worker(
     writer.on_written = lambda key, ok: count(images=1, failed=int(not ok))
     finisher = None
     if any(r == ctx.rank for r in own.spread.values()):
-        finisher = _Finisher(ctx, plans, own, tags, io, writer, kept, failed, lambda n: count(tiles=n))
+        finisher = _Finisher(ctx, plans, own, tags, io, writer, kept, failed, lambda n: count(tiles=n), new_canvas)
     shared = None
     if own.spread and ctx.distributed and ctx.local_world_size > 1:
         remove_stale()
@@ -473,17 +507,28 @@ def run_worker(
                     failed(p, str(loaded))
                     count(tiles=len(p.tiles))
                 else:
+                    done = []
+
+                    def on_chunk(ids: list[int]) -> None:
+                        done.extend(ids)
+                        count(tiles=len(ids))
+
                     # An image of several claims is encoded as its rows become final, behind
                     # the computing of the rest (Canvas.wait_rows); one claim completes at once.
                     streaming = len(p.chunks[PASS_MAIN]) > 1
                     start = (lambda c: writer.submit(p.key, c, 0.0, streaming=True)) if streaming else None
-                    canvas = _whole_image(engine, p, *loaded, key, on_chunk=lambda ids: count(tiles=len(ids)),
-                                          start=start)
-                    if engine.uses_global:
-                        stats.tiles["global"] += len(p.tiles)
-                    stats.tiles["main"] += len(p.tiles)
-                    if not streaming:
-                        writer.submit(p.key, canvas, time.perf_counter() - t0)
+                    try:
+                        canvas = _whole_image(engine, p, *loaded, key, on_chunk=on_chunk, new_canvas=new_canvas,
+                                              start=start)
+                    except InputImageError as e:  # a window that cannot be decoded (`sources`): this file fails
+                        failed(p, str(e))
+                        count(tiles=len(p.tiles) - len(done))
+                    else:
+                        if engine.uses_global:
+                            stats.tiles["global"] += len(p.tiles)
+                        stats.tiles["main"] += len(p.tiles)
+                        if not streaming:
+                            writer.submit(p.key, canvas, time.perf_counter() - t0)
             elif task.pass_ == PASS_GLOBAL:
                 error = str(loaded) if isinstance(loaded, Exception) else None
                 if error:
@@ -491,9 +536,13 @@ def run_worker(
                 else:
                     image, mask = loaded
                     tiles = [p.tiles[i] for i in p.chunks[PASS_GLOBAL][task.chunk]]
-                    partials = engine.global_partials(image, mask, tiles, key=key)
-                    header, arrays = {"tiles": [t.index for t in tiles]}, [np.stack([partials[t.index].numpy() for t in tiles])]
-                    stats.tiles["global"] += len(tiles)
+                    try:
+                        partials = engine.global_partials(image, mask, tiles, key=key)
+                        header, arrays = {"tiles": [t.index for t in tiles]}, [np.stack([partials[t.index].numpy() for t in tiles])]
+                        stats.tiles["global"] += len(tiles)
+                    except InputImageError as e:  # a window that cannot be decoded (`sources`)
+                        error = str(e)
+                        header, arrays = _error_header(p, PASS_GLOBAL, task.chunk, error), []
                 if io is not None and io.parts is not None and not error:
                     stats.bytes_parts += io.parts[task.image].put(PASS_GLOBAL, task.chunk, header, arrays)
                 payload = pack(header, arrays)
@@ -505,8 +554,11 @@ def run_worker(
                     header, arrays = _error_header(p, PASS_MAIN, task.chunk, str(loaded) if isinstance(loaded, Exception) else sums), []
                 else:
                     image, mask = loaded
-                    header, arrays = _main_chunk(engine, p, ids, image, mask, sums, key)
-                    stats.tiles["main"] += len(ids)
+                    try:
+                        header, arrays = _main_chunk(engine, p, ids, image, mask, sums, key)
+                        stats.tiles["main"] += len(ids)
+                    except InputImageError as e:  # a window that cannot be decoded (`sources`)
+                        header, arrays = _error_header(p, PASS_MAIN, task.chunk, str(e)), []
                 io.deliver(store, n, task.image, task.chunk, own.spread[task.image], header, arrays)
                 count(tiles=len(ids))
             stats.compute_s += time.perf_counter() - t0
