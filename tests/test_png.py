@@ -96,3 +96,20 @@ def test_palette_and_text():
 def test_bad_input_is_refused_with_the_reason(pixels, kw, message):
     with pytest.raises(ValueError, match=message):
         _encode(pixels, **kw)
+
+
+def test_one_strip_images_go_through_libdeflate_with_the_same_pixels(monkeypatch):
+    """An image of one strip is one libdeflate call; without imagecodecs, the stdlib's strips."""
+    pytest.importorskip("imagecodecs", reason="libdeflate comes with imagecodecs")
+    rng = np.random.default_rng(3)
+    pixels = np.cumsum(rng.integers(0, 3, (120, 90, 3)), 0).astype(np.uint8)
+    assert 120 <= png._rows_per_strip(pixels.reshape(120, -1))
+    files = {}
+    for name, codec in (("libdeflate", png._libdeflate), ("stdlib", None)):
+        monkeypatch.setattr(png, "_libdeflate", codec)
+        buf = io.BytesIO()
+        png.write_png(buf, pixels)
+        files[name] = buf.getvalue()
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(files[name]))), pixels)
+    assert files["libdeflate"] != files["stdlib"]  # the other path was taken
+    assert files["libdeflate"].count(b"IDAT") == 1
