@@ -113,5 +113,8 @@ def test_engine_gives_every_tile_the_context_of_the_uint8_image(make_image, make
     ctx = engine.context(img, holes, key)
     assert ctx.shape == (1, 3, 7, 9) and ctx.dtype == torch.float64
     assert engine.context(img, holes, key) is ctx  # once per image
+    job = object()  # each claim of a spread image names it with a new (job, image) tuple
+    first = engine.context(img, holes, (job, 3))
+    assert engine.context(img, holes, (job, 3)) is first
     assert torch.equal(ctx, model._context_of(*_float(img, holes)))
     assert Engine(_prefill_model(0), tile=64).context(img, holes) is None

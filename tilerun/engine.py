@@ -461,7 +461,8 @@ class Engine:
         """
         if not self.takes_context:
             return None
-        if key is None or self._context is None or self._context[0] is not key:
+        # ``==``: each claim of a spread image brings its own (job, image) tuple.
+        if key is None or self._context is None or self._context[0] != key:
             ctx = self.model.coarse_context(image, mask)
             self._context = (key, None if ctx is None else ctx.to(self.device))
         return self._context[1]
