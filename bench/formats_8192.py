@@ -55,6 +55,7 @@ def run(inp: Path, out: Path) -> tuple[float, int]:
     env = dict(os.environ, TILERUN_SLEEP_RATE="1e12",
                PYTHONPATH=os.pathsep.join([str(ROOT / "bench"), os.environ.get("PYTHONPATH", "")]))
     rss = out.with_name(out.name + ".rss")
+    rss.parent.mkdir(parents=True, exist_ok=True)
     cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss), sys.executable, "-m", "tilerun", "run", str(inp.parent),
            str(out), "--model", "sleep_model:make", "--tile", "512", "-q"]
     t0 = time.perf_counter()
