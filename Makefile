@@ -17,7 +17,7 @@ test:
 # kernels than this CPU's best: ATen's portable ones with oneDNN and MKL held to SSE4.x (oneDNN
 # then convolves by im2col + its own GEMM), and all held to AVX2 (an AVX-512 / AMX machine then
 # runs what an AMD EPYC runs). The bytes must not depend on the instruction set.
-ISA_TESTS ?= tests/test_exact.py tests/test_cli_core.py tests/test_pipeline.py::test_features_kept_from_pass_one_change_no_bit
+ISA_TESTS ?= tests/test_exact.py tests/test_coarse.py tests/test_cli_core.py tests/test_pipeline.py::test_features_kept_from_pass_one_change_no_bit
 test-isa:
 	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 $(PY) -m pytest -q $(ISA_TESTS)
 	ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(PY) -m pytest -q $(ISA_TESTS)
