@@ -121,10 +121,12 @@ bench:
 	$(PY) bench/memory.py > $(BENCH_OUT)/memory.txt && cat $(BENCH_OUT)/memory.txt
 	$(PY) bench/tile_sweep.py > $(BENCH_OUT)/tile_sweep.txt && cat $(BENCH_OUT)/tile_sweep.txt
 	$(PY) bench/infer_loop.py > $(BENCH_OUT)/infer_loop.txt && cat $(BENCH_OUT)/infer_loop.txt
+	$(PY) bench/png_codecs.py > $(BENCH_OUT)/png_codecs.txt && cat $(BENCH_OUT)/png_codecs.txt
+	$(PY) bench/formats_8192.py > $(BENCH_OUT)/formats_8192.txt && cat $(BENCH_OUT)/formats_8192.txt
 	$(MAKE) bench-dist
 	$(MAKE) bench-scale
 
-# Issue 21: host-side scale-out, 1, 2 and 4 processes with a model that sleeps like an 8 MP/s card.
+# Host-side scale-out: 1, 2 and 4 processes with a model that sleeps like an 8 MP/s card.
 .PHONY: bench-scale
 bench-scale:
 	mkdir -p $(BENCH_OUT)
