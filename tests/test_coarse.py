@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tilerun.engine import Engine, infer_image
-from tilerun.model.net import TileNet, TileNetConfig, coarse_fill, coarse_sums, coarse_sums_of, far_field
+from tilerun.model.net import (CLASS_CONTEXT_CELLS, TileNet, TileNetConfig, class_counts, class_counts_of, coarse_fill,
+                               coarse_sums, coarse_sums_of, far_field, palette_classes)
 from tilerun.receptive import probe_model
 from tilerun.train import DEFAULT_PREFILL, DEFAULT_PREFILL_ITERATIONS
 
@@ -52,12 +53,13 @@ def test_far_field_of_a_window_is_that_part_of_the_whole_image_bit_for_bit():
         assert torch.equal(far_field(ctx, y0, y1, x0, x1, 16), whole[:, y0:y1, x0:x1])
 
 
-def _prefill_model(coarse_scale: int) -> TileNet:
+def _prefill_model(coarse_scale: int, class_fill: bool = False, palette=None) -> TileNet:
     # Untrained: the RGB head starts at zero, so the output in a hole is the pre-fill itself.
-    cfg = TileNetConfig(classes=6, stem=8, mid=8, width=8, global_dim=8, prefill_radii=DEFAULT_PREFILL,
-                        prefill_iterations=DEFAULT_PREFILL_ITERATIONS, class_prior=True, coarse_scale=coarse_scale)
+    cfg = TileNetConfig(classes=len(palette) if palette else 6, stem=8, mid=8, width=8, global_dim=8,
+                        prefill_radii=DEFAULT_PREFILL, prefill_iterations=DEFAULT_PREFILL_ITERATIONS, class_prior=True,
+                        coarse_scale=coarse_scale, class_fill=class_fill)
     torch.manual_seed(0)
-    return TileNet(cfg).eval()
+    return TileNet(cfg, palette).eval()
 
 
 def _two_colour_photo(h: int, w: int) -> np.ndarray:
@@ -118,3 +120,81 @@ def test_engine_gives_every_tile_the_context_of_the_uint8_image(make_image, make
     assert engine.context(img, holes, (job, 3)) is first
     assert torch.equal(ctx, model._context_of(*_float(img, holes)))
     assert Engine(_prefill_model(0), tile=64).context(img, holes) is None
+
+
+def test_palette_classes_are_the_nearest_colours_first_on_ties():
+    rng = np.random.default_rng(7)
+    pal = rng.integers(0, 256, (16, 3))
+    pal[5] = pal[2]  # a tie: the first index wins
+    rgb = rng.integers(0, 256, (40, 50, 3))
+    rgb[0, :16] = pal  # the palette colours themselves
+    d2 = ((rgb[:, :, None, :] - pal[None, None]) ** 2).sum(-1)
+    got = palette_classes(torch.from_numpy(rgb).permute(2, 0, 1)[None].float(), torch.from_numpy(pal).float())
+    assert np.array_equal(got[0, 0].numpy(), d2.argmin(-1))
+    assert got[0, 0, 0, 5] == 2
+
+
+def test_class_counts_of_the_uint8_image_equal_those_of_the_float_image(make_image, make_holes):
+    img, holes = make_image(131, 75, seed=3), make_holes(131, 75, seed=4)
+    pal = np.random.default_rng(1).integers(0, 256, (6, 3)).astype(np.uint8)
+    counts = class_counts(img, holes, 32, pal, band=64)
+    assert counts.shape == (7, 5, 3)
+    assert counts[-1].sum() == (~holes).sum() and np.array_equal(counts[:-1].sum(0), counts[-1])
+    assert np.array_equal(counts, class_counts(img, holes, 32, pal))
+    assert np.array_equal(counts, class_counts_of(*_float(img, holes), 32, torch.from_numpy(pal).float())[0].numpy())
+
+
+def _speckled_photo(h: int, w: int) -> np.ndarray:
+    """Black and white pixels, 3 white to 1 black: the mean colour is a light grey that no pixel has."""
+    img = np.full((h, w, 3), 255, np.uint8)
+    img[::2, ::2] = 0
+    return img
+
+
+def test_the_class_fill_gives_a_hole_the_most_frequent_class_around_it():
+    black, white, grey = (0, 0, 0), (255, 255, 255), (170, 170, 170)
+    img = _speckled_photo(256, 256)
+    holes = np.zeros((256, 256), bool)
+    holes[24:40, 100:180] = True  # a thin box: its middle is 8 px from known pixels
+    holes[96:224, 64:192] = True  # and one wider than the pre-fill's reach: the far field's classes
+    classes = {}
+    for class_fill in (False, True):
+        model = _prefill_model(16, class_fill, palette=[black, white, grey])
+        classes[class_fill], _ = infer_image(Engine(model, tile=64, batch_size=4), img, holes)
+    # The mean colour's class (light grey, 191 -> 170) against the most frequent one (white).
+    assert (classes[False][holes] == 2).mean() > 0.7
+    assert (classes[True][holes] == 1).mean() > 0.95
+    assert np.array_equal(classes[True][~holes], classes[False][~holes])  # known pixels keep their own class
+
+
+def test_tiling_with_the_class_fill_equals_one_whole_image_forward(make_image, make_holes, whole_forward):
+    from conftest import build_sensitive_tilenet
+
+    sensitive = build_sensitive_tilenet(prefill_radii=DEFAULT_PREFILL, prefill_iterations=DEFAULT_PREFILL_ITERATIONS)
+    model = TileNet(dataclasses.replace(sensitive.cfg, coarse_scale=16, class_prior=True, class_fill=True),
+                    sensitive.palette)
+    model.load_state_dict(sensitive.state_dict(), strict=False)
+    model.decoder.prior_scale.data.fill_(100.0)  # the class map is the prior's: its exactness shows
+    model.eval()
+    probe = probe_model(model)
+    assert (probe.stride, probe.halo) == (4, 40)  # the class shares are filled with the colours: no more halo
+    img, holes = make_image(170, 251, seed=18), make_holes(170, 251, seed=19)
+    img[:, :125] //= 4  # dark on the left, light on the right: classes that vary over the image
+    img[:, 125:] = 160 + img[:, 125:] // 3
+    holes[20:160, 100:240] = True
+    whole = whole_forward(model, img, holes)
+    ctx = model.coarse_context(img, holes)
+    assert isinstance(ctx, tuple) and ctx[1].shape == (1, model.cfg.classes, 3, 4)  # 64-px cells of class shares
+    assert 16 * CLASS_CONTEXT_CELLS == 64
+    tiled = [infer_image(Engine(model, tile=t, batch_size=b, probe=probe), img, holes) for t, b in ((64, 8), (48, 1))]
+    for out in tiled:
+        assert_exact(out, whole)
+    assert np.array_equal(tiled[0][0], tiled[1][0]) and np.array_equal(tiled[0][1], tiled[1][1])
+
+
+def test_inspect_reports_the_class_shares_of_the_context():
+    from tilerun.inspect import coarse_context_summary
+
+    line = coarse_context_summary(_prefill_model(16, class_fill=True), side=256)
+    assert "16x16 cells and 6 class shares in 4x4 cells" in line, line
+    assert "class shares" not in coarse_context_summary(_prefill_model(16), side=256)

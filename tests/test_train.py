@@ -391,3 +391,25 @@ def test_harmonic_fill_on_sparse_holes_gives_the_dense_bits(monkeypatch):
         sparse = net.harmonic_fill(fill, known, 9)
         assert torch.equal(dense, sparse)
         assert not torch.equal(dense, fill)  # the sweeps did change the holes
+
+
+@pytest.mark.parametrize("channels", [3, 16])
+def test_harmonic_fill_on_the_holes_box_in_chunks_gives_the_whole_sweep_bits(monkeypatch, channels):
+    """On CPU the sweeps cover only the holes' bounding box (+ a ring of known pixels), a few
+    channels at a time: the bits of sweeping every pixel and channel at once."""
+    import tilerun.model.net as net
+
+    torch.manual_seed(4)
+    known = torch.ones(2, 1, 50, 61)
+    known[0, :, 10:30, 20:26] = 0
+    known[1, :, 25:49, 40:61] = 0  # to the right edge, which mirrors
+    fill = net.local_fill(torch.rand(2, channels, 50, 61) * known, known, (1, 3))
+    x, prev, hole = fill, fill, 1 - known
+    for omega in net._omegas(9, net.HARMONIC_RHO):  # the plain sweep over everything
+        nxt = net._neighbour_mean(x).sub_(x).mul_(hole).add_(x).sub_(prev).mul_(omega).add_(prev)
+        prev, x = x, nxt
+    monkeypatch.setattr(net, "SPARSE_SWEEPS_BELOW", 0.0)  # dense, in the box
+    assert torch.equal(net.harmonic_fill(fill, known, 9), x)
+    monkeypatch.setattr(net, "SPARSE_SWEEPS_BELOW", 1.1)  # the holes alone
+    assert torch.equal(net.harmonic_fill(fill, known, 9), x)
+    assert torch.equal(net.harmonic_fill(fill, torch.ones_like(known), 9), fill)  # no hole: nothing to do

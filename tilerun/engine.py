@@ -464,7 +464,11 @@ class Engine:
         # ``==``: each claim of a spread image brings its own (job, image) tuple.
         if key is None or self._context is None or self._context[0] != key:
             ctx = self.model.coarse_context(image, mask)
-            self._context = (key, None if ctx is None else ctx.to(self.device))
+            if isinstance(ctx, tuple):
+                ctx = tuple(t.to(self.device) for t in ctx)
+            elif ctx is not None:
+                ctx = ctx.to(self.device)
+            self._context = (key, ctx)
         return self._context[1]
 
     def _launch(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile], global_sums: Tensor | None,

@@ -262,9 +262,15 @@ def coarse_context_summary(model: torch.nn.Module, *, side: int = 2048) -> str |
     t = time.perf_counter()
     ctx = model.coarse_context(image, mask)
     ms = 1000 * (time.perf_counter() - t)
-    cells = ctx.shape[-2:]
-    return (f"1/{scale} scale, {cells[0]}x{cells[1]} cells ({_mb(ctx.numel() * ctx.element_size())} float64) for a "
-            f"{side}x{side} image, {ms:.0f} ms once per image and process; the pre-fill's far field, exact under tiling")
+    parts = ctx if isinstance(ctx, tuple) else (ctx,)
+    cells = parts[0].shape[-2:]
+    size = _mb(sum(p.numel() * p.element_size() for p in parts))
+    classes = ""
+    if len(parts) > 1:
+        c = parts[1].shape[-2:]
+        classes = f" and {parts[1].shape[1]} class shares in {c[0]}x{c[1]} cells (the class prior's far field)"
+    return (f"1/{scale} scale, {cells[0]}x{cells[1]} cells{classes} ({size} float64) for a {side}x{side} image, "
+            f"{ms:.0f} ms once per image and process; the pre-fill's far field, exact under tiling")
 
 
 def _mb(n: int) -> str:

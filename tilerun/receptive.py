@@ -223,9 +223,13 @@ def _probe_forms(model: torch.nn.Module) -> tuple[Fn, Fn | None, int]:
     import copy
 
     m = copy.deepcopy(model).to("cpu", torch.float64).eval()
-    # A whole-image context is an input like the global sums: fixed (one grey cell), so that
-    # only the local receptive field shows.
-    ctx = {"context": torch.full((1, 3, 1, 1), 0.5, dtype=torch.float64)} if takes_context(m) else {}
+    # A whole-image context is an input like the global sums: fixed (the model's own context of
+    # one grey pixel), so that only the local receptive field shows.
+    ctx = {}
+    if takes_context(m):
+        grey = m.coarse_context(np.full((1, 1, 3), 128, np.uint8), None)
+        if grey is not None:
+            ctx = {"context": tuple(t.double() for t in grey) if isinstance(grey, tuple) else grey.double()}
     if not has_global_hook(m):
         return (lambda image, mask: m(image, mask, **ctx)) if ctx else m, None, 1
     g = torch.Generator().manual_seed(3)

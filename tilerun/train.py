@@ -70,12 +70,14 @@ DEFAULT_PREFILL = (1, 3, 7)
 DEFAULT_PREFILL_ITERATIONS = 22
 
 
-def default_net_config(classes: int, *, class_prior: bool = True, coarse_scale: int = 0) -> TileNetConfig:
+def default_net_config(classes: int, *, class_prior: bool = True, coarse_scale: int = 0,
+                       class_fill: bool = False) -> TileNetConfig:
     """The architecture `tilerun train` trains (and the shipped weights have), for ``classes`` classes;
-    ``coarse_scale``: the whole-image coarse context's cell size (0: none)."""
+    ``coarse_scale``: the whole-image coarse context's cell size (0: none); ``class_fill``: the
+    class prior from the filled class shares (`TileNetConfig.class_fill`)."""
     return TileNetConfig(classes=classes, prefill_radii=DEFAULT_PREFILL,
                          prefill_iterations=DEFAULT_PREFILL_ITERATIONS, class_prior=class_prior,
-                         coarse_scale=coarse_scale)
+                         coarse_scale=coarse_scale, class_fill=class_fill)
 
 
 class TrainingError(TilerunError, ValueError):

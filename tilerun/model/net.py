@@ -14,6 +14,7 @@ Conventions: image float [N,3,H,W] in [0,1]; mask float [N,1,H,W], 1 = missing.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import math
 
@@ -25,7 +26,8 @@ from torch import Tensor, nn
 from ..channels import first_extreme
 from ..geometry import round_up
 
-__all__ = ["TileNetConfig", "TileNet", "local_fill", "harmonic_fill", "coarse_sums", "coarse_fill", "far_field"]
+__all__ = ["TileNetConfig", "TileNet", "local_fill", "harmonic_fill", "coarse_sums", "class_counts", "coarse_fill",
+           "far_field", "palette_classes"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ class TileNetConfig:
     # Whole-image coarse context (see `coarse_context`): the side, in pixels, of the cells of a
     # filled coarse image of the whole input that is the pre-fill's far field; 0 = none (grey).
     coarse_scale: int = 0
+    # The class prior from a fill of the known pixels' classes (their share of each class, filled
+    # like the colours, its far field the whole image's class shares per cell of
+    # CLASS_CONTEXT_CELLS x coarse_scale px) instead of the class of the fill colour: the most
+    # frequent class around a hole rather than the class of its mean colour.
+    class_fill: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -260,6 +267,10 @@ def _omegas(iterations: int, rho: float) -> list[float]:
 SPARSE_SWEEPS_BELOW = 0.25
 
 
+# At most this many channels per dense sweep on CPU (see `harmonic_fill`).
+DENSE_SWEEP_CHANNELS = 3
+
+
 def harmonic_fill(fill: Tensor, known: Tensor, iterations: int, rho: float = HARMONIC_RHO) -> Tensor:
     """Relax the holes of ``fill`` towards harmonic (Laplace) inpainting in ``iterations`` sweeps.
 
@@ -269,13 +280,33 @@ def harmonic_fill(fill: Tensor, known: Tensor, iterations: int, rho: float = HAR
     "Matrix Computations", section 11.2.8) converges in about the square root of the
     sweeps plain Jacobi needs: on held-out photos, 22 sweeps after ``local_fill`` came
     within 0.1 dB of the converged solution, which itself beat biharmonic inpainting.
-    Known pixels (``known`` = 1) never change. Sparse holes are swept on their own
-    (`_harmonic_fill_holes`), with the same operations in the same order: the same bits.
+    Known pixels (``known`` = 1) never change. On CPU only the holes' bounding box is swept,
+    and sparse holes on their own (`_harmonic_fill_holes`), with the same operations in the
+    same order: the same bits.
     """
     # CPU only: on a GPU the dense sweeps are cheap, and counting the holes would make the
     # host wait for the device.
-    if iterations and fill.device.type == "cpu" and (1 - known).mean() < SPARSE_SWEEPS_BELOW:
-        return _harmonic_fill_holes(fill, known, iterations, rho)
+    if iterations and fill.device.type == "cpu":
+        # Only the holes' bounding box and the ring of known pixels around it take part: a known
+        # pixel never changes, and the window's edge, where the ring is cut, mirrors as before.
+        holes = (known[:, 0] == 0).any(0)
+        rows, cols = holes.any(1).nonzero()[:, 0], holes.any(0).nonzero()[:, 0]
+        if not len(rows):
+            return fill
+        h, w = holes.shape
+        y0, y1 = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, h)
+        x0, x1 = max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, w)
+        if (y1 - y0) * (x1 - x0) < h * w:
+            out = fill.clone()
+            out[..., y0:y1, x0:x1] = harmonic_fill(fill[..., y0:y1, x0:x1], known[..., y0:y1, x0:x1], iterations, rho)
+            return out
+        if (1 - known).mean() < SPARSE_SWEEPS_BELOW:
+            return _harmonic_fill_holes(fill, known, iterations, rho)
+    if fill.device.type == "cpu" and fill.shape[1] > DENSE_SWEEP_CHANNELS:
+        # A few channels at a time stay in the cache (the 16 class shares of a window do not).
+        # Same bits: the sweeps are elementwise per channel.
+        return torch.cat([harmonic_fill(part, known, iterations, rho)
+                          for part in fill.split(DENSE_SWEEP_CHANNELS, 1)], 1)
     x = fill
     hole = 1 - known
     prev = x
@@ -366,6 +397,73 @@ def coarse_sums_of(image: Tensor, mask: Tensor, scale: int) -> Tensor:
         return x.reshape(n, 4, hc, scale, wc, scale).sum(dim=(3, 5)).round().long()
 
 
+# The class part of the coarse context has cells this many times coarser than the colours':
+# 16 class shares per cell cost 4x the colours' memory at the same scale (1 GB for a 40,000^2
+# scene), and 64-px cells did as well as 16 on the validation photos (python bench/quality.py --split val).
+CLASS_CONTEXT_CELLS = 4
+
+
+def palette_classes(rgb: Tensor, palette: Tensor) -> Tensor:
+    """The index of the palette colour nearest each pixel (squared distance, the first on a tie):
+    int64 [N, 1, H, W] for ``rgb`` [N, 3, H, W] and ``palette`` [K, 3], both holding whole numbers
+    0-255 (uint8 values) in float32.
+
+    Every partial sum is a whole number below 2^24, exact in float32 in any order: the engine's
+    uint8 windows, a whole-image forward and the coarse context's bands give the same classes.
+    """
+    with torch.autocast(rgb.device.type, enabled=False):
+        palette = palette.float()
+        # |x - p|^2 less |x|^2, the same for every class: -2 x.p + |p|^2, one 1x1 convolution.
+        d2 = F.conv2d(rgb.float(), -2 * palette[:, :, None, None], (palette * palette).sum(1))
+    return first_extreme(d2, largest=False, keepdim=True)
+
+
+def class_counts(image: np.ndarray, mask: np.ndarray | None, scale: int, palette: np.ndarray, *,
+                 band: int = 256) -> np.ndarray:
+    """Per ``scale`` x ``scale`` cell of a uint8 [H, W, 3] image, how many known pixels have each
+    palette class (`palette_classes`), and how many are known: int64 [K + 1, hc, wc].
+
+    Read in bands of ``band`` rows (rounded to a multiple of ``scale``), classified a few rows at
+    a time: no full-size temporary. Whole numbers: the same as `class_counts_of`.
+    """
+    h, w = image.shape[:2]
+    k = len(palette)
+    hc, wc = -(-h // scale), -(-w // scale)
+    out = np.zeros((k + 1, hc, wc), np.int64)
+    pal = torch.as_tensor(np.asarray(palette), dtype=torch.float32)
+    band = max(scale, band - band % scale)
+    step = max(1, (1 << 18) // max(w, 1))  # rows classified at once: [K, rows, W] float32 distances, ~16 MB
+    cell_col = np.arange(w) // scale
+    for r0 in range(0, h, band):
+        r1 = min(h, r0 + band)
+        cls = np.empty((r1 - r0, w), np.int64)
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            rgb = torch.from_numpy(np.ascontiguousarray(image[a:b])).permute(2, 0, 1)[None].float()
+            cls[a - r0 : b - r0] = palette_classes(rgb, pal)[0, 0].numpy()
+        known = np.ones((r1 - r0, w), bool) if mask is None else ~mask[r0:r1]
+        cell = (np.arange(r0, r1) // scale - r0 // scale)[:, None] * wc + cell_col[None, :]
+        rows = -(-(r1 - r0) // scale)
+        per_class = np.bincount((cls * (rows * wc) + cell)[known], minlength=k * rows * wc).reshape(k, rows, wc)
+        out[:k, r0 // scale : r0 // scale + rows] = per_class
+        out[k, r0 // scale : r0 // scale + rows] = per_class.sum(0)
+    return out
+
+
+def class_counts_of(image: Tensor, mask: Tensor, scale: int, palette: Tensor) -> Tensor:
+    """`class_counts` of float images [N, 3, H, W] in [0, 1] (mask [N, 1, H, W], 1 = missing):
+    int64 [N, K + 1, hc, wc]; a colour is its uint8 value, round(255 x)."""
+    n, _, h, w = image.shape
+    k = palette.shape[0]
+    with torch.no_grad():
+        cls = palette_classes((image.float() * 255).round(), palette.float())
+        known = (mask < 0.5).double()
+        x = torch.cat([F.one_hot(cls[:, 0], k).permute(0, 3, 1, 2).double() * known, known], 1)
+        x = F.pad(x, (0, -w % scale, 0, -h % scale))
+        hc, wc = x.shape[-2] // scale, x.shape[-1] // scale
+        return x.reshape(n, k + 1, hc, scale, wc, scale).sum(dim=(3, 5)).round().long()
+
+
 def _sum2x2(t: Tensor) -> Tensor:
     """2x2 block sums of [..., h, w] (odd sizes padded with zeros)."""
     h, w = t.shape[-2:]
@@ -386,16 +484,19 @@ def _np_sum2x2(t: np.ndarray) -> np.ndarray:
     return t.reshape(*t.shape[:-2], (h + 1) // 2, 2, (w + 1) // 2, 2).sum(axis=(-3, -1))
 
 
-def coarse_fill(sums: Tensor | np.ndarray, height: int, width: int, scale: int, sweeps: int = COARSE_SWEEPS) -> Tensor:
-    """The coarse image of `coarse_sums` ``sums`` [4, hc, wc] with every hole filled: float64
-    [3, hc, wc] in [0, 1].
+def coarse_fill(sums: Tensor | np.ndarray, height: int, width: int, scale: int, sweeps: int = COARSE_SWEEPS, *,
+                empty: float = 127.5, unit: float = 255.0) -> Tensor:
+    """The coarse image of cell sums ``sums`` [C + 1, hc, wc] (`coarse_sums`: colours, then the
+    known count; `class_counts`: class counts, then the known count) with every hole filled:
+    float64 [C, hc, wc], the cell means divided by ``unit`` (colours in [0, 1], class shares);
+    ``empty`` where nothing at all is known.
 
     A converged harmonic fill by nested iteration: a pyramid of the sums (2x2 block sums,
-    whole numbers, exact), the top's mean colour (grey if nothing is known), then at each
-    finer level the level above upsampled, blended with the cell means by their share of
-    known pixels (`COARSE_MIN_KNOWN`), and ``sweeps`` Jacobi sweeps that relax the cells
-    that are not fully known. Elementwise float64 numpy operations in a fixed order and
-    number: every process computing it from the same sums gets the same bits.
+    whole numbers, exact), the top's mean, then at each finer level the level above
+    upsampled, blended with the cell means by their share of known pixels
+    (`COARSE_MIN_KNOWN`), and ``sweeps`` Jacobi sweeps that relax the cells that are not
+    fully known. Elementwise float64 numpy operations in a fixed order and number: every
+    process computing it from the same sums gets the same bits.
     """
     sums = (sums.cpu().numpy() if isinstance(sums, Tensor) else np.asarray(sums)).astype(np.float64)
     hc, wc = sums.shape[-2:]
@@ -407,10 +508,10 @@ def coarse_fill(sums: Tensor | np.ndarray, height: int, width: int, scale: int, 
         levels.append((_np_sum2x2(s), _np_sum2x2(t)))
     u = None
     for s, total in reversed(levels):
-        count = s[3]
-        mean = s[:3] / np.maximum(count, 1)
+        count = s[-1]
+        mean = s[:-1] / np.maximum(count, 1)
         if u is None:
-            u = np.where(count > 0, mean, 127.5)
+            u = np.where(count > 0, mean, empty)
             continue
         h, w = count.shape
         up = u.repeat(2, axis=1).repeat(2, axis=2)[:, :h, :w]
@@ -420,7 +521,17 @@ def coarse_fill(sums: Tensor | np.ndarray, height: int, width: int, scale: int, 
         u = held + free * up
         for _ in range(sweeps):
             u = held + free * _np_neighbour_mean(u)
-    return torch.from_numpy(u / 255)
+    return torch.from_numpy(u / unit)
+
+
+def blocky_far_field(context: Tensor, y0: int, y1: int, x0: int, x1: int, scale: int, block: int = 4) -> Tensor:
+    """`far_field` taken once per ``block`` x ``block`` block of whole-image pixels (at the block's
+    centre) and repeated over it: [C, y1-y0, x1-x0], still a function of position alone, at
+    1/block^2 of the interpolation (the class shares: 16 channels)."""
+    by0, bx0 = y0 // block, x0 // block
+    coarse = far_field(context, by0, -(-y1 // block), bx0, -(-x1 // block), scale // block)
+    full = coarse.repeat_interleave(block, 1).repeat_interleave(block, 2)
+    return full[:, y0 - by0 * block : y1 - by0 * block, x0 - bx0 * block : x1 - bx0 * block]
 
 
 def far_field(context: Tensor, y0: int, y1: int, x0: int, x1: int, scale: int) -> Tensor:
@@ -573,6 +684,8 @@ class TileNet(nn.Module):
         self.palette = palette or default_palette(self.cfg.classes)
         if len(self.palette) != self.cfg.classes:
             raise ValueError(f"palette has {len(self.palette)} colours for {self.cfg.classes} classes")
+        if self.cfg.class_fill and not self.cfg.class_prior:
+            raise ValueError("class_fill is a source of the class prior: it needs class_prior")
         self.encoder = Encoder(self.cfg)
         self.predictor = Predictor(self.cfg)
         self.generator = Generator(self.cfg)
@@ -630,39 +743,72 @@ class TileNet(nn.Module):
                   + (pal**2).sum(1)[None, :, None, None])
         return first_extreme(d2, largest=False, keepdim=True)
 
-    def _add_class_prior(self, logits: Tensor, fill: Tensor) -> Tensor:
-        """``logits + prior_scale * log P(class)``, P the palette class of each pre-filled colour,
-        one-hot with a floor of 1e-4.
+    def _add_class_prior(self, logits: Tensor, own: Tensor) -> Tensor:
+        """``logits + prior_scale * log P(class)``, P one-hot on class ``own`` ([N, 1, H, W]) with a
+        floor of 1e-4.
 
-        A known pixel keeps its own class; a hole starts from the class of its harmonic
-        fill colour (on held-out photos as accurate as the class of the nearest known
-        pixel, or better). Hard like the one-hot it replaces: a soft version (log-softmax
-        of colour distances) let training shrink ``prior_scale`` and the network's own
-        guesses in holes, which did not carry over to unseen photos, fell below both.
+        A known pixel keeps its own class; a hole starts from the class of its pre-fill: the
+        class of the fill colour, or with ``class_fill`` the most frequent class of the filled
+        class shares. Hard like the one-hot it replaces: a soft version (log-softmax of colour
+        distances) let training shrink ``prior_scale`` and the network's own guesses in holes,
+        which did not carry over to unseen photos, fell below both.
         The floor's term is added everywhere and the own class's logit put back (its
         prior is 0): the same values as adding the whole prior, without building it.
         """
-        own = self._nearest_class(fill)
         floor = self.decoder.prior_scale * math.log(1e-4)
         return (logits + floor).scatter_(1, own, logits.gather(1, own))
 
+    def _filled_classes(self, pixels: Tensor, known: Tensor, far: list[tuple] | None, outer: Box, inner: Box) -> Tensor:
+        """With ``class_fill``, the class prior's class per pixel of ``inner``: int64 [N, 1, h, w]
+        (``pixels`` and ``known`` cover ``outer``).
+
+        A known pixel's own class (`palette_classes` of its uint8 colour). In the holes, the
+        known pixels' classes as one-hot shares, the holes starting from the far field's shares
+        (``far``: per window the `far_field` arguments of the region, taken once per 4 x 4 block),
+        relaxed by the colours' harmonic sweeps; then the largest share. (Local means of the shares
+        first, as for the colours, did no better on the validation photos and took 2x the time.)
+        """
+        own = palette_classes((pixels * 255).round(), (self._palette_on(pixels) * 255).round())
+        if known.device.type == "cpu" and bool(known.all()):  # (CPU: the test would make the host wait for a GPU)
+            return _sub(own, outer, inner, 1)
+        n, _, h, w = own.shape
+        shares = torch.zeros((n, self.cfg.classes, h, w), dtype=pixels.dtype, device=pixels.device).scatter_(1, own, 1.0)
+        if far is None:
+            shares = shares * known
+        else:
+            shares = torch.where(known.bool(), shares, torch.stack([blocky_far_field(*f) for f in far]).to(shares))
+        shares = harmonic_fill(shares, known, self.cfg.prefill_iterations)
+        return first_extreme(_sub(shares, outer, inner, 1), largest=True, keepdim=True)
+
     # -- the hooks used by the tiling engine ----------------------------------------
-    def coarse_context(self, image: np.ndarray, mask: np.ndarray | None) -> Tensor | None:
+    def coarse_context(self, image: np.ndarray, mask: np.ndarray | None) -> Tensor | tuple[Tensor, Tensor] | None:
         """The whole-image context of a uint8 [H, W, 3] image (``mask`` True = missing) that
-        `forward` takes as ``context``: its filled coarse image, float64 [1, 3, hc, wc]; None
-        when the configuration has none. The engine computes it once per image, from the
-        uint8 pixels every process holds, and gives every tile the same tensor."""
+        `forward` takes as ``context``: its filled coarse image, float64 [1, 3, hc, wc], and with
+        ``class_fill`` its filled class shares [1, K, hc / 4, wc / 4] too; None when the
+        configuration has none. The engine computes it once per image, from the uint8 pixels
+        every process holds, and gives every tile the same tensors."""
         s = self.cfg.coarse_scale
         if not s:
             return None
         h, w = image.shape[:2]
-        return coarse_fill(torch.from_numpy(coarse_sums(image, mask, s)), h, w, s)[None]
+        colours = coarse_fill(torch.from_numpy(coarse_sums(image, mask, s)), h, w, s)[None]
+        if not self.cfg.class_fill:
+            return colours
+        cs = s * CLASS_CONTEXT_CELLS
+        counts = class_counts(image, mask, cs, np.asarray(self.palette))
+        return colours, coarse_fill(torch.from_numpy(counts), h, w, cs, empty=0.0, unit=1.0)[None]
 
-    def _context_of(self, image: Tensor, mask: Tensor) -> Tensor:
+    def _context_of(self, image: Tensor, mask: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """`coarse_context` of a float batch, computed by the forward of a whole image."""
         s = self.cfg.coarse_scale
         h, w = image.shape[-2:]
-        return torch.stack([coarse_fill(c, h, w, s) for c in coarse_sums_of(image, mask, s)])
+        colours = torch.stack([coarse_fill(c, h, w, s) for c in coarse_sums_of(image, mask, s)])
+        if not self.cfg.class_fill:
+            return colours
+        cs = s * CLASS_CONTEXT_CELLS
+        pal = torch.tensor(self.palette, dtype=torch.float32, device=image.device)
+        counts = class_counts_of(image, mask, cs, pal)
+        return colours, torch.stack([coarse_fill(c, h, w, cs, empty=0.0, unit=1.0) for c in counts])
 
     def encode(self, image: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The encoder's features of ``image`` (s0, s1, z): the first thing both `global_terms`
@@ -735,25 +881,40 @@ class TileNet(nn.Module):
         if self.cfg.prefill_radii:
             r_local, r_harm = region(mg["local"]), region(mg["harmonic"])
             known = _sub(1 - m, whole, r_local, 1)  # once, on the widest region the pre-fill reads
-            far = None
+            far = far_classes = None
             if self.cfg.coarse_scale:
                 if context is None:
                     context = self._context_of(image, mask)
+                parts = context if isinstance(context, tuple) else (context,)
                 origin = origin or [(0, 0)] * x.shape[0]
 
-                def far():
-                    ctx = [context[min(i, context.shape[0] - 1)] for i in range(len(origin))]
-                    return torch.stack([far_field(c, oy + r_local[0], oy + r_local[1], ox + r_local[2], ox + r_local[3],
-                                                  self.cfg.coarse_scale) for c, (oy, ox) in zip(ctx, origin)]).to(x)
+                def far_of(part: Tensor, scale: int, upsample: Callable[..., Tensor]) -> Callable[[], Tensor]:
+                    def far() -> Tensor:
+                        return torch.stack([upsample(part[min(i, part.shape[0] - 1)], oy + r_local[0], oy + r_local[1],
+                                                     ox + r_local[2], ox + r_local[3], scale)
+                                            for i, (oy, ox) in enumerate(origin)]).to(x)
+                    return far
 
-            fill, reach = local_fill(_sub(x[:, :3], whole, r_local, 1), known, self.cfg.prefill_radii, far,
-                                     with_reach=True)
+                far = far_of(parts[0], self.cfg.coarse_scale, far_field)
+                if self.cfg.class_fill:
+                    # Per window, the class shares' far field once per 4 x 4 block over the swept region.
+                    cs = self.cfg.coarse_scale * CLASS_CONTEXT_CELLS
+                    far_classes = [(parts[1][min(i, parts[1].shape[0] - 1)], oy + r_harm[0], oy + r_harm[1],
+                                    ox + r_harm[2], ox + r_harm[3], cs) for i, (oy, ox) in enumerate(origin)]
+
+            pixels = _sub(x[:, :3], whole, r_local, 1)
+            fill, reach = local_fill(pixels, known, self.cfg.prefill_radii, far, with_reach=True)
             if reach is not None:
                 reach = _sub(reach, r_local, r_up0, 1)
             fill = _sub(fill, r_local, r_harm, 1)
             if self.cfg.prefill_iterations:
                 fill = harmonic_fill(fill, _sub(known, r_local, r_harm, 1), self.cfg.prefill_iterations)
             fill = _sub(fill, r_harm, r_up0, 1)
+            if self.cfg.class_fill:
+                prior = self._filled_classes(_sub(pixels, r_local, r_harm, 1), _sub(known, r_local, r_harm, 1),
+                                             far_classes, r_harm, r_up0)
+            elif self.cfg.class_prior:
+                prior = self._nearest_class(fill)
         dec = self.decoder
         feat = dec.half(_sub(detail, r_gen, r_up1, 4), _sub(s1, whole, r_up1, 2))
         feat = dec.full(_sub(feat, r_up1, r_up0, 2), _sub(s0, whole, r_up0, 1), fill)
@@ -761,7 +922,7 @@ class TileNet(nn.Module):
         # copying a strided view of its features for each head.
         logits, rgb = dec.heads(feat, _sub(coarse, r_pred, r_up0, 4), fill, reach)
         if self.cfg.class_prior:
-            logits = self._add_class_prior(logits, fill)
+            logits = self._add_class_prior(logits, prior)
         oy, ox = y0 - r_up0[0], x0 - r_up0[2]
         logits, rgb = logits[..., oy : oy + y1 - y0, ox : ox + x1 - x0], rgb[..., oy : oy + y1 - y0, ox : ox + x1 - x0]
         known = 1 - m[..., y0:y1, x0:x1]
