@@ -33,14 +33,14 @@ clean:
 
 # The shipped weights (docs/training.md) and the inpainting-quality benchmark.
 # coffee and chelsea stay out of training; bench/quality.py measures on data/photos.csv's test split.
-# Seven stages: stage 1 without the class prior (1500 steps, batch 4); stage 2 adds the
+# Nine stages: stage 1 without the class prior (1500 steps, batch 4); stage 2 adds the
 # class prior and a hole MSE term and continues from stage 1 (800 steps, batch 8, lower
 # peak rate); stage 3 continues at half that rate (400 steps); stage 4 is the long run
 # (16000 steps in bf16 autocast, which AMX makes ~1.5x faster per step on this CPU, with
 # rotations and channel permutations of the crops: --augment); stage 5 adds the three
 # photos of train_photos/ (8000 steps at half stage 4's peak rate; it keeps stage 4's
 # palette); stage 6 continues stage 5 at a lower rate (6000 steps); stage 7 (below) merges two
-# replicas trained in parallel from stage 6. Each stage resumes its
+# replicas trained in parallel from stage 6; stages 8 and 9 are described below. Each stage resumes its
 # own checkpoint if one exists, so an interrupted `make weights` picks up where it was.
 WEIGHTS_DIR ?= build/weights
 TRAIN_ARGS = sample_images train_images --exclude 'coffee.*' --exclude 'chelsea.*' --crop 96 --classes 16 \
@@ -52,6 +52,9 @@ STAGE6_STEPS ?= 6000
 # Stage 8 (docs/training.md): the whole-image coarse context (--coarse-scale 16) switched on, fine-tuned
 # with big boxes and blobs on 128-px crops, the train split of data/photos.csv added.
 STAGE8_STEPS ?= 400
+# Stage 9: the class prior from the filled classes around a hole (--class-fill), fine-tuned from stage 8
+# with new crops (seed 9) and fewer big holes.
+STAGE9_STEPS ?= 3000
 PHOTOS_DIR ?= build/photos
 .PHONY: weights bench-quality quality photos
 # The natural photos of data/photos.csv (Debian's plasma-workspace-wallpapers, pinned), split by file.
@@ -83,7 +86,11 @@ weights:
 		--batch-size 4 --lr 3e-4 --l2-weight 50 --augment --coarse-scale 16 --big-holes 0.5 --checkpoint-every 25 \
 		--init-from $(WEIGHTS_DIR)/stage7.safetensors \
 		--out $(WEIGHTS_DIR)/stage8.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage8.safetensors),--resume)
-	install -m 644 $(WEIGHTS_DIR)/stage8.safetensors tilerun/weights/default.safetensors
+	$(PY) -m tilerun train $(TRAIN_ARGS) train_photos $(PHOTOS_DIR)/train --crop 128 --class-prior --class-fill \
+		--steps $(STAGE9_STEPS) --batch-size 4 --lr 3e-4 --l2-weight 50 --augment --coarse-scale 16 --big-holes 0.3 \
+		--seed 9 --checkpoint-every 500 --init-from $(WEIGHTS_DIR)/stage8.safetensors \
+		--out $(WEIGHTS_DIR)/stage9.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage9.safetensors),--resume)
+	install -m 644 $(WEIGHTS_DIR)/stage9.safetensors tilerun/weights/default.safetensors
 
 # Stage 7: two replicas of stage 6's recipe at lower rate (seeds 1 and 2, 3000 steps) trained
 # in parallel, one thread each, then merged by averaging their weights (`tilerun merge`).

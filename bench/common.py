@@ -91,3 +91,26 @@ def print_ratio(times: dict[str, list[float]], num: str, den: str) -> None:
     for name, ts in times.items():
         print(f"{name:>6}: {fmt_times(ts)}")
     print(f"{num} / {den} (best of {len(times[num])}): {min(times[num]) / min(times[den]):.3f}")
+
+
+def load_model_spec(spec: str):
+    """``PATH`` or ``PATH:key=value,...`` (TileNetConfig fields switched on the same weights)."""
+    import dataclasses
+
+    import tilerun
+    from tilerun.model.net import TileNet
+
+    path, _, sets = spec.partition(":")
+    model = tilerun.load_model(Path(path))
+    if sets:
+        changes = {}
+        for kv in sets.split(","):
+            k, v = kv.split("=")
+            changes[k] = {"true": True, "false": False}[v.lower()] if v.lower() in ("true", "false") else float(v)
+            if changes[k] == int(changes[k]) and "." not in v:
+                changes[k] = int(changes[k])
+        new = TileNet(dataclasses.replace(model.cfg, **changes), model.palette)
+        new.load_state_dict(model.state_dict())
+        new.metadata = getattr(model, "metadata", {})
+        model = new.eval()
+    return model

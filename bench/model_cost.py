@@ -13,7 +13,6 @@ side, as big as `bench/quality.py`'s).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -22,28 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import PHOTO, holes, interleaved, machine, photo  # noqa: E402
-
-
-def load(spec: str):
-    """``PATH`` or ``PATH:key=value,...`` (TileNetConfig fields switched on the same weights)."""
-    import tilerun
-    from tilerun.model.net import TileNet
-
-    path, _, sets = spec.partition(":")
-    model = tilerun.load_model(Path(path))
-    if sets:
-        changes = {}
-        for kv in sets.split(","):
-            k, v = kv.split("=")
-            changes[k] = {"true": True, "false": False}[v.lower()] if v.lower() in ("true", "false") else float(v)
-            if changes[k] == int(changes[k]) and "." not in v:
-                changes[k] = int(changes[k])
-        new = TileNet(dataclasses.replace(model.cfg, **changes), model.palette)
-        new.load_state_dict(model.state_dict())
-        new.metadata = getattr(model, "metadata", {})
-        model = new.eval()
-    return model
+from common import PHOTO, holes, interleaved, load_model_spec, machine, photo  # noqa: E402
 
 
 def main() -> None:
@@ -72,7 +50,7 @@ def main() -> None:
     else:
         mask = holes(args.size)
     print(f"{args.photo.name} at {args.size}x{args.size}, {args.holes} holes, {100 * mask.mean():.1f}% missing")
-    engines = {spec: Engine(load(spec)) for spec in args.model}
+    engines = {spec: Engine(load_model_spec(spec)) for spec in args.model}
     for e in engines.values():
         tilerun.infer_image(e, image, mask)  # warm-up: probe, allocator
     times = interleaved({k: (lambda e=e: tilerun.infer_image(e, image, mask)) for k, e in engines.items()},

@@ -84,7 +84,10 @@ def run(*, model_path: Path | None, figure: Path | None, split: str = "test",
     from tilerun.model import DEFAULT_WEIGHTS
 
     torch.set_num_threads(2)
-    model = tilerun.load_model(model_path)
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import load_model_spec
+
+    model = load_model_spec(str(model_path)) if model_path is not None else tilerun.load_model(None)
     if model_path is None and not DEFAULT_WEIGHTS.exists():
         print("warning: no trained default weights; measuring the untrained init", file=sys.stderr)
     engine = Engine(model)  # probed once, reused for every image
@@ -276,7 +279,8 @@ def write_section(path: Path, text: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--write", type=Path, default=None, help="Markdown file whose Quality section to (re)write.")
-    ap.add_argument("--model", type=Path, default=None, help="Weights to measure (default: the shipped ones).")
+    ap.add_argument("--model", type=Path, default=None, help="Weights to measure (default: the shipped ones); "
+                    "PATH:field=value,... switches TileNetConfig fields on them, e.g. PATH:class_fill=true.")
     ap.add_argument("--figure", type=Path, default=None, help="PNG of a few results (e.g. docs/quality.png).")
     ap.add_argument("--split", default="test", choices=["test", "val"],
                     help="Photos to measure on: val for choices, test once at the end.")

@@ -765,8 +765,9 @@ class TileNet(nn.Module):
         A known pixel's own class (`palette_classes` of its uint8 colour). In the holes, the
         known pixels' classes as one-hot shares, the holes starting from the far field's shares
         (``far``: per window the `far_field` arguments of the region, taken once per 4 x 4 block),
-        relaxed by the colours' harmonic sweeps; then the largest share. (Local means of the shares
-        first, as for the colours, did no better on the validation photos and took 2x the time.)
+        relaxed by as many harmonic sweeps as the colours; then the largest share. (Local means of
+        the shares first, as for the colours, scored 0.2-0.6 points higher on the validation photos
+        for 2x the cost; docs/model.md.)
         """
         own = palette_classes((pixels * 255).round(), (self._palette_on(pixels) * 255).round())
         if known.device.type == "cpu" and bool(known.all()):  # (CPU: the test would make the host wait for a GPU)
