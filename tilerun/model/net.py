@@ -399,7 +399,7 @@ def coarse_sums_of(image: Tensor, mask: Tensor, scale: int) -> Tensor:
 
 # The class part of the coarse context has cells this many times coarser than the colours':
 # 16 class shares per cell cost 4x the colours' memory at the same scale (1 GB for a 40,000^2
-# scene), and 64-px cells did as well as 16 on the validation photos (python bench/quality.py --split val).
+# scene), and 64-px cells did as well as 16 in a trial on the validation photos (docs/model.md).
 CLASS_CONTEXT_CELLS = 4
 
 
