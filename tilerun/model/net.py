@@ -305,8 +305,12 @@ def harmonic_fill(fill: Tensor, known: Tensor, iterations: int, rho: float = HAR
     if fill.device.type == "cpu" and fill.shape[1] > DENSE_SWEEP_CHANNELS:
         # A few channels at a time stay in the cache (the 16 class shares of a window do not).
         # Same bits: the sweeps are elementwise per channel.
-        return torch.cat([harmonic_fill(part, known, iterations, rho)
-                          for part in fill.split(DENSE_SWEEP_CHANNELS, 1)], 1)
+        return torch.cat([_dense_sweeps(part, known, iterations, rho) for part in fill.split(DENSE_SWEEP_CHANNELS, 1)], 1)
+    return _dense_sweeps(fill, known, iterations, rho)
+
+
+def _dense_sweeps(fill: Tensor, known: Tensor, iterations: int, rho: float) -> Tensor:
+    """`harmonic_fill`'s sweeps over every pixel of ``fill``."""
     x = fill
     hole = 1 - known
     prev = x
