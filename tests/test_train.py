@@ -375,12 +375,12 @@ def test_harmonic_fill_reach_is_one_pixel_per_sweep():
 
 def test_harmonic_fill_on_sparse_holes_gives_the_dense_bits(monkeypatch):
     """Below SPARSE_SWEEPS_BELOW the sweeps run on the hole pixels alone; they must give exactly
-    the dense result (tiles and the whole image may take different paths), holes on the edges
-    and several images in a batch included."""
+    the dense result (tiles and the whole image may take different paths), holes on the edges,
+    several images in a batch and many channels (swept as rows of pixels) included."""
     import tilerun.model.net as net
 
     torch.manual_seed(3)
-    for shape, share in (((1, 3, 60, 71), 0.05), ((3, 3, 33, 40), 0.2), ((2, 1, 17, 9), 0.6)):
+    for shape, share in (((1, 3, 60, 71), 0.05), ((3, 3, 33, 40), 0.2), ((2, 1, 17, 9), 0.6), ((2, 16, 30, 41), 0.1)):
         known = (torch.rand(shape[0], 1, *shape[2:]) > share).float()
         known[..., 0, :5] = 0  # a hole along the border: its neighbours mirror
         known[-1, :, -3:, -2:] = 0

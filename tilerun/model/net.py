@@ -329,6 +329,8 @@ def _harmonic_fill_holes(fill: Tensor, known: Tensor, iterations: int, rho: floa
     ``replicate`` padding does). The arithmetic per hole pixel is the dense one, op for op
     ((up + down) + left) + right, * 0.25, - x, + x, - prev, * omega, + prev), so the
     results are identical; the multiplication by the hole mask (1 there) is exact and left out.
+    Many channels (the class shares) are swept as rows of pixels, so that a gather reads a
+    pixel's channels together; a few (the colours) as planes, which saves the transposes.
     """
     n, c, h, w = fill.shape
     where = (known[:, 0] == 0).nonzero()  # [K, 3]: batch, row, column of each hole pixel
@@ -337,19 +339,26 @@ def _harmonic_fill_holes(fill: Tensor, known: Tensor, iterations: int, rho: floa
     def at(yy: Tensor, xx: Tensor) -> Tensor:
         return (b * h + yy.clamp(0, h - 1)) * w + xx.clamp(0, w - 1)
 
-    flat = fill.transpose(0, 1).reshape(c, n * h * w).clone()  # one plane per channel
+    rows = c > DENSE_SWEEP_CHANNELS
+    d = 0 if rows else 1  # the pixels' dimension of ``flat``
+    # A copy (written in place); as rows, contiguous: a reshape of one image's planes can be a
+    # view with the planes' strides, which clone() would keep.
+    if rows:
+        flat = fill.permute(0, 2, 3, 1).reshape(n * h * w, c).clone(memory_format=torch.contiguous_format)
+    else:
+        flat = fill.transpose(0, 1).reshape(c, n * h * w).clone()
     here = at(y, x)
     around = torch.cat([at(y - 1, x), at(y + 1, x), at(y, x - 1), at(y, x + 1)])  # one gather per sweep
-    cur = flat.index_select(1, here)
+    cur = flat.index_select(d, here)
     prev = cur
     k = len(here)
     for omega in _omegas(iterations, rho):
-        g = flat.index_select(1, around)
-        mean = g[:, :k].add(g[:, k : 2 * k]).add_(g[:, 2 * k : 3 * k]).add_(g[:, 3 * k :]).mul_(0.25)
+        g = flat.index_select(d, around)
+        mean = g.narrow(d, 0, k).add(g.narrow(d, k, k)).add_(g.narrow(d, 2 * k, k)).add_(g.narrow(d, 3 * k, k)).mul_(0.25)
         nxt = mean.sub_(cur).add_(cur).sub_(prev).mul_(omega).add_(prev)
-        flat.index_copy_(1, here, nxt)
+        flat.index_copy_(d, here, nxt)
         prev, cur = cur, nxt
-    return flat.reshape(c, n, h, w).transpose(0, 1)
+    return flat.reshape(n, h, w, c).permute(0, 3, 1, 2) if rows else flat.reshape(c, n, h, w).transpose(0, 1)
 
 
 # -- the whole-image coarse context ----------------------------------------------------
