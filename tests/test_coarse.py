@@ -198,3 +198,27 @@ def test_inspect_reports_the_class_shares_of_the_context():
     line = coarse_context_summary(_prefill_model(16, class_fill=True), side=256)
     assert "16x16 cells and 6 class shares in 4x4 cells" in line, line
     assert "class shares" not in coarse_context_summary(_prefill_model(16), side=256)
+
+
+def test_the_class_fill_of_few_holes_gives_the_dense_classes(monkeypatch, make_image, make_holes):
+    """Few holes take the class shares as rows of pixels, at the holes alone: the classes of the
+    16-channel images, far field and batch included."""
+    import tilerun.model.net as net
+
+    model = _prefill_model(16, class_fill=True, palette=[tuple(c) for c in np.random.default_rng(2).integers(0, 256, (16, 3))])
+    img = np.stack([make_image(90, 70, seed=s) for s in (5, 6)])
+    holes = np.stack([make_holes(90, 70, seed=s) for s in (7, 8)])
+    holes[1, 20:50, 10:40] = True
+    pixels = torch.from_numpy(img).permute(0, 3, 1, 2).float().div(255)
+    known = torch.from_numpy(~holes)[:, None].float()
+    ctx = [model.coarse_context(i, h)[1][0] for i, h in zip(img, holes)]
+    far = [(ctx[0], 9, 99, 13, 83, 64), (ctx[1], 42, 132, 6, 76, 64)]  # windows at two places of an image
+    box = (0, 90, 0, 70)
+    got = {}
+    for below in (0.0, 1.1):
+        monkeypatch.setattr(net, "SPARSE_SWEEPS_BELOW", below)
+        for f in (far, None):
+            got[below, f is None] = model._filled_classes(pixels, known, f, box, (4, 86, 8, 64))
+    for no_far in (False, True):
+        assert torch.equal(got[0.0, no_far], got[1.1, no_far])
+    assert not torch.equal(got[0.0, False], got[0.0, True])  # the far field counts

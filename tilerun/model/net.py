@@ -322,23 +322,12 @@ def _dense_sweeps(fill: Tensor, known: Tensor, iterations: int, rho: float) -> T
 
 
 def _harmonic_fill_holes(fill: Tensor, known: Tensor, iterations: int, rho: float) -> Tensor:
-    """`harmonic_fill` on the hole pixels alone: each sweep gathers their 4 neighbours.
+    """`harmonic_fill` on the hole pixels alone: each sweep gathers their 4 neighbours (`_sweep_holes`).
 
-    The dense sweep leaves known pixels exactly as they are ((mean - x) * 0 + x - prev = 0
-    there), so only holes change, and each reads its neighbours (the edge mirrored, as
-    ``replicate`` padding does). The arithmetic per hole pixel is the dense one, op for op
-    ((up + down) + left) + right, * 0.25, - x, + x, - prev, * omega, + prev), so the
-    results are identical; the multiplication by the hole mask (1 there) is exact and left out.
     Many channels (the class shares) are swept as rows of pixels, so that a gather reads a
     pixel's channels together; a few (the colours) as planes, which saves the transposes.
     """
     n, c, h, w = fill.shape
-    where = (known[:, 0] == 0).nonzero()  # [K, 3]: batch, row, column of each hole pixel
-    b, y, x = where.unbind(1)
-
-    def at(yy: Tensor, xx: Tensor) -> Tensor:
-        return (b * h + yy.clamp(0, h - 1)) * w + xx.clamp(0, w - 1)
-
     rows = c > DENSE_SWEEP_CHANNELS
     d = 0 if rows else 1  # the pixels' dimension of ``flat``
     # A copy (written in place); as rows, contiguous: a reshape of one image's planes can be a
@@ -347,18 +336,43 @@ def _harmonic_fill_holes(fill: Tensor, known: Tensor, iterations: int, rho: floa
         flat = fill.permute(0, 2, 3, 1).reshape(n * h * w, c).clone(memory_format=torch.contiguous_format)
     else:
         flat = fill.transpose(0, 1).reshape(c, n * h * w).clone()
-    here = at(y, x)
-    around = torch.cat([at(y - 1, x), at(y + 1, x), at(y, x - 1), at(y, x + 1)])  # one gather per sweep
+    _sweep_holes(flat, d, *_hole_indices(known), iterations, rho)
+    return flat.reshape(n, h, w, c).permute(0, 3, 1, 2) if rows else flat.reshape(c, n, h, w).transpose(0, 1)
+
+
+def _hole_indices(known: Tensor) -> tuple[Tensor, Tensor]:
+    """For ``known`` [N, 1, H, W], the flat indices (batch, row, column order) of the hole pixels,
+    [K], and of their 4 neighbours, [4K] (up, down, left, right; the edge mirrored, as
+    ``replicate`` padding does)."""
+    n, _, h, w = known.shape
+    b, y, x = (known[:, 0] == 0).nonzero().unbind(1)
+
+    def at(yy: Tensor, xx: Tensor) -> Tensor:
+        return (b * h + yy.clamp(0, h - 1)) * w + xx.clamp(0, w - 1)
+
+    return at(y, x), torch.cat([at(y - 1, x), at(y + 1, x), at(y, x - 1), at(y, x + 1)])
+
+
+def _sweep_holes(flat: Tensor, d: int, here: Tensor, around: Tensor, iterations: int, rho: float) -> Tensor:
+    """`harmonic_fill`'s sweeps on the pixels ``here`` of ``flat`` (pixels along dimension ``d``),
+    in place; returns their final values.
+
+    The dense sweep leaves known pixels exactly as they are ((mean - x) * 0 + x - prev = 0
+    there), so only holes change, and each reads its neighbours ``around``. The arithmetic per
+    hole pixel is the dense one, op for op ((up + down) + left) + right, * 0.25, - x, + x,
+    - prev, * omega, + prev), so the results are identical; the multiplication by the hole
+    mask (1 there) is exact and left out.
+    """
     cur = flat.index_select(d, here)
     prev = cur
     k = len(here)
     for omega in _omegas(iterations, rho):
-        g = flat.index_select(d, around)
+        g = flat.index_select(d, around)  # one gather per sweep
         mean = g.narrow(d, 0, k).add(g.narrow(d, k, k)).add_(g.narrow(d, 2 * k, k)).add_(g.narrow(d, 3 * k, k)).mul_(0.25)
         nxt = mean.sub_(cur).add_(cur).sub_(prev).mul_(omega).add_(prev)
         flat.index_copy_(d, here, nxt)
         prev, cur = cur, nxt
-    return flat.reshape(n, h, w, c).permute(0, 3, 1, 2) if rows else flat.reshape(c, n, h, w).transpose(0, 1)
+    return cur
 
 
 # -- the whole-image coarse context ----------------------------------------------------
@@ -545,6 +559,15 @@ def blocky_far_field(context: Tensor, y0: int, y1: int, x0: int, x1: int, scale:
     coarse = far_field(context, by0, -(-y1 // block), bx0, -(-x1 // block), scale // block)
     full = coarse.repeat_interleave(block, 1).repeat_interleave(block, 2)
     return full[:, y0 - by0 * block : y1 - by0 * block, x0 - bx0 * block : x1 - bx0 * block]
+
+
+def blocky_far_field_at(context: Tensor, y0: int, y1: int, x0: int, x1: int, scale: int, ys: Tensor, xs: Tensor,
+                        block: int = 4) -> Tensor:
+    """`blocky_far_field` of the region at its pixels (``ys``, ``xs``) (region coordinates) only:
+    [len(ys), C], the same values."""
+    by0, bx0 = y0 // block, x0 // block
+    coarse = far_field(context, by0, -(-y1 // block), bx0, -(-x1 // block), scale // block)
+    return coarse[:, (ys + y0) // block - by0, (xs + x0) // block - bx0].t()
 
 
 def far_field(context: Tensor, y0: int, y1: int, x0: int, x1: int, scale: int) -> Tensor:
@@ -786,6 +809,8 @@ class TileNet(nn.Module):
         if known.device.type == "cpu" and bool(known.all()):  # (CPU: the test would make the host wait for a GPU)
             return _sub(own, outer, inner, 1)
         n, _, h, w = own.shape
+        if known.device.type == "cpu" and (1 - known).mean() < SPARSE_SWEEPS_BELOW:
+            return _sub(self._filled_classes_of_holes(own, known, far), outer, inner, 1)
         shares = torch.zeros((n, self.cfg.classes, h, w), dtype=pixels.dtype, device=pixels.device).scatter_(1, own, 1.0)
         if far is None:
             shares = shares * known
@@ -793,6 +818,26 @@ class TileNet(nn.Module):
             shares = torch.where(known.bool(), shares, torch.stack([blocky_far_field(*f) for f in far]).to(shares))
         shares = harmonic_fill(shares, known, self.cfg.prefill_iterations)
         return first_extreme(_sub(shares, outer, inner, 1), largest=True, keepdim=True)
+
+    def _filled_classes_of_holes(self, own: Tensor, known: Tensor, far: list[tuple] | None) -> Tensor:
+        """`_filled_classes` for few holes (CPU): the class shares as rows of pixels, the far field
+        and the largest share taken at the holes alone. The same values at the holes, and the
+        same bits (`_sweep_holes`): no 16-channel image is built, filled, swept whole or reduced.
+        """
+        n, _, h, w = own.shape
+        here, around = _hole_indices(known)
+        flat_own = own.permute(0, 2, 3, 1).reshape(n * h * w, 1)
+        rows = torch.zeros((n * h * w, self.cfg.classes), dtype=known.dtype).scatter_(1, flat_own, 1.0)
+        if far is None:
+            rows.index_fill_(0, here, 0.0)
+        else:
+            b, y, x = (known[:, 0] == 0).nonzero().unbind(1)  # the order of ``here``
+            rows.index_copy_(0, here, torch.cat([blocky_far_field_at(*f, y[b == i], x[b == i]) for i, f in enumerate(far)])
+                             .to(rows))
+        best = first_extreme(_sweep_holes(rows, 0, here, around, self.cfg.prefill_iterations, HARMONIC_RHO), largest=True)
+        out = flat_own[:, 0].clone()
+        out[here] = best
+        return out.view(n, h, w, 1).permute(0, 3, 1, 2)
 
     # -- the hooks used by the tiling engine ----------------------------------------
     def coarse_context(self, image: np.ndarray, mask: np.ndarray | None) -> Tensor | tuple[Tensor, Tensor] | None:
