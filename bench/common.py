@@ -94,7 +94,8 @@ def print_ratio(times: dict[str, list[float]], num: str, den: str) -> None:
 
 
 def load_model_spec(spec: str):
-    """``PATH`` or ``PATH:key=value,...`` (TileNetConfig fields switched on the same weights)."""
+    """``PATH`` or ``PATH:key=value,...`` (TileNetConfig fields switched on the same weights; a
+    tuple as ``1/3/``)."""
     import dataclasses
 
     import tilerun
@@ -106,6 +107,9 @@ def load_model_spec(spec: str):
         changes = {}
         for kv in sets.split(","):
             k, v = kv.split("=")
+            if "/" in v:  # a tuple of ints: slope_radii=1/3
+                changes[k] = tuple(int(i) for i in v.split("/") if i)
+                continue
             changes[k] = {"true": True, "false": False}[v.lower()] if v.lower() in ("true", "false") else float(v)
             if changes[k] == int(changes[k]) and "." not in v:
                 changes[k] = int(changes[k])

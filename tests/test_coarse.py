@@ -222,3 +222,28 @@ def test_the_class_fill_of_few_holes_gives_the_dense_classes(monkeypatch, make_i
     for no_far in (False, True):
         assert torch.equal(got[0.0, no_far], got[1.1, no_far])
     assert not torch.equal(got[0.0, False], got[0.0, True])  # the far field counts
+@pytest.mark.parametrize("slope_radii", [(1, 3, 7), (1, 3, 23)])
+def test_tiling_with_the_slope_fill_equals_one_whole_image_forward(make_image, make_holes, whole_forward, slope_radii):
+    from conftest import build_sensitive_tilenet
+
+    sensitive = build_sensitive_tilenet(prefill_radii=DEFAULT_PREFILL, prefill_iterations=DEFAULT_PREFILL_ITERATIONS)
+    cfg = dataclasses.replace(sensitive.cfg, coarse_scale=16, slope_radii=slope_radii, slope_weight=1.0)
+    model = TileNet(cfg, sensitive.palette)
+    model.load_state_dict(sensitive.state_dict())
+    with torch.no_grad():  # RGB = the pre-fill (the sensitive head saturates most of it): the slopes show
+        model.decoder.rgb.weight.zero_()
+        model.decoder.rgb.bias.zero_()
+    model.eval()
+    probe = probe_model(model)
+    # (1, 3, 7) reaches no further than the colours' fill: no more halo. 23: its tent's 46 px, + 1 for
+    # the slopes' differences, + 1 for the decoder's 3x3, to the stride.
+    assert probe.halo == (40 if max(slope_radii) == 7 else 48)
+    img, holes = make_image(170, 251, seed=20), make_holes(170, 251, seed=21)
+    holes[30:150, 120:128] = True  # a thin band: the slopes carry across it
+    whole = whole_forward(model, img, holes)
+    plain = TileNet(dataclasses.replace(cfg, slope_radii=(), slope_weight=0.0), sensitive.palette)
+    plain.load_state_dict(model.state_dict())
+    changed = (whole_forward(plain.eval(), img, holes)[1] != whole[1]).any(-1)
+    assert changed[30:150, 120:128].mean() > 0.2  # the slopes count
+    for tile, batch in ((64, 8), (48, 1)):
+        assert_exact(infer_image(Engine(model, tile=tile, batch_size=batch, probe=probe), img, holes), whole)

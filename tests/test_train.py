@@ -393,6 +393,25 @@ def test_harmonic_fill_on_sparse_holes_gives_the_dense_bits(monkeypatch):
         assert not torch.equal(dense, fill)  # the sweeps did change the holes
 
 
+def test_slope_fill_continues_a_ramp_into_a_thin_hole():
+    """On a linear ramp every border pixel's value plus its slope times the offset is the ramp
+    itself, so the local fill plus the slope fill gives the ramp back in a thin hole, where the
+    local fill alone is pulled towards the nearer side."""
+    import tilerun.model.net as net
+
+    yy, xx = torch.meshgrid(torch.arange(48.0), torch.arange(64.0), indexing="ij")
+    ramp = torch.stack([0.2 + 0.006 * xx + 0.002 * yy, 0.9 - 0.004 * xx, 0.1 + 0.008 * yy])[None]
+    known = torch.ones(1, 1, 48, 64)
+    known[..., 8:40, 30:36] = 0  # 6 px wide
+    known[..., 20:26, 10:50] = 0  # crossed by a band 6 px high
+    hole = known[0, 0] == 0
+    local = net.local_fill(ramp * known, known, (1, 3, 7))
+    slopes = net.slope_fill(ramp * known, known, (1, 3, 7))
+    assert (slopes[..., ~hole] == 0).all()
+    assert (local - ramp)[..., hole].abs().max() > 0.005
+    assert (local + slopes - ramp)[..., hole].abs().max() < 1e-5
+
+
 @pytest.mark.parametrize("channels", [3, 16])
 def test_harmonic_fill_on_the_holes_box_in_chunks_gives_the_whole_sweep_bits(monkeypatch, channels):
     """On CPU the sweeps cover only the holes' bounding box (+ a ring of known pixels), a few
@@ -413,3 +432,19 @@ def test_harmonic_fill_on_the_holes_box_in_chunks_gives_the_whole_sweep_bits(mon
     monkeypatch.setattr(net, "SPARSE_SWEEPS_BELOW", 1.1)  # the holes alone
     assert torch.equal(net.harmonic_fill(fill, known, 9), x)
     assert torch.equal(net.harmonic_fill(fill, torch.ones_like(known), 9), fill)  # no hole: nothing to do
+
+
+def test_slope_fill_on_the_holes_box_gives_the_whole_window_values():
+    """On CPU the slope fill computes the holes' bounding box and its reach only: the values of
+    computing every pixel, holes at the edges and a batch included."""
+    import tilerun.model.net as net
+
+    torch.manual_seed(5)
+    image = torch.rand(2, 3, 70, 90)
+    known = torch.ones(2, 1, 70, 90)
+    known[0, :, 30:52, 40:62] = 0  # wide enough that the coarsest scale counts in its middle
+    known[1, :, 60:70, 0:8] = 0  # a corner: the box is cut by the edge
+    whole = net._slope_fill(image, known, (1, 3, 7))
+    assert torch.equal(net.slope_fill(image, known, (1, 3, 7)), whole)
+    assert whole.abs().sum() > 0
+    assert torch.equal(net.slope_fill(image, torch.ones_like(known), (1, 3, 7)), torch.zeros_like(image))

@@ -308,6 +308,8 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
               "coarse context, the pre-fill's far field; 0 = none. 16 for the shipped weights.")
 @click.option("--class-fill", is_flag=True, help="Take a hole's class prior from the filled classes of the known "
               "pixels around it (the most frequent class) instead of the class of its fill colour; needs --class-prior.")
+@click.option("--slope-fill", is_flag=True, help="Carry the slopes of the pixels around a hole into it (a "
+              "first-order continuation, as biharmonic inpainting does) in the pre-fill.")
 @click.option("--big-holes", type=float, default=0.0, show_default=True, help="Share of crops that also get one "
               "box or blob 25-70% of the crop across.")
 @click.option("--augment", is_flag=True, help="Also rotate crops by multiples of 90 degrees and permute "
@@ -316,8 +318,8 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
 @o.verbose_opt
 @o.quiet_opt
 def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, checkpoint_every, stop_at, resume,
-          init_from, class_prior, l1_weight, l2_weight, precision, coarse_scale, class_fill, big_holes, augment, device,
-          verbose, quiet):
+          init_from, class_prior, l1_weight, l2_weight, precision, coarse_scale, class_fill, slope_fill, big_holes, augment,
+          device, verbose, quiet):
     """Self-supervised training on the images in IMAGES (files or folders) into --out.
 
     Random crops with random holes; the model learns K colour classes and to fill the
@@ -334,7 +336,8 @@ def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, chec
         cfg = TrainConfig(steps=steps, crop=crop, batch_size=batch_size, classes=classes, lr=lr, seed=seed,
                           checkpoint_every=checkpoint_every, l1_weight=l1_weight, l2_weight=l2_weight,
                           precision=precision, augment=augment, big_holes=big_holes)
-        net_cfg = default_net_config(classes, class_prior=class_prior, coarse_scale=coarse_scale, class_fill=class_fill)
+        net_cfg = default_net_config(classes, class_prior=class_prior, coarse_scale=coarse_scale, class_fill=class_fill,
+                                     slope_fill=slope_fill)
         result = run_training(images, out=out, cfg=cfg, net_cfg=net_cfg, exclude=exclude, resume=resume,
                               init_from=init_from, stop_at=stop_at, device=device, progress=not quiet)
     except (TrainingError, DistributedError) as e:

@@ -55,6 +55,11 @@ class TileNetConfig:
     # CLASS_CONTEXT_CELLS x coarse_scale px) instead of the class of the fill colour: the most
     # frequent class around a hole rather than the class of its mean colour.
     class_fill: bool = False
+    # Radii of the slope continuation (see `slope_fill`); () = none. ``slope_weight`` scales it
+    # in the holes' pre-fill: the border's gradients carried into thin holes, as biharmonic
+    # inpainting does.
+    slope_radii: tuple[int, ...] = ()
+    slope_weight: float = 0.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,7 +67,7 @@ class TileNetConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TileNetConfig":
         d = dict(d)
-        for k in ("predictor_dilations", "generator_dilations", "prefill_radii"):
+        for k in ("predictor_dilations", "generator_dilations", "prefill_radii", "slope_radii"):
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
@@ -235,6 +240,77 @@ def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...], far=None,
     # known is 0 or 1, so this is image * known + fill * (1 - known) to the bit, in one op.
     out = torch.where(known.bool(), image, fill)
     return (out, reach) if with_reach else out
+
+
+def _slope_kernels(r: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The tent of `local_fill`'s scale ``r`` (a box of radius r applied twice) along one axis,
+    t(d) for d = -2r..2r, and -d t(d): the weights of a border pixel's slope at offset -d."""
+    k = 2 * r + 1
+    d = torch.arange(-2 * r, 2 * r + 1, dtype=dtype, device=device)
+    t = (k - d.abs()) / (k * k)
+    return t, -d * t
+
+
+def slope_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
+    """A first-order continuation of the known pixels into the holes: [N, 3, H, W], zero on
+    known pixels, to add to a fill of the colours.
+
+    A border pixel b with slope g predicts u(b) + g . (p - b) at p; a fill of the colours
+    averages the u(b), this averages the g . (p - b) with `local_fill`'s tent weights, finest
+    scale with enough known pixels first. Per axis that is a convolution of the slopes with
+    the tent times the offset: separable, so two depthwise passes of 7 channels (the slopes
+    along x and y, the known count) per scale. Slopes are central differences where both
+    neighbours are known, one-sided where one is, else 0. Pixels with no known pixel within
+    reach get 0: the continuation does not carry slopes across wide holes, where they would
+    overshoot. Like `local_fill`, each output depends on its (4 max(radii) + 3)^2 neighbourhood only.
+    Elementwise work on planes, the convolutions NHWC (see `_box`): mixing the two layouts
+    in one operation is slow on CPU. On CPU only the holes' bounding box, widened by the
+    reach, is computed: the same values there (each depends on its neighbourhood alone), and
+    zeros, the value of known pixels, around it.
+    """
+    if known.device.type == "cpu":  # (CPU: the tests would make the host wait for a GPU)
+        holes = (known[:, 0] == 0).any(0)
+        rows, cols = holes.any(1).nonzero()[:, 0], holes.any(0).nonzero()[:, 0]
+        if not len(rows):
+            return torch.zeros_like(image)
+        h, w = holes.shape
+        m = 2 * max(radii) + 1
+        y0, y1 = max(int(rows[0]) - m, 0), min(int(rows[-1]) + 1 + m, h)
+        x0, x1 = max(int(cols[0]) - m, 0), min(int(cols[-1]) + 1 + m, w)
+        if (y1 - y0) * (x1 - x0) < h * w:
+            out = torch.zeros_like(image)
+            out[..., y0:y1, x0:x1] = _slope_fill(image[..., y0:y1, x0:x1], known[..., y0:y1, x0:x1], radii)
+            return out
+    return _slope_fill(image, known, radii)
+
+
+def _slope_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
+    """`slope_fill` of every pixel."""
+    c = image.shape[1]
+    known = known.contiguous()
+    u = image.contiguous() * known
+    p, kp = F.pad(u, (1, 1, 1, 1)), F.pad(known, (1, 1, 1, 1))
+
+    def slope(a: Tensor, b: Tensor, ka: Tensor, kb: Tensor) -> Tensor:  # a: the next pixel, b: the previous
+        # Known neighbours' differences, averaged: (a - b) / 2, a - u, u - b or 0 (a and b are 0 where unknown).
+        return (a - u).mul_(ka).add_((u - b).mul_(kb)).div_((ka + kb).clamp_(min=1)).mul_(known)
+
+    gx = slope(p[..., 1:-1, 2:], p[..., 1:-1, :-2], kp[..., 1:-1, 2:], kp[..., 1:-1, :-2])
+    gy = slope(p[..., 2:, 1:-1], p[..., :-2, 1:-1], kp[..., 2:, 1:-1], kp[..., :-2, 1:-1])
+    x = torch.cat([gx, gy, known], 1).contiguous(memory_format=torch.channels_last)
+    out = None
+    with torch.autocast(x.device.type, enabled=False):
+        for r in sorted(radii, reverse=True):
+            t, dt = _slope_kernels(r, x.dtype, x.device)
+            rows = torch.cat([dt.expand(c, -1), t.expand(c + 1, -1)])[:, None, None, :]
+            cols = torch.cat([t.expand(c, -1), dt.expand(c, -1), t.expand(1, -1)])[:, None, :, None]
+            y = F.conv2d(F.conv2d(x, rows, padding=(0, 2 * r), groups=2 * c + 1), cols, padding=(2 * r, 0),
+                         groups=2 * c + 1).contiguous()
+            den = y[:, 2 * c :]
+            mean = y[:, :c].add(y[:, c : 2 * c]).div_(den.clamp_min(1e-6))
+            weight = den.div(PREFILL_MIN_KNOWN).clamp_(0, 1)
+            out = mean.mul_(weight) if out is None else out.lerp_(mean, weight)
+    return out.mul_(1 - known)
 
 
 # Spectral radius assumed for the Jacobi iteration in `harmonic_fill`: that of a hole some
@@ -894,6 +970,8 @@ class TileNet(nn.Module):
         pred = gen + 4 * sum(cfg.predictor_dilations)
         harmonic = up0 + cfg.prefill_iterations
         local = harmonic + 2 * max(cfg.prefill_radii, default=0)
+        if cfg.slope_radii:  # the slopes' differences and tents, around the decoder's region
+            local = max(local, up0 + 1 + 2 * max(cfg.slope_radii))
         raw = {"up0": up0, "up1": up1, "gen": gen, "pred": pred, "harmonic": harmonic, "local": local}
         return {k: round_up(v, s) for k, v in raw.items()}
 
@@ -969,6 +1047,11 @@ class TileNet(nn.Module):
             if self.cfg.prefill_iterations:
                 fill = harmonic_fill(fill, _sub(known, r_local, r_harm, 1), self.cfg.prefill_iterations)
             fill = _sub(fill, r_harm, r_up0, 1)
+            if self.cfg.slope_radii:
+                r_slope = region(mg["up0"] + 1 + 2 * max(self.cfg.slope_radii))
+                slopes = slope_fill(_sub(pixels, r_local, r_slope, 1), _sub(known, r_local, r_slope, 1),
+                                    self.cfg.slope_radii)
+                fill = fill + self.cfg.slope_weight * _sub(slopes, r_slope, r_up0, 1)
             if self.cfg.class_fill:
                 prior = self._filled_classes(_sub(pixels, r_local, r_harm, 1), _sub(known, r_local, r_harm, 1),
                                              far_classes, r_harm, r_up0)
