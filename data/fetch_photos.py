@@ -1,9 +1,11 @@
-"""Fetch the natural photos of data/photos.csv into build/photos/{train,val,test}/NAME.png.
+"""Fetch the pictures of data/photos.csv into build/photos/{train,train-art,val,test}/NAME.png.
 
-The photos come from Debian's plasma-workspace-wallpapers (`apt-get download`, pinned to the
-manifest's version; every photo's licence and author are in the manifest, the package's
-metadata.json says the same). Each is scaled to 800 px on its long side (PIL's Lanczos, the
-same bytes every run) and written as PNG. Split by file: training never reads val/ or test/.
+They come from Debian's plasma-workspace-wallpapers (`apt-get download`, pinned to the
+manifest's version; every picture's licence and author are in the manifest, the package's
+metadata says the same): its natural photos (train, val, test) and its rendered artwork,
+smooth gradients and sharp edges (train-art, and six in val). Each is scaled to 800 px on
+its long side (PIL's Lanczos, the same bytes every run) and written as PNG. Split by file:
+training never reads val/ or test/.
 Not used anywhere, on purpose: mate-backgrounds, lomiri-wallpapers* and matplotlib's sample
 data, kept for an independent check.
 
