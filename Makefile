@@ -55,9 +55,12 @@ STAGE8_STEPS ?= 400
 # Stage 9: the class prior from the filled classes around a hole (--class-fill), fine-tuned from stage 8
 # with new crops (seed 9) and fewer big holes.
 STAGE9_STEPS ?= 3000
+# Stage 10: the slope continuation in the pre-fill (--slope-fill), fine-tuned from stage 9 with the
+# rendered artwork of data/photos.csv (train-art) added.
+STAGE10_STEPS ?= 3000
 PHOTOS_DIR ?= build/photos
 .PHONY: weights bench-quality quality photos
-# The natural photos of data/photos.csv (Debian's plasma-workspace-wallpapers, pinned), split by file.
+# The pictures of data/photos.csv (Debian's plasma-workspace-wallpapers, pinned), split by file.
 photos:
 	$(PY) data/fetch_photos.py --out $(PHOTOS_DIR)
 
@@ -90,7 +93,11 @@ weights:
 		--steps $(STAGE9_STEPS) --batch-size 4 --lr 3e-4 --l2-weight 50 --augment --coarse-scale 16 --big-holes 0.3 \
 		--seed 9 --checkpoint-every 500 --init-from $(WEIGHTS_DIR)/stage8.safetensors \
 		--out $(WEIGHTS_DIR)/stage9.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage9.safetensors),--resume)
-	install -m 644 $(WEIGHTS_DIR)/stage9.safetensors tilerun/weights/default.safetensors
+	$(PY) -m tilerun train $(TRAIN_ARGS) train_photos $(PHOTOS_DIR)/train $(PHOTOS_DIR)/train-art --crop 128 --class-prior \
+		--class-fill --slope-fill --steps $(STAGE10_STEPS) --batch-size 4 --lr 3e-4 --l2-weight 50 --augment \
+		--coarse-scale 16 --big-holes 0.3 --seed 10 --checkpoint-every 500 --init-from $(WEIGHTS_DIR)/stage9.safetensors \
+		--out $(WEIGHTS_DIR)/stage10.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage10.safetensors),--resume)
+	install -m 644 $(WEIGHTS_DIR)/stage10.safetensors tilerun/weights/default.safetensors
 
 # Stage 7: two replicas of stage 6's recipe at lower rate (seeds 1 and 2, 3000 steps) trained
 # in parallel, one thread each, then merged by averaging their weights (`tilerun merge`).
