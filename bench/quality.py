@@ -72,7 +72,7 @@ def nearest_class(rgb: np.ndarray, palette: np.ndarray) -> np.ndarray:
 
 
 def run(*, model_path: Path | None, figure: Path | None, split: str = "test",
-        classical: bool = True) -> tuple[str, dict]:
+        classical: bool = True, prefill: bool = False) -> tuple[str, dict]:
     import cv2
     import torch
     from scipy.ndimage import distance_transform_edt
@@ -90,6 +90,10 @@ def run(*, model_path: Path | None, figure: Path | None, split: str = "test",
     model = load_model_spec(str(model_path)) if model_path is not None else tilerun.load_model(None)
     if model_path is None and not DEFAULT_WEIGHTS.exists():
         print("warning: no trained default weights; measuring the untrained init", file=sys.stderr)
+    if prefill:  # the RGB head's correction is zero: the output in a hole is the pre-fill itself
+        with torch.no_grad():
+            model.decoder.rgb.weight.zero_()
+            model.decoder.rgb.bias.zero_()
     engine = Engine(model)  # probed once, reused for every image
     palette = np.array(model.palette, np.uint8)
     # The latest run's crop (a merge's replicas share theirs); 128, tilerun train's default, without metadata.
@@ -286,8 +290,10 @@ def main() -> None:
                     help="Photos to measure on: val for choices, test once at the end.")
     ap.add_argument("--no-classical", dest="classical", action="store_false",
                     help="Skip biharmonic (slow); its columns then repeat Telea's.")
+    ap.add_argument("--prefill", action="store_true", help="Measure the model's pre-fill alone (its RGB head zeroed).")
     args = ap.parse_args()
-    text, _ = run(model_path=args.model, figure=args.figure, split=args.split, classical=args.classical)
+    text, _ = run(model_path=args.model, figure=args.figure, split=args.split, classical=args.classical,
+                  prefill=args.prefill)
     print(text)
     if args.write:
         write_section(args.write, text)
