@@ -13,7 +13,7 @@ Conventions: image float [N,3,H,W] in [0,1]; mask float [N,1,H,W], 1 = missing.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import math
@@ -242,6 +242,18 @@ def local_fill(image: Tensor, known: Tensor, radii: tuple[int, ...], far=None,
     return (out, reach) if with_reach else out
 
 
+def _holes_box(known: Tensor, margin: int) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1): the bounding box of the holes of ``known`` [N, 1, H, W] (of any batch
+    item), widened by ``margin`` and cut at the edges; None without a hole."""
+    holes = (known[:, 0] == 0).any(0)
+    rows, cols = holes.any(1).nonzero()[:, 0], holes.any(0).nonzero()[:, 0]
+    if not len(rows):
+        return None
+    h, w = holes.shape
+    return (max(int(rows[0]) - margin, 0), min(int(rows[-1]) + 1 + margin, h),
+            max(int(cols[0]) - margin, 0), min(int(cols[-1]) + 1 + margin, w))
+
+
 def _slope_kernels(r: int, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """The tent of `local_fill`'s scale ``r`` (a box of radius r applied twice) along one axis,
     t(d) for d = -2r..2r, and -d t(d): the weights of a border pixel's slope at offset -d."""
@@ -269,15 +281,11 @@ def slope_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
     zeros, the value of known pixels, around it.
     """
     if known.device.type == "cpu":  # (CPU: the tests would make the host wait for a GPU)
-        holes = (known[:, 0] == 0).any(0)
-        rows, cols = holes.any(1).nonzero()[:, 0], holes.any(0).nonzero()[:, 0]
-        if not len(rows):
+        box = _holes_box(known, 2 * max(radii) + 1)
+        if box is None:
             return torch.zeros_like(image)
-        h, w = holes.shape
-        m = 2 * max(radii) + 1
-        y0, y1 = max(int(rows[0]) - m, 0), min(int(rows[-1]) + 1 + m, h)
-        x0, x1 = max(int(cols[0]) - m, 0), min(int(cols[-1]) + 1 + m, w)
-        if (y1 - y0) * (x1 - x0) < h * w:
+        y0, y1, x0, x1 = box
+        if (y1 - y0) * (x1 - x0) < known.shape[-2] * known.shape[-1]:
             out = torch.zeros_like(image)
             out[..., y0:y1, x0:x1] = _slope_fill(image[..., y0:y1, x0:x1], known[..., y0:y1, x0:x1], radii)
             return out
@@ -365,14 +373,11 @@ def harmonic_fill(fill: Tensor, known: Tensor, iterations: int, rho: float = HAR
     if iterations and fill.device.type == "cpu":
         # Only the holes' bounding box and the ring of known pixels around it take part: a known
         # pixel never changes, and the window's edge, where the ring is cut, mirrors as before.
-        holes = (known[:, 0] == 0).any(0)
-        rows, cols = holes.any(1).nonzero()[:, 0], holes.any(0).nonzero()[:, 0]
-        if not len(rows):
+        box = _holes_box(known, 1)
+        if box is None:
             return fill
-        h, w = holes.shape
-        y0, y1 = max(int(rows[0]) - 1, 0), min(int(rows[-1]) + 2, h)
-        x0, x1 = max(int(cols[0]) - 1, 0), min(int(cols[-1]) + 2, w)
-        if (y1 - y0) * (x1 - x0) < h * w:
+        y0, y1, x0, x1 = box
+        if (y1 - y0) * (x1 - x0) < known.shape[-2] * known.shape[-1]:
             out = fill.clone()
             out[..., y0:y1, x0:x1] = harmonic_fill(fill[..., y0:y1, x0:x1], known[..., y0:y1, x0:x1], iterations, rho)
             return out
