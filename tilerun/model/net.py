@@ -417,21 +417,22 @@ def _harmonic_fill_holes(fill: Tensor, known: Tensor, iterations: int, rho: floa
         flat = fill.permute(0, 2, 3, 1).reshape(n * h * w, c).clone(memory_format=torch.contiguous_format)
     else:
         flat = fill.transpose(0, 1).reshape(c, n * h * w).clone()
-    _sweep_holes(flat, d, *_hole_indices(known), iterations, rho)
+    _sweep_holes(flat, d, *_hole_indices(known)[1:], iterations, rho)
     return flat.reshape(n, h, w, c).permute(0, 3, 1, 2) if rows else flat.reshape(c, n, h, w).transpose(0, 1)
 
 
-def _hole_indices(known: Tensor) -> tuple[Tensor, Tensor]:
-    """For ``known`` [N, 1, H, W], the flat indices (batch, row, column order) of the hole pixels,
-    [K], and of their 4 neighbours, [4K] (up, down, left, right; the edge mirrored, as
-    ``replicate`` padding does)."""
+def _hole_indices(known: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For ``known`` [N, 1, H, W], the batch, row and column of each hole pixel, [K, 3] (in
+    that order), their flat indices, [K], and those of their 4 neighbours, [4K] (up, down,
+    left, right; the edge mirrored, as ``replicate`` padding does)."""
     n, _, h, w = known.shape
-    b, y, x = (known[:, 0] == 0).nonzero().unbind(1)
+    where = (known[:, 0] == 0).nonzero()
+    b, y, x = where.unbind(1)
 
     def at(yy: Tensor, xx: Tensor) -> Tensor:
         return (b * h + yy.clamp(0, h - 1)) * w + xx.clamp(0, w - 1)
 
-    return at(y, x), torch.cat([at(y - 1, x), at(y + 1, x), at(y, x - 1), at(y, x + 1)])
+    return where, at(y, x), torch.cat([at(y - 1, x), at(y + 1, x), at(y, x - 1), at(y, x + 1)])
 
 
 def _sweep_holes(flat: Tensor, d: int, here: Tensor, around: Tensor, iterations: int, rho: float) -> Tensor:
@@ -636,8 +637,7 @@ def blocky_far_field(context: Tensor, y0: int, y1: int, x0: int, x1: int, scale:
     """`far_field` taken once per ``block`` x ``block`` block of whole-image pixels (at the block's
     centre) and repeated over it: [C, y1-y0, x1-x0], still a function of position alone, at
     1/block^2 of the interpolation (the class shares: 16 channels)."""
-    by0, bx0 = y0 // block, x0 // block
-    coarse = far_field(context, by0, -(-y1 // block), bx0, -(-x1 // block), scale // block)
+    coarse, by0, bx0 = _far_blocks(context, y0, y1, x0, x1, scale, block)
     full = coarse.repeat_interleave(block, 1).repeat_interleave(block, 2)
     return full[:, y0 - by0 * block : y1 - by0 * block, x0 - bx0 * block : x1 - bx0 * block]
 
@@ -646,9 +646,15 @@ def blocky_far_field_at(context: Tensor, y0: int, y1: int, x0: int, x1: int, sca
                         block: int = 4) -> Tensor:
     """`blocky_far_field` of the region at its pixels (``ys``, ``xs``) (region coordinates) only:
     [len(ys), C], the same values."""
-    by0, bx0 = y0 // block, x0 // block
-    coarse = far_field(context, by0, -(-y1 // block), bx0, -(-x1 // block), scale // block)
+    coarse, by0, bx0 = _far_blocks(context, y0, y1, x0, x1, scale, block)
     return coarse[:, (ys + y0) // block - by0, (xs + x0) // block - bx0].t()
+
+
+def _far_blocks(context: Tensor, y0: int, y1: int, x0: int, x1: int, scale: int, block: int) -> tuple[Tensor, int, int]:
+    """`far_field` at the centres of the ``block`` x ``block`` blocks that cover the region, and
+    the first block's row and column."""
+    by0, bx0 = y0 // block, x0 // block
+    return far_field(context, by0, -(-y1 // block), bx0, -(-x1 // block), scale // block), by0, bx0
 
 
 def far_field(context: Tensor, y0: int, y1: int, x0: int, x1: int, scale: int) -> Tensor:
@@ -906,13 +912,13 @@ class TileNet(nn.Module):
         same bits (`_sweep_holes`): no 16-channel image is built, filled, swept whole or reduced.
         """
         n, _, h, w = own.shape
-        here, around = _hole_indices(known)
+        where, here, around = _hole_indices(known)
         flat_own = own.permute(0, 2, 3, 1).reshape(n * h * w, 1)
         rows = torch.zeros((n * h * w, self.cfg.classes), dtype=known.dtype).scatter_(1, flat_own, 1.0)
         if far is None:
             rows.index_fill_(0, here, 0.0)
         else:
-            b, y, x = (known[:, 0] == 0).nonzero().unbind(1)  # the order of ``here``
+            b, y, x = where.unbind(1)
             rows.index_copy_(0, here, torch.cat([blocky_far_field_at(*f, y[b == i], x[b == i]) for i, f in enumerate(far)])
                              .to(rows))
         best = first_extreme(_sweep_holes(rows, 0, here, around, self.cfg.prefill_iterations, HARMONIC_RHO), largest=True)
