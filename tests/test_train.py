@@ -429,6 +429,9 @@ def test_harmonic_fill_on_the_holes_box_in_chunks_gives_the_whole_sweep_bits(mon
         prev, x = x, nxt
     monkeypatch.setattr(net, "SPARSE_SWEEPS_BELOW", 0.0)  # dense, in the box
     assert torch.equal(net.harmonic_fill(fill, known, 9), x)
+    assert torch.equal(net._dense_sweeps(fill, known, 9, net.HARMONIC_RHO), x)  # dense, everywhere, in buffers
+    with_grad = net._dense_sweeps(fill.clone().requires_grad_(), known, 9, net.HARMONIC_RHO)  # autograd's way
+    assert with_grad.requires_grad and torch.equal(with_grad.detach(), x)
     monkeypatch.setattr(net, "SPARSE_SWEEPS_BELOW", 1.1)  # the holes alone
     assert torch.equal(net.harmonic_fill(fill, known, 9), x)
     assert torch.equal(net.harmonic_fill(fill, torch.ones_like(known), 9), fill)  # no hole: nothing to do

@@ -327,12 +327,6 @@ def _slope_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
 HARMONIC_RHO = 0.995
 
 
-def _neighbour_mean(u: Tensor) -> Tensor:
-    """Mean of the 4 neighbours; the image border mirrors its edge pixels (no flux across it)."""
-    p = F.pad(u, (1, 1, 1, 1), mode="replicate")
-    return (p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]) * 0.25
-
-
 def _omegas(iterations: int, rho: float) -> list[float]:
     """Chebyshev's over-relaxation factor of each sweep."""
     out, omega = [], 1.0
@@ -390,16 +384,52 @@ def harmonic_fill(fill: Tensor, known: Tensor, iterations: int, rho: float = HAR
     return _dense_sweeps(fill, known, iterations, rho)
 
 
+def _neighbour_mean(u: Tensor) -> Tensor:
+    """Mean of the 4 neighbours; the image border mirrors its edge pixels (no flux across it)."""
+    p = F.pad(u, (1, 1, 1, 1), mode="replicate")
+    return (p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]) * 0.25
+
+
+def _mirror_edges(p: Tensor) -> None:
+    """Set the one-pixel border of ``p`` [..., h + 2, w + 2] to the edge of its inside (what
+    ``replicate`` padding gives; the corners are never read)."""
+    p[..., 0, 1:-1] = p[..., 1, 1:-1]
+    p[..., -1, 1:-1] = p[..., -2, 1:-1]
+    p[..., 1:-1, 0] = p[..., 1:-1, 1]
+    p[..., 1:-1, -1] = p[..., 1:-1, -2]
+
+
 def _dense_sweeps(fill: Tensor, known: Tensor, iterations: int, rho: float) -> Tensor:
-    """`harmonic_fill`'s sweeps over every pixel of ``fill``."""
-    x = fill
+    """`harmonic_fill`'s sweeps over every pixel of ``fill``.
+
+    Each sweep is prev + omega * (the Jacobi sweep on the hole pixels - prev), the Jacobi sweep
+    being the `_neighbour_mean`. Without autograd the iterates live inside three padded buffers
+    used in turn, so a sweep reads its neighbours without padding a copy and allocates nothing:
+    the same operations in the same order.
+    """
+    n, c, h, w = fill.shape
     hole = 1 - known
+    if torch.is_grad_enabled() and (fill.requires_grad or known.requires_grad):
+        # Autograd (training, the receptive-field probe) keeps every iterate: fresh tensors.
+        x = prev = fill
+        for omega in _omegas(iterations, rho):
+            nxt = _neighbour_mean(x).sub_(x).mul_(hole).add_(x).sub_(prev).mul_(omega).add_(prev)
+            prev, x = x, nxt
+        return x
+    pads = [fill.new_empty(n, c, h + 2, w + 2) for _ in range(3)]
+    p = pads[0]
+    x = p[..., 1:-1, 1:-1]
+    x.copy_(fill)
+    _mirror_edges(p)
     prev = x
-    for omega in _omegas(iterations, rho):
-        # prev + omega * (Jacobi sweep on the hole pixels - prev), in place on a fresh tensor.
-        nxt = _neighbour_mean(x).sub_(x).mul_(hole).add_(x).sub_(prev).mul_(omega).add_(prev)
-        prev, x = x, nxt
-    return x
+    for i, omega in enumerate(_omegas(iterations, rho)):
+        q = pads[(i + 1) % 3]  # the buffer of the iterate before prev: free again
+        nxt = torch.add(p[..., :-2, 1:-1], p[..., 2:, 1:-1], out=q[..., 1:-1, 1:-1])
+        nxt.add_(p[..., 1:-1, :-2]).add_(p[..., 1:-1, 2:]).mul_(0.25)
+        nxt.sub_(x).mul_(hole).add_(x).sub_(prev).mul_(omega).add_(prev)
+        _mirror_edges(q)
+        p, prev, x = q, x, nxt
+    return x.contiguous() if iterations else fill
 
 
 def _harmonic_fill_holes(fill: Tensor, known: Tensor, iterations: int, rho: float) -> Tensor:
