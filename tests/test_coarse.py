@@ -46,6 +46,24 @@ def test_coarse_fill_fills_every_hole_from_the_known_cells():
     assert torch.equal(nothing, torch.full((3, 3, 3), 0.5, dtype=torch.float64))
 
 
+def test_the_biharmonic_coarse_fill_carries_a_curved_gradient_through_a_hole():
+    # Colour rising with the square of x (the Laplacian's square is zero), a hole of 6 x 8 cells:
+    # the biharmonic fill continues the curve, the harmonic fill sags towards a straight line.
+    h, w = 16, 24
+    curve = 255 * ((np.arange(w) - 4) / 20) ** 2
+    sums = np.zeros((4, h, w), np.int64)
+    sums[:3] = np.round(curve * 256).astype(np.int64)
+    sums[3] = 256
+    hole = np.zeros((h, w), bool)
+    hole[5:11, 9:17] = True
+    sums[:, hole] = 0
+    err = {b: np.abs(coarse_fill(torch.from_numpy(sums), 16 * h, 16 * w, 16, biharmonic=b)[0].numpy() - curve / 255)[hole].max()
+           for b in (False, True)}
+    assert err[True] < 0.01 and err[True] < err[False] / 4
+    fill = coarse_fill(torch.from_numpy(sums), 16 * h, 16 * w, 16, biharmonic=True).numpy()
+    assert fill.min() >= 0 and fill.max() <= 1
+
+
 def test_far_field_of_a_window_is_that_part_of_the_whole_image_bit_for_bit():
     ctx = torch.rand(3, 9, 13, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     whole = far_field(ctx, 0, 140, 0, 200, 16)
@@ -86,11 +104,12 @@ def test_a_box_wider_than_the_reach_gets_colour_from_the_image(coarse_scale):
         assert grey  # without the context (old weights' configuration): the flat grey patch
 
 
-def test_tiling_with_the_coarse_context_equals_one_whole_image_forward(make_image, make_holes, whole_forward):
+@pytest.mark.parametrize("biharmonic", [False, True])
+def test_tiling_with_the_coarse_context_equals_one_whole_image_forward(make_image, make_holes, whole_forward, biharmonic):
     from conftest import build_sensitive_tilenet
 
     sensitive = build_sensitive_tilenet(prefill_radii=DEFAULT_PREFILL, prefill_iterations=DEFAULT_PREFILL_ITERATIONS)
-    model = TileNet(dataclasses.replace(sensitive.cfg, coarse_scale=16), sensitive.palette)
+    model = TileNet(dataclasses.replace(sensitive.cfg, coarse_scale=16, coarse_biharmonic=biharmonic), sensitive.palette)
     model.load_state_dict(sensitive.state_dict())
     model.eval()
     probe = probe_model(model)
@@ -192,12 +211,16 @@ def test_tiling_with_the_class_fill_equals_one_whole_image_forward(make_image, m
     assert np.array_equal(tiled[0][0], tiled[1][0]) and np.array_equal(tiled[0][1], tiled[1][1])
 
 
-def test_inspect_reports_the_class_shares_of_the_context():
+def test_inspect_reports_the_class_shares_and_the_fill_of_the_context():
     from tilerun.inspect import coarse_context_summary
 
     line = coarse_context_summary(_prefill_model(16, class_fill=True), side=256)
     assert "16x16 cells and 6 class shares in 4x4 cells" in line, line
     assert "class shares" not in coarse_context_summary(_prefill_model(16), side=256)
+    assert "(harmonic fill)" in line
+    model = _prefill_model(16)
+    model.cfg = dataclasses.replace(model.cfg, coarse_biharmonic=True)
+    assert "(biharmonic fill)" in coarse_context_summary(model, side=256)
 
 
 def test_the_class_fill_of_few_holes_gives_the_dense_classes(monkeypatch, make_image, make_holes):

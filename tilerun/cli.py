@@ -310,6 +310,8 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
               "pixels around it (the most frequent class) instead of the class of its fill colour; needs --class-prior.")
 @click.option("--slope-fill", is_flag=True, help="Carry the slopes of the pixels around a hole into it (a "
               "first-order continuation, as biharmonic inpainting does) in the pre-fill.")
+@click.option("--coarse-biharmonic", is_flag=True, help="Fill the coarse context's holes biharmonically (gradients "
+              "run on through a box) instead of harmonically; needs --coarse-scale.")
 @click.option("--big-holes", type=float, default=0.0, show_default=True, help="Share of crops that also get one "
               "box or blob 25-70% of the crop across.")
 @click.option("--augment", is_flag=True, help="Also rotate crops by multiples of 90 degrees and permute "
@@ -318,8 +320,8 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
 @o.verbose_opt
 @o.quiet_opt
 def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, checkpoint_every, stop_at, resume,
-          init_from, class_prior, l1_weight, l2_weight, precision, coarse_scale, class_fill, slope_fill, big_holes, augment,
-          device, verbose, quiet):
+          init_from, class_prior, l1_weight, l2_weight, precision, coarse_scale, class_fill, slope_fill, coarse_biharmonic,
+          big_holes, augment, device, verbose, quiet):
     """Self-supervised training on the images in IMAGES (files or folders) into --out.
 
     Random crops with random holes; the model learns K colour classes and to fill the
@@ -332,12 +334,14 @@ def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, chec
 
     if class_fill and not class_prior:
         raise click.UsageError("--class-fill is a source of the class prior: drop --no-class-prior")
+    if coarse_biharmonic and not coarse_scale:
+        raise click.UsageError("--coarse-biharmonic fills the coarse context: give --coarse-scale too")
     try:
         cfg = TrainConfig(steps=steps, crop=crop, batch_size=batch_size, classes=classes, lr=lr, seed=seed,
                           checkpoint_every=checkpoint_every, l1_weight=l1_weight, l2_weight=l2_weight,
                           precision=precision, augment=augment, big_holes=big_holes)
         net_cfg = default_net_config(classes, class_prior=class_prior, coarse_scale=coarse_scale, class_fill=class_fill,
-                                     slope_fill=slope_fill)
+                                     slope_fill=slope_fill, coarse_biharmonic=coarse_biharmonic)
         result = run_training(images, out=out, cfg=cfg, net_cfg=net_cfg, exclude=exclude, resume=resume,
                               init_from=init_from, stop_at=stop_at, device=device, progress=not quiet)
     except (TrainingError, DistributedError) as e:

@@ -253,7 +253,8 @@ def coarse_context_summary(model: torch.nn.Module, *, side: int = 2048) -> str |
     measured on a ``side`` x ``side`` image with a hole; None without one."""
     from .receptive import takes_context
 
-    scale = getattr(getattr(model, "cfg", None), "coarse_scale", 0)
+    cfg = getattr(model, "cfg", None)
+    scale = getattr(cfg, "coarse_scale", 0)
     if not takes_context(model) or not scale:
         return None
     image = np.zeros((side, side, 3), np.uint8)
@@ -270,7 +271,8 @@ def coarse_context_summary(model: torch.nn.Module, *, side: int = 2048) -> str |
         c = parts[1].shape[-2:]
         classes = f" and {parts[1].shape[1]} class shares in {c[0]}x{c[1]} cells (the class prior's far field)"
     return (f"1/{scale} scale, {cells[0]}x{cells[1]} cells{classes} ({size} float64) for a {side}x{side} image, "
-            f"{ms:.0f} ms once per image and process; the pre-fill's far field, exact under tiling")
+            f"{ms:.0f} ms once per image and process; the pre-fill's far field "
+            f"({'biharmonic' if getattr(cfg, 'coarse_biharmonic', False) else 'harmonic'} fill), exact under tiling")
 
 
 def _mb(n: int) -> str:

@@ -75,16 +75,19 @@ DEFAULT_SLOPE_WEIGHT = 0.4
 
 
 def default_net_config(classes: int, *, class_prior: bool = True, coarse_scale: int = 0,
-                       class_fill: bool = False, slope_fill: bool = False) -> TileNetConfig:
+                       class_fill: bool = False, slope_fill: bool = False,
+                       coarse_biharmonic: bool = False) -> TileNetConfig:
     """The architecture `tilerun train` trains (and the shipped weights have), for ``classes`` classes;
     ``coarse_scale``: the whole-image coarse context's cell size (0: none); ``class_fill``: the
     class prior from the filled class shares (`TileNetConfig.class_fill`); ``slope_fill``: the
-    border's slopes continued into the holes (`TileNetConfig.slope_radii`)."""
+    border's slopes continued into the holes (`TileNetConfig.slope_radii`); ``coarse_biharmonic``:
+    the coarse context filled biharmonically (`TileNetConfig.coarse_biharmonic`)."""
     return TileNetConfig(classes=classes, prefill_radii=DEFAULT_PREFILL,
                          prefill_iterations=DEFAULT_PREFILL_ITERATIONS, class_prior=class_prior,
                          coarse_scale=coarse_scale, class_fill=class_fill,
                          slope_radii=DEFAULT_SLOPE_RADII if slope_fill else (),
-                         slope_weight=DEFAULT_SLOPE_WEIGHT if slope_fill else 0.0)
+                         slope_weight=DEFAULT_SLOPE_WEIGHT if slope_fill else 0.0,
+                         coarse_biharmonic=coarse_biharmonic)
 
 
 class TrainingError(TilerunError, ValueError):

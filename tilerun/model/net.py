@@ -60,6 +60,10 @@ class TileNetConfig:
     # inpainting does.
     slope_radii: tuple[int, ...] = ()
     slope_weight: float = 0.0
+    # The colours' coarse fill continues the known cells' slopes across the holes (biharmonic,
+    # see `coarse_fill`) instead of blending their colours (harmonic): a gradient that runs into
+    # a box goes on through it.
+    coarse_biharmonic: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -494,6 +498,14 @@ COARSE_MIN_KNOWN = 0.3
 # Jacobi sweeps of Laplace's equation per pyramid level, after the level above initialised it
 # (nested iteration): a fixed count, so every process does the same operations.
 COARSE_SWEEPS = 24
+# The biharmonic coarse fill (`_biharmonic_cells`): Chebyshev iterations per pyramid level, tuned
+# for holes up to BIHARMONIC_CELLS cells across at that level (the level above has solved the
+# wider ones), and the weight of a partly known cell's mean against the smoothness. On the
+# validation boxes 30 iterations and 60 gave the same hole PSNR within 0.01 dB, and weights of
+# 20, 80 and 320 were within 0.1 dB (`python bench/quality.py --split val`).
+BIHARMONIC_ITERATIONS = 30
+BIHARMONIC_CELLS = 8
+BIHARMONIC_DATA_WEIGHT = 80.0
 
 
 def coarse_sums(image: np.ndarray, mask: np.ndarray | None, scale: int, *, band: int = 256) -> np.ndarray:
@@ -623,8 +635,51 @@ def _np_sum2x2(t: np.ndarray) -> np.ndarray:
     return t.reshape(*t.shape[:-2], (h + 1) // 2, 2, (w + 1) // 2, 2).sum(axis=(-3, -1))
 
 
+def _np_laplacian(u: np.ndarray) -> np.ndarray:
+    """The grid graph's Laplacian of [C, h, w] (edges: no flux), symmetric: the sum of the
+    neighbours' differences."""
+    p = np.pad(u, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    return p[:, :-2, 1:-1] + p[:, 2:, 1:-1] + p[:, 1:-1, :-2] + p[:, 1:-1, 2:] - 4 * u
+
+
+def _biharmonic_cells(u: np.ndarray, mean: np.ndarray, known: np.ndarray, iterations: int) -> np.ndarray:
+    """``u`` [C, h, w] relaxed towards the biharmonic fill of the cells that are not fully known
+    (``known`` < 1; their share of known pixels, as in `coarse_fill`): the minimum of the squared
+    Laplacian summed over every cell, plus BIHARMONIC_DATA_WEIGHT * k / (1 - k) times each partly
+    known cell's squared distance to its ``mean``. Chebyshev iteration on that symmetric positive
+    definite system, preconditioned by its interior diagonal, for the spectrum of a hole
+    BIHARMONIC_CELLS cells across: no inner products, only elementwise float64 operations in a
+    fixed order, so every process gets the same bits.
+    """
+    free = known < 1
+    weight = np.where(free, BIHARMONIC_DATA_WEIGHT * known / np.maximum(1 - known, 1e-12), 0.0)
+    diag = 20.0 + weight  # the squared Laplacian's diagonal is 20 inside the grid
+    # Eigenvalues of diag^-1 A: up to 64 / 20 (the Laplacian's are up to 8); down to about
+    # (2 pi^2 / n^2)^2 / 20 for the smoothest mode of an n x n hole.
+    lo, hi = (2 * np.pi**2 / BIHARMONIC_CELLS**2) ** 2 / 20, 3.2
+    theta, delta = (hi + lo) / 2, (hi - lo) / 2
+    sigma = theta / delta
+    rho = 1 / sigma
+    r = (-_np_laplacian(_np_laplacian(u)) - weight * (u - mean)) * free
+    d = r / diag / theta
+    u = u.copy()
+    for _ in range(iterations):  # in place: a 40,000^2 image has 2500^2 cells a channel
+        u += d
+        ad = _np_laplacian(_np_laplacian(d))
+        ad += weight * d
+        ad *= free
+        r -= ad
+        rho_next = 1 / (2 * sigma - rho)
+        d *= rho_next * rho
+        step = r / diag
+        step *= 2 * rho_next / delta
+        d += step
+        rho = rho_next
+    return u
+
+
 def coarse_fill(sums: Tensor | np.ndarray, height: int, width: int, scale: int, sweeps: int = COARSE_SWEEPS, *,
-                empty: float = 127.5, unit: float = 255.0) -> Tensor:
+                empty: float = 127.5, unit: float = 255.0, biharmonic: bool = False) -> Tensor:
     """The coarse image of cell sums ``sums`` [C + 1, hc, wc] (`coarse_sums`: colours, then the
     known count; `class_counts`: class counts, then the known count) with every hole filled:
     float64 [C, hc, wc], the cell means divided by ``unit`` (colours in [0, 1], class shares);
@@ -634,8 +689,9 @@ def coarse_fill(sums: Tensor | np.ndarray, height: int, width: int, scale: int, 
     whole numbers, exact), the top's mean, then at each finer level the level above
     upsampled, blended with the cell means by their share of known pixels
     (`COARSE_MIN_KNOWN`), and ``sweeps`` Jacobi sweeps that relax the cells that are not
-    fully known. Elementwise float64 numpy operations in a fixed order and number: every
-    process computing it from the same sums gets the same bits.
+    fully known. ``biharmonic``: then each level's biharmonic fill (`_biharmonic_cells`),
+    clipped to [0, ``unit``]. Elementwise float64 numpy operations in a fixed order and number:
+    every process computing it from the same sums gets the same bits.
     """
     sums = (sums.cpu().numpy() if isinstance(sums, Tensor) else np.asarray(sums)).astype(np.float64)
     hc, wc = sums.shape[-2:]
@@ -660,6 +716,8 @@ def coarse_fill(sums: Tensor | np.ndarray, height: int, width: int, scale: int, 
         u = held + free * up
         for _ in range(sweeps):
             u = held + free * _np_neighbour_mean(u)
+        if biharmonic:
+            u = np.clip(_biharmonic_cells(u, mean, a, BIHARMONIC_ITERATIONS), 0, unit)
     return torch.from_numpy(u / unit)
 
 
@@ -967,7 +1025,8 @@ class TileNet(nn.Module):
         if not s:
             return None
         h, w = image.shape[:2]
-        colours = coarse_fill(torch.from_numpy(coarse_sums(image, mask, s)), h, w, s)[None]
+        colours = coarse_fill(torch.from_numpy(coarse_sums(image, mask, s)), h, w, s,
+                              biharmonic=self.cfg.coarse_biharmonic)[None]
         if not self.cfg.class_fill:
             return colours
         cs = s * CLASS_CONTEXT_CELLS
@@ -978,7 +1037,8 @@ class TileNet(nn.Module):
         """`coarse_context` of a float batch, computed by the forward of a whole image."""
         s = self.cfg.coarse_scale
         h, w = image.shape[-2:]
-        colours = torch.stack([coarse_fill(c, h, w, s) for c in coarse_sums_of(image, mask, s)])
+        colours = torch.stack([coarse_fill(c, h, w, s, biharmonic=self.cfg.coarse_biharmonic)
+                               for c in coarse_sums_of(image, mask, s)])
         if not self.cfg.class_fill:
             return colours
         cs = s * CLASS_CONTEXT_CELLS
