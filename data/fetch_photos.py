@@ -1,9 +1,10 @@
-"""Fetch the pictures of data/photos.csv into build/photos/{train,train-art,val,test}/NAME.png.
+"""Fetch the pictures of data/photos.csv into build/photos/{train,train-art,train-art2,val,test}/NAME.png.
 
-They come from Debian's plasma-workspace-wallpapers (`apt-get download`, pinned to the
-manifest's version; every picture's licence and author are in the manifest, the package's
-metadata says the same): its natural photos (train, val, test) and its rendered artwork,
-smooth gradients and sharp edges (train-art, and six in val). Each is scaled to 800 px on
+They come from Debian's packages (`apt-get download`, pinned to the manifest's versions; every
+picture's licence and author are in the manifest, the package's metadata says the same):
+plasma-workspace-wallpapers' natural photos (train, val, test) and its rendered artwork,
+smooth gradients and sharp edges (train-art, and six in val); ukui-wallpapers' rendered
+artwork (train-art2, added with stage 11 so that earlier stages stay reproducible). Each is scaled to 800 px on
 its long side (PIL's Lanczos, the same bytes every run) and written as PNG. Split by file:
 training never reads val/ or test/.
 Not used anywhere, on purpose: mate-backgrounds, lomiri-wallpapers* and matplotlib's sample
