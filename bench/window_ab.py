@@ -1,10 +1,11 @@
 """One tile's forward, TileNet's code at a git ref vs the working tree's, interleaved in one process.
 
-    python bench/window_ab.py [--ref HEAD] [--repeats 12] [--side 464] [--halo 40] [--threads 1]
+    python bench/window_ab.py [--ref HEAD] [--repeats 12] [--side 464] [--halo 40] [--threads 1] [--holes two|wide]
 
 For changes to ``tilerun/model/net.py``: both models get the shipped weights, NHWC as the
 CPU engine runs them, and a window as pass 2 runs it (its core asked for, ``out_box``; two
-holes). Each forward is timed in the calling thread's CPU time, the heap trimmed before it
+holes, or with ``--holes wide`` one box half the window across, so that the harmonic sweeps
+cover whole planes). Each forward is timed in the calling thread's CPU time, the heap trimmed before it
 as the engine does (so every forward faults its activations in afresh), old and new
 alternately; best, first quartile and median per side. Then the largest difference of the
 outputs and the share of class pixels that differ.
@@ -13,6 +14,7 @@ outputs and the share of class pixels that differ.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 import time
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=464)
     ap.add_argument("--halo", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--holes", choices=["two", "wide"], default="two")
     a = ap.parse_args()
 
     import torch
@@ -52,7 +55,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     new = load_model().eval()
     old_net = net_at(a.ref)
-    old = old_net.TileNet(old_net.TileNetConfig.from_dict(new.cfg.to_dict()), new.palette).eval()
+    known = {f.name for f in dataclasses.fields(old_net.TileNetConfig)}  # fields added since ref stay at their defaults
+    old_cfg = old_net.TileNetConfig.from_dict({k: v for k, v in new.cfg.to_dict().items() if k in known})
+    old = old_net.TileNet(old_cfg, new.palette).eval()
     old.load_state_dict(new.state_dict())
     models = {a.ref: old.to(memory_format=torch.channels_last), "working tree": new.to(memory_format=torch.channels_last)}
 
@@ -60,8 +65,11 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, s, s, 3, generator=g).permute(0, 3, 1, 2)  # NHWC-strided, as the engine's windows
     m = torch.zeros(1, 1, s, s)
-    m[..., s // 3 : s // 2, s // 3 : s // 2] = 1
-    m[..., s // 20 : s // 8, 2 * s // 3 : 5 * s // 7] = 1
+    if a.holes == "wide":
+        m[..., s // 4 : 3 * s // 4, s // 4 : 3 * s // 4] = 1
+    else:
+        m[..., s // 3 : s // 2, s // 3 : s // 2] = 1
+        m[..., s // 20 : s // 8, 2 * s // 3 : 5 * s // 7] = 1
     sums = torch.rand(1, 2 * new.cfg.width, generator=g) + 0.5
     box = (h, s - h, h, s - h)
     times: dict[str, list[float]] = {k: [] for k in models}
