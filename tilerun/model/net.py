@@ -382,9 +382,15 @@ def harmonic_fill(fill: Tensor, known: Tensor, iterations: int, rho: float = HAR
         if (1 - known).mean() < SPARSE_SWEEPS_BELOW:
             return _harmonic_fill_holes(fill, known, iterations, rho)
     if fill.device.type == "cpu" and fill.shape[1] > DENSE_SWEEP_CHANNELS:
-        # A few channels at a time stay in the cache (the 16 class shares of a window do not).
-        # Same bits: the sweeps are elementwise per channel.
-        return torch.cat([_dense_sweeps(part, known, iterations, rho) for part in fill.split(DENSE_SWEEP_CHANNELS, 1)], 1)
+        # A few channels at a time stay in the cache (the 16 class shares of a window do not),
+        # and a channel that is zero everywhere stays zero (the share of a class the window
+        # lacks): it is not swept. Same bits: the sweeps are elementwise per channel.
+        live = (fill != 0).flatten(2).any(2).any(0).nonzero()[:, 0]
+        out = torch.zeros_like(fill)
+        if len(live):
+            swept = fill.index_select(1, live).split(DENSE_SWEEP_CHANNELS, 1)
+            out[:, live] = torch.cat([_dense_sweeps(part, known, iterations, rho) for part in swept], 1)
+        return out
     return _dense_sweeps(fill, known, iterations, rho)
 
 
