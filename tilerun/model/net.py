@@ -309,15 +309,19 @@ def _slope_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
 
     gx = slope(p[..., 1:-1, 2:], p[..., 1:-1, :-2], kp[..., 1:-1, 2:], kp[..., 1:-1, :-2])
     gy = slope(p[..., 2:, 1:-1], p[..., :-2, 1:-1], kp[..., 2:, 1:-1], kp[..., :-2, 1:-1])
-    x = torch.cat([gx, gy, known], 1).contiguous(memory_format=torch.channels_last)
+    # The known count repeated up to a multiple of 8 channels: oneDNN's depthwise convolutions
+    # of 8 NHWC channels run 1.6-3x faster than of 7 on CPU (the spare copies are never read).
+    spare = -(2 * c + 1) % 8
+    x = torch.cat([gx, gy] + [known] * (1 + spare), 1).contiguous(memory_format=torch.channels_last)
+    groups = x.shape[1]
     out = None
     with torch.autocast(x.device.type, enabled=False):
         for r in sorted(radii, reverse=True):
             t, dt = _slope_kernels(r, x.dtype, x.device)
-            rows = torch.cat([dt.expand(c, -1), t.expand(c + 1, -1)])[:, None, None, :]
-            cols = torch.cat([t.expand(c, -1), dt.expand(c, -1), t.expand(1, -1)])[:, None, :, None]
-            y = F.conv2d(F.conv2d(x, rows, padding=(0, 2 * r), groups=2 * c + 1), cols, padding=(2 * r, 0),
-                         groups=2 * c + 1).contiguous()
+            rows = torch.cat([dt.expand(c, -1), t.expand(groups - c, -1)])[:, None, None, :]
+            cols = torch.cat([t.expand(c, -1), dt.expand(c, -1), t.expand(groups - 2 * c, -1)])[:, None, :, None]
+            y = F.conv2d(F.conv2d(x, rows, padding=(0, 2 * r), groups=groups), cols, padding=(2 * r, 0),
+                         groups=groups)[:, : 2 * c + 1].contiguous()
             den = y[:, 2 * c :]
             mean = y[:, :c].add(y[:, c : 2 * c]).div_(den.clamp_min(1e-6))
             weight = den.div(PREFILL_MIN_KNOWN).clamp_(0, 1)
