@@ -600,7 +600,8 @@ def class_counts(image: np.ndarray, mask: np.ndarray | None, scale: int, palette
         cls = np.empty((r1 - r0, w), np.int64)
         for a in range(r0, r1, step):
             b = min(r1, a + step)
-            rgb = torch.from_numpy(np.ascontiguousarray(image[a:b])).permute(2, 0, 1)[None].float()
+            # A copy of the rows: the engine's image can be read-only (from_numpy of it would warn).
+            rgb = torch.tensor(image[a:b]).permute(2, 0, 1)[None].float()
             cls[a - r0 : b - r0] = palette_classes(rgb, pal)[0, 0].numpy()
         known = np.ones((r1 - r0, w), bool) if mask is None else ~mask[r0:r1]
         cell = (np.arange(r0, r1) // scale - r0 // scale)[:, None] * wc + cell_col[None, :]
