@@ -58,6 +58,9 @@ STAGE9_STEPS ?= 3000
 # Stage 10: the slope continuation in the pre-fill (--slope-fill), fine-tuned from stage 9 with the
 # rendered artwork of data/photos.csv (train-art) added.
 STAGE10_STEPS ?= 3000
+# Stage 11: the coarse context filled biharmonically (--coarse-biharmonic), fine-tuned from stage 10
+# with the second batch of rendered artwork of data/photos.csv (train-art2) added.
+STAGE11_STEPS ?= 3000
 PHOTOS_DIR ?= build/photos
 .PHONY: weights bench-quality quality photos
 # The pictures of data/photos.csv (Debian's plasma-workspace-wallpapers, pinned), split by file.
@@ -97,14 +100,21 @@ weights:
 		--class-fill --slope-fill --steps $(STAGE10_STEPS) --batch-size 4 --lr 3e-4 --l2-weight 50 --augment \
 		--coarse-scale 16 --big-holes 0.3 --seed 10 --checkpoint-every 500 --init-from $(WEIGHTS_DIR)/stage9.safetensors \
 		--out $(WEIGHTS_DIR)/stage10.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage10.safetensors),--resume)
-	install -m 644 $(WEIGHTS_DIR)/stage10.safetensors tilerun/weights/default.safetensors
+	$(MAKE) --no-print-directory stage11
+	install -m 644 $(WEIGHTS_DIR)/stage11.safetensors tilerun/weights/default.safetensors
 
 # Stage 7: two replicas of stage 6's recipe at lower rate (seeds 1 and 2, 3000 steps) trained
 # in parallel, one thread each, then merged by averaging their weights (`tilerun merge`).
 # Replica b runs --quiet so that one progress bar shows.
 STAGE7_ARGS = $(TRAIN_ARGS) train_photos --class-prior --steps 3000 --batch-size 8 --lr 3e-4 --l2-weight 50 \
 	--precision bf16 --augment --checkpoint-every 250 --init-from $(WEIGHTS_DIR)/stage6.safetensors
-.PHONY: stage7
+.PHONY: stage7 stage11
+stage11:
+	$(PY) -m tilerun train $(TRAIN_ARGS) train_photos $(PHOTOS_DIR)/train $(PHOTOS_DIR)/train-art $(PHOTOS_DIR)/train-art2 \
+		--crop 128 --class-prior --class-fill --slope-fill --coarse-biharmonic --steps $(STAGE11_STEPS) --batch-size 4 \
+		--lr 3e-4 --l2-weight 50 --augment --coarse-scale 16 --big-holes 0.3 --seed 11 --checkpoint-every 500 \
+		--init-from $(WEIGHTS_DIR)/stage10.safetensors \
+		--out $(WEIGHTS_DIR)/stage11.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage11.safetensors),--resume)
 stage7:
 	OMP_NUM_THREADS=1 $(PY) -m tilerun train $(STAGE7_ARGS) --seed 1 --out $(WEIGHTS_DIR)/stage7a.safetensors \
 		$(if $(wildcard $(WEIGHTS_DIR)/stage7a.safetensors),--resume) & a=$$!; \
