@@ -454,3 +454,31 @@ def test_slope_fill_on_the_holes_box_gives_the_whole_window_values():
     assert torch.equal(net.slope_fill(image, known, (1, 3, 7)), whole)
     assert whole.abs().sum() > 0
     assert torch.equal(net.slope_fill(image, torch.ones_like(known), (1, 3, 7)), torch.zeros_like(image))
+
+
+def test_the_idle_correction_loss_counts_what_the_far_field_leaves_out():
+    """``--idle-weight``: an L1 loss on the RGB correction where its weight (the local pre-fill's
+    reach) leaves it out, deep in a hole wider than the reach; nothing for a model without a far field."""
+    import dataclasses
+
+    from tilerun.model import TileNet
+
+    torch.manual_seed(0)
+    model = TileNet(dataclasses.replace(TINY, coarse_scale=8), default_palette(4)).train()
+    with torch.no_grad():  # a correction everywhere: the far field's share of it is idle
+        model.decoder.rgb.bias.fill_(0.2)
+    image = torch.rand(2, 3, 64, 64)
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[:, :, 8:56, 8:56] = 1  # 48 px: its middle is beyond the pre-fill's reach (2 x 3 px)
+    pal = torch.tensor(default_palette(4), dtype=torch.float32) / 255
+    terms = {}
+    logits, rgb = model(image, mask, terms=terms)
+    assert 0 < terms["idle_correction"].item() <= 0.2
+    assert torch.equal(rgb, model(image, mask)[1])  # the outputs do not change
+    plain, with_idle = (compute_loss(model, image, mask, pal, tiny_cfg(idle_weight=w)) for w in (0.0, 1.0))
+    assert "idle" not in plain[1]
+    assert with_idle[1]["idle"] == pytest.approx(terms["idle_correction"].item(), rel=1e-5)
+    assert with_idle[0].item() == pytest.approx(plain[0].item() + with_idle[1]["idle"], rel=1e-5)
+    none: dict = {}
+    TileNet(TINY, default_palette(4)).train()(image, mask, terms=none)
+    assert none == {}

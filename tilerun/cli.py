@@ -302,6 +302,8 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
               help="Add the classes of the pre-filled colours to the class logits.")
 @click.option("--l1-weight", type=float, default=5.0, show_default=True, help="Weight of the hole L1 loss.")
 @click.option("--l2-weight", type=float, default=0.0, show_default=True, help="Weight of the hole MSE loss.")
+@click.option("--idle-weight", type=float, default=0.0, show_default=True, help="Weight of an L1 loss on the RGB "
+              "correction where the coarse context's far field leaves it out (deep in wide holes).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: autocast (fast on CPUs with AMX and on GPUs); weights stay fp32.")
 @click.option("--coarse-scale", type=int, default=0, show_default=True, help="Cell size (px) of the whole-image "
@@ -320,7 +322,7 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
 @o.verbose_opt
 @o.quiet_opt
 def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, checkpoint_every, stop_at, resume,
-          init_from, class_prior, l1_weight, l2_weight, precision, coarse_scale, class_fill, slope_fill, coarse_biharmonic,
+          init_from, class_prior, l1_weight, l2_weight, idle_weight, precision, coarse_scale, class_fill, slope_fill, coarse_biharmonic,
           big_holes, augment, device, verbose, quiet):
     """Self-supervised training on the images in IMAGES (files or folders) into --out.
 
@@ -339,6 +341,7 @@ def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, chec
     try:
         cfg = TrainConfig(steps=steps, crop=crop, batch_size=batch_size, classes=classes, lr=lr, seed=seed,
                           checkpoint_every=checkpoint_every, l1_weight=l1_weight, l2_weight=l2_weight,
+                          idle_weight=idle_weight,
                           precision=precision, augment=augment, big_holes=big_holes)
         net_cfg = default_net_config(classes, class_prior=class_prior, coarse_scale=coarse_scale, class_fill=class_fill,
                                      slope_fill=slope_fill, coarse_biharmonic=coarse_biharmonic)

@@ -111,6 +111,10 @@ class TrainConfig:
     # pre-fill in 1500 steps (hole PSNR within 0.02 dB of the pre-fill on held-out photos).
     l2_weight: float = 0.0
     grad_weight: float = 0.0  # L1 of the horizontal/vertical gradients on holes
+    # Weight of the RGB correction's idle part in the holes (|correction| where its weight, the
+    # local pre-fill's reach, leaves it out): untrained there, it grew to tens of grey levels
+    # deep in boxes and showed as a light band where the weight falls (docs/training.md).
+    idle_weight: float = 0.0
     max_hole: float = 0.5
     # Share of crops that also get one big hole, a box or a free-form blob 25-70% of the crop
     # across: wider than the network's reach, so that it learns to use the coarse context there.
@@ -275,7 +279,8 @@ def big_hole(rng: np.random.Generator, side: int) -> np.ndarray:
 
 def compute_loss(model, image: Tensor, mask: Tensor, palette: Tensor, cfg: TrainConfig) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy on the colour classes everywhere + weighted L1 (and MSE) on the holes."""
-    logits, rgb = model(image, mask)
+    terms: dict[str, Tensor] = {}
+    logits, rgb = model(image, mask, terms=terms)
     ce = F.cross_entropy(logits, nearest_class(image, palette))
     holes = mask.expand_as(rgb)
     n = holes.sum().clamp_min(1)
@@ -294,6 +299,10 @@ def compute_loss(model, image: Tensor, mask: Tensor, palette: Tensor, cfg: Train
         grad = (gx.sum() + gy.sum()) / (2 * n)
         loss = loss + cfg.grad_weight * grad
         parts["grad"] = grad.item()
+    if cfg.idle_weight and "idle_correction" in terms:
+        idle = terms["idle_correction"]
+        loss = loss + cfg.idle_weight * idle
+        parts["idle"] = idle.item()
     parts["loss"] = loss.item()
     return loss, parts
 

@@ -869,21 +869,26 @@ class Decoder(nn.Module):
         return F.relu(_conv_of_cat(self.up0, [s0, fill] if self.residual else [s0], coarse=x), inplace=True)
 
     def heads(self, x: Tensor, coarse_logits: Tensor, fill: Tensor | None,
-              reach: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Full-res features -> (class logits, RGB); coarse_logits at quarter res; ``reach``: the
-        weight of the RGB correction (where the pre-fill comes from the far field, the network
-        sees no known pixel and the fill stands)."""
+              reach: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Full-res features -> (class logits, RGB, the RGB correction's idle part); coarse_logits
+        at quarter res; ``reach``: the weight of the RGB correction (where the pre-fill comes from
+        the far field, the network sees no known pixel and the fill stands). The idle part, with
+        a weight: |correction| x (1 - reach), what the weight leaves out (None without one)."""
         k = self.cls.out_channels
         both = _conv1x1([x], torch.cat([self.cls.weight, self.rgb.weight]), torch.cat([self.cls.bias, self.rgb.bias]))
         logits, rgb = both[:, :k], both[:, k:]
         # + the coarse logits upsampled 4x (nearest), as a broadcast over 4x4 blocks: no upsampled copy.
         q = coarse_logits.shape[-2:]
         logits.unflatten(2, (q[0], 4)).unflatten(4, (q[1], 4)).add_(coarse_logits[:, :, :, None, :, None])
+        unused = None
         if self.residual:
-            rgb = (fill + (rgb if reach is None else rgb * reach)).clamp(0, 1)
+            if reach is not None:
+                unused = rgb.abs() * (1 - reach)
+                rgb = rgb * reach
+            rgb = (fill + rgb).clamp(0, 1)
         else:
             rgb = torch.sigmoid(rgb)
-        return logits, rgb
+        return logits, rgb, unused
 
 
 Box = tuple[int, int, int, int]  # y0, y1, x0, x1 in full-resolution pixels
@@ -1089,9 +1094,12 @@ class TileNet(nn.Module):
 
     def forward(self, image: Tensor, mask: Tensor, global_sums: Tensor | None = None,
                 out_box: Box | None = None, features: tuple[Tensor, ...] | None = None,
-                context: Tensor | None = None, origin: list[tuple[int, int]] | None = None) -> tuple[Tensor, Tensor]:
+                context: Tensor | None = None, origin: list[tuple[int, int]] | None = None,
+                terms: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """``(logits, rgb)`` for ``image``; with ``out_box = (y0, y1, x0, x1)`` only that part of them;
-        ``features``: `encode`'s of the same input, if already computed.
+        ``features``: `encode`'s of the same input, if already computed; ``terms``: a dict that
+        training gets its extra loss terms in (``idle_correction``: the mean over the holes of
+        what the RGB correction's weight leaves out, `Decoder.heads`).
 
         The encoder runs on the whole input; each later stage only on the outputs'
         region plus what the stages after it reach (`margins`). For a tile's window
@@ -1174,12 +1182,16 @@ class TileNet(nn.Module):
         feat = dec.full(_sub(feat, r_up1, r_up0, 2), _sub(s0, whole, r_up0, 1), fill)
         # The 1x1 heads on the whole (contiguous) up0 region, then cropped: cheaper than
         # copying a strided view of its features for each head.
-        logits, rgb = dec.heads(feat, _sub(coarse, r_pred, r_up0, 4), fill, reach)
+        logits, rgb, unused = dec.heads(feat, _sub(coarse, r_pred, r_up0, 4), fill, reach)
         if self.cfg.class_prior:
             logits = self._add_class_prior(logits, prior)
         oy, ox = y0 - r_up0[0], x0 - r_up0[2]
         logits, rgb = logits[..., oy : oy + y1 - y0, ox : ox + x1 - x0], rgb[..., oy : oy + y1 - y0, ox : ox + x1 - x0]
         known = 1 - m[..., y0:y1, x0:x1]
+        if terms is not None and unused is not None:
+            holes = (1 - known).expand_as(rgb)
+            unused = unused[..., oy : oy + y1 - y0, ox : ox + x1 - x0]
+            terms["idle_correction"] = (unused * holes).sum() / holes.sum().clamp_min(1)
         rgb = image[..., y0:y1, x0:x1] * known + rgb * (1 - known)  # known pixels pass through unchanged
         return logits, rgb
 
