@@ -33,14 +33,14 @@ clean:
 
 # The shipped weights (docs/training.md) and the inpainting-quality benchmark.
 # coffee and chelsea stay out of training; bench/quality.py measures on data/photos.csv's test split.
-# Ten stages: stage 1 without the class prior (1500 steps, batch 4); stage 2 adds the
+# Twelve stages: stage 1 without the class prior (1500 steps, batch 4); stage 2 adds the
 # class prior and a hole MSE term and continues from stage 1 (800 steps, batch 8, lower
 # peak rate); stage 3 continues at half that rate (400 steps); stage 4 is the long run
 # (16000 steps in bf16 autocast, which AMX makes ~1.5x faster per step on this CPU, with
 # rotations and channel permutations of the crops: --augment); stage 5 adds the three
 # photos of train_photos/ (8000 steps at half stage 4's peak rate; it keeps stage 4's
 # palette); stage 6 continues stage 5 at a lower rate (6000 steps); stage 7 (below) merges two
-# replicas trained in parallel from stage 6; stages 8 to 10 are described below. Each stage resumes its
+# replicas trained in parallel from stage 6; stages 8 to 12 are described below. Each stage resumes its
 # own checkpoint if one exists, so an interrupted `make weights` picks up where it was.
 WEIGHTS_DIR ?= build/weights
 TRAIN_ARGS = sample_images train_images --exclude 'coffee.*' --exclude 'chelsea.*' --crop 96 --classes 16 \
@@ -61,6 +61,9 @@ STAGE10_STEPS ?= 3000
 # Stage 11: the coarse context filled biharmonically (--coarse-biharmonic), fine-tuned from stage 10
 # with the second batch of rendered artwork of data/photos.csv (train-art2) added.
 STAGE11_STEPS ?= 3000
+# Stage 12: an L1 loss on the RGB correction where the far field leaves it out (--idle-weight),
+# fine-tuned from stage 11.
+STAGE12_STEPS ?= 3000
 PHOTOS_DIR ?= build/photos
 .PHONY: weights bench-quality quality photos
 # The pictures of data/photos.csv (Debian's plasma-workspace-wallpapers, pinned), split by file.
@@ -101,20 +104,27 @@ weights:
 		--coarse-scale 16 --big-holes 0.3 --seed 10 --checkpoint-every 500 --init-from $(WEIGHTS_DIR)/stage9.safetensors \
 		--out $(WEIGHTS_DIR)/stage10.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage10.safetensors),--resume)
 	$(MAKE) --no-print-directory stage11
-	install -m 644 $(WEIGHTS_DIR)/stage11.safetensors tilerun/weights/default.safetensors
+	$(MAKE) --no-print-directory stage12
+	install -m 644 $(WEIGHTS_DIR)/stage12.safetensors tilerun/weights/default.safetensors
 
 # Stage 7: two replicas of stage 6's recipe at lower rate (seeds 1 and 2, 3000 steps) trained
 # in parallel, one thread each, then merged by averaging their weights (`tilerun merge`).
 # Replica b runs --quiet so that one progress bar shows.
 STAGE7_ARGS = $(TRAIN_ARGS) train_photos --class-prior --steps 3000 --batch-size 8 --lr 3e-4 --l2-weight 50 \
 	--precision bf16 --augment --checkpoint-every 250 --init-from $(WEIGHTS_DIR)/stage6.safetensors
-.PHONY: stage7 stage11
+.PHONY: stage7 stage11 stage12
 stage11:
 	$(PY) -m tilerun train $(TRAIN_ARGS) train_photos $(PHOTOS_DIR)/train $(PHOTOS_DIR)/train-art $(PHOTOS_DIR)/train-art2 \
 		--crop 128 --class-prior --class-fill --slope-fill --coarse-biharmonic --steps $(STAGE11_STEPS) --batch-size 4 \
 		--lr 3e-4 --l2-weight 50 --augment --coarse-scale 16 --big-holes 0.3 --seed 11 --checkpoint-every 500 \
 		--init-from $(WEIGHTS_DIR)/stage10.safetensors \
 		--out $(WEIGHTS_DIR)/stage11.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage11.safetensors),--resume)
+stage12:
+	$(PY) -m tilerun train $(TRAIN_ARGS) train_photos $(PHOTOS_DIR)/train $(PHOTOS_DIR)/train-art $(PHOTOS_DIR)/train-art2 \
+		--crop 128 --class-prior --class-fill --slope-fill --coarse-biharmonic --idle-weight 1 --steps $(STAGE12_STEPS) \
+		--batch-size 4 --lr 3e-4 --l2-weight 50 --augment --coarse-scale 16 --big-holes 0.3 --seed 12 \
+		--checkpoint-every 500 --init-from $(WEIGHTS_DIR)/stage11.safetensors \
+		--out $(WEIGHTS_DIR)/stage12.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage12.safetensors),--resume)
 stage7:
 	OMP_NUM_THREADS=1 $(PY) -m tilerun train $(STAGE7_ARGS) --seed 1 --out $(WEIGHTS_DIR)/stage7a.safetensors \
 		$(if $(wildcard $(WEIGHTS_DIR)/stage7a.safetensors),--resume) & a=$$!; \
