@@ -310,7 +310,8 @@ def _slope_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
     gx = slope(p[..., 1:-1, 2:], p[..., 1:-1, :-2], kp[..., 1:-1, 2:], kp[..., 1:-1, :-2])
     gy = slope(p[..., 2:, 1:-1], p[..., :-2, 1:-1], kp[..., 2:, 1:-1], kp[..., :-2, 1:-1])
     # The known count repeated up to a multiple of 8 channels: oneDNN's depthwise convolutions
-    # of 8 NHWC channels run 1.6-3x faster than of 7 on CPU (the spare copies are never read).
+    # of 8 NHWC channels run faster than of 7 on CPU (the spare copies are never read; one
+    # window's forward: `python bench/window_ab.py --ref 04fccfc~1`).
     spare = -(2 * c + 1) % 8
     x = torch.cat([gx, gy] + [known] * (1 + spare), 1).contiguous(memory_format=torch.channels_last)
     groups = x.shape[1]
@@ -511,8 +512,10 @@ COARSE_SWEEPS = 24
 # The biharmonic coarse fill (`_biharmonic_cells`): Chebyshev iterations per pyramid level, tuned
 # for holes up to BIHARMONIC_CELLS cells across at that level (the level above has solved the
 # wider ones), and the weight of a partly known cell's mean against the smoothness. On the
-# validation boxes 30 iterations and 60 gave the same hole PSNR within 0.01 dB, and weights of
-# 20, 80 and 320 were within 0.1 dB (`python bench/quality.py --split val`).
+# validation boxes, with the stage-10 network, 30 iterations and 100 gave the same hole PSNR
+# within 0.01 dB, 15 lost 0.16 dB, and weights of 20, 80 and 320 were within 0.04 dB
+# (`python bench/quality.py --split val --no-classical --model
+# stage10.safetensors:coarse_biharmonic=true`, with these constants changed).
 BIHARMONIC_ITERATIONS = 30
 BIHARMONIC_CELLS = 8
 BIHARMONIC_DATA_WEIGHT = 80.0
