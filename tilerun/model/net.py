@@ -275,7 +275,7 @@ def slope_fill(image: Tensor, known: Tensor, radii: tuple[int, ...]) -> Tensor:
     averages the u(b), this averages the g . (p - b) with `local_fill`'s tent weights, finest
     scale with enough known pixels first. Per axis that is a convolution of the slopes with
     the tent times the offset: separable, so two depthwise passes of 7 channels (the slopes
-    along x and y, the known count) per scale. Slopes are central differences where both
+    along x and y, the known count; run as 8) per scale. Slopes are central differences where both
     neighbours are known, one-sided where one is, else 0. Pixels with no known pixel within
     reach get 0: the continuation does not carry slopes across wide holes, where they would
     overshoot. Like `local_fill`, each output depends on its (4 max(radii) + 3)^2 neighbourhood only.
@@ -872,11 +872,12 @@ class Decoder(nn.Module):
         return F.relu(_conv_of_cat(self.up0, [s0, fill] if self.residual else [s0], coarse=x), inplace=True)
 
     def heads(self, x: Tensor, coarse_logits: Tensor, fill: Tensor | None,
-              reach: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+              reach: Tensor | None = None, idle: bool = False) -> tuple[Tensor, Tensor, Tensor | None]:
         """Full-res features -> (class logits, RGB, the RGB correction's idle part); coarse_logits
         at quarter res; ``reach``: the weight of the RGB correction (where the pre-fill comes from
-        the far field, the network sees no known pixel and the fill stands). The idle part, with
-        a weight: |correction| x (1 - reach), what the weight leaves out (None without one)."""
+        the far field, the network sees no known pixel and the fill stands). The idle part, asked
+        for with ``idle`` (training) and a weight: |correction| x (1 - reach), what the weight
+        leaves out; else None."""
         k = self.cls.out_channels
         both = _conv1x1([x], torch.cat([self.cls.weight, self.rgb.weight]), torch.cat([self.cls.bias, self.rgb.bias]))
         logits, rgb = both[:, :k], both[:, k:]
@@ -886,7 +887,8 @@ class Decoder(nn.Module):
         unused = None
         if self.residual:
             if reach is not None:
-                unused = rgb.abs() * (1 - reach)
+                if idle:
+                    unused = rgb.abs() * (1 - reach)
                 rgb = rgb * reach
             rgb = (fill + rgb).clamp(0, 1)
         else:
@@ -1185,13 +1187,13 @@ class TileNet(nn.Module):
         feat = dec.full(_sub(feat, r_up1, r_up0, 2), _sub(s0, whole, r_up0, 1), fill)
         # The 1x1 heads on the whole (contiguous) up0 region, then cropped: cheaper than
         # copying a strided view of its features for each head.
-        logits, rgb, unused = dec.heads(feat, _sub(coarse, r_pred, r_up0, 4), fill, reach)
+        logits, rgb, unused = dec.heads(feat, _sub(coarse, r_pred, r_up0, 4), fill, reach, idle=terms is not None)
         if self.cfg.class_prior:
             logits = self._add_class_prior(logits, prior)
         oy, ox = y0 - r_up0[0], x0 - r_up0[2]
         logits, rgb = logits[..., oy : oy + y1 - y0, ox : ox + x1 - x0], rgb[..., oy : oy + y1 - y0, ox : ox + x1 - x0]
         known = 1 - m[..., y0:y1, x0:x1]
-        if terms is not None and unused is not None:
+        if unused is not None:
             holes = (1 - known).expand_as(rgb)
             unused = unused[..., oy : oy + y1 - y0, ox : ox + x1 - x0]
             terms["idle_correction"] = (unused * holes).sum() / holes.sum().clamp_min(1)
