@@ -141,6 +141,49 @@ def test_engine_gives_every_tile_the_context_of_the_uint8_image(make_image, make
     assert Engine(_prefill_model(0), tile=64).context(img, holes) is None
 
 
+def test_the_cell_sums_of_any_partition_add_up_to_the_whole_images(make_image, make_holes):
+    # Blocks that start inside a cell, of either grid, and ragged last cells: whole numbers, any order.
+    model = _prefill_model(16, class_fill=True)
+    h, w = 150, 211
+    img, holes = make_image(h, w, seed=8), make_holes(h, w, seed=9)
+    whole = [np.zeros(shape, np.int64) for shape in model.context_grids(h, w)]
+    for y0, y1 in ((0, 37), (37, 100), (100, h)):
+        for x0, x1 in ((0, 70), (70, 71), (71, w)):
+            for g, (r, c, a) in zip(whole, model.context_cells(img[y0:y1, x0:x1], holes[y0:y1, x0:x1], y0, x0)):
+                assert a.dtype == np.uint16
+                g[:, r : r + a.shape[1], c : c + a.shape[2]] += a
+    assert np.array_equal(whole[0], coarse_sums(img, holes, 16))
+    assert np.array_equal(whole[1], class_counts(img, holes, 64, np.asarray(model.palette)))
+    by_cells, by_image = model.context_of_cells(whole, h, w), model.coarse_context(img, holes)
+    assert all(torch.equal(a, b) for a, b in zip(by_cells, by_image))
+
+
+def test_the_engine_fills_the_context_from_pass_ones_cells_without_reading_the_image(monkeypatch, make_image,
+                                                                                     make_holes):
+    # Every process sums only its own tiles' cores; the whole image is never read for the context.
+    model = _prefill_model(16, class_fill=True)
+    img, holes = make_image(150, 211, seed=10), make_holes(150, 211, seed=11)
+    holes[30:120, 40:150] = True
+    engine = Engine(model, tile=48, batch_size=3)
+    tiles = engine.tiles(150, 211)
+    by_image = infer_image(engine, img, holes)
+    halves = [engine.global_partials(img, holes, tiles[:7]), engine.global_partials(img, holes, tiles[7:])]
+    assert all(p.cells is not None for p in halves)
+
+    def whole_image_read(*a):
+        raise AssertionError("the context read the whole image")
+
+    monkeypatch.setattr(model, "coarse_context", whole_image_read)
+    sums = engine.reduce_partials(halves[::-1])
+    got = list(engine.compute(img, holes, tiles, sums, key=object()))
+    ctx = engine.context(img, holes, object(), sums.cells)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(ctx, model.context_of_cells(
+        [coarse_sums(img, holes, 16), class_counts(img, holes, 64, np.asarray(model.palette))], 150, 211)))
+    for r in got:
+        t = r.tile
+        assert np.array_equal(r.rgb, by_image[1][t.y0 : t.y1, t.x0 : t.x1])
+
+
 def test_palette_classes_are_the_nearest_colours_first_on_ties():
     rng = np.random.default_rng(7)
     pal = rng.integers(0, 256, (16, 3))

@@ -221,7 +221,7 @@ def test_claims_do_not_change_the_engines_batches(keep_features):
     import torch
 
     from conftest import build_sensitive_tilenet
-    from tilerun.engine import Engine
+    from tilerun.engine import Engine, ImageSums
     from tilerun.receptive import ModelProbe
     from tilerun.scheduler import JobPlan, PlannedImage
 
@@ -235,7 +235,7 @@ def test_claims_do_not_change_the_engines_batches(keep_features):
     runs: dict[int, list] = {}
     engine._map_batches = lambda fn, batches: runs[per_claim].append([tuple(t.index for t in b) for b in batches]) or iter(())
     zeros = np.zeros((image.height, image.width), np.uint8)
-    sums = torch.zeros(16)
+    sums = ImageSums(torch.zeros(16))
     chunk_counts = []
     for per_claim in (1, 2, 5, 16):
         plan = JobPlan.from_json(JobPlan.for_engine(engine, (PlannedImage("x.png", 768, 1024, per_claim),)).to_json())

@@ -36,7 +36,7 @@ from .dist import _device  # the CLI's resolution of --device, "auto" included
 from .geometry import Tile, grid, round_up
 from .receptive import ModelProbe, probe_for, takes_context
 
-__all__ = ["Engine", "TileResult", "infer_image", "takes_out_box", "takes_features", "DEFAULT_TILE", "DEFAULT_BATCH",
+__all__ = ["Engine", "Partials", "ImageSums", "TileResult", "infer_image", "takes_out_box", "takes_features", "DEFAULT_TILE", "DEFAULT_BATCH",
            "PRECISIONS"]
 
 R = TypeVar("R")
@@ -185,6 +185,50 @@ class _FeatureCache:
         with self._lock:
             for k in [k for k in self._entries if image_key is None or k[0] == image_key]:
                 self.used -= self._entries.pop(k)[1]
+
+
+# A block of a whole-image context's cell sums: its first cell (row, column) and the sums.
+CellBlock = tuple[int, int, np.ndarray]
+
+
+@dataclass
+class Partials:
+    """Pass 1's sums over some tiles' cores of one image (`Engine.global_partials`): per tile
+    index, its float64 global terms; and for a model with a whole-image context, the integer
+    cell sums of those cores (`TileNet.context_cells`), one block per cell grid. None: not
+    computed (the image has no pass 1, or a part store of an older version kept it)."""
+
+    shape: tuple[int, int]
+    terms: dict[int, Tensor]
+    cells: list[CellBlock] | None = None
+
+
+@dataclass
+class ImageSums:
+    """Pass 1's result for a whole image (`Engine.reduce_partials`): the global sums every
+    tile's forward takes, and the whole cell sums its context is filled from (None: the
+    engine reads the image for them)."""
+
+    terms: Tensor
+    cells: list[np.ndarray] | None = None
+
+
+def _add_blocks(blocks: Iterable[list[CellBlock]]) -> list[CellBlock]:
+    """Per cell grid, one block holding the sum of ``blocks`` (each a list over the grids), over
+    their bounding box. uint16 holds it: the blocks cover disjoint pixels, so no cell exceeds a
+    whole cell's sum."""
+    per_grid = list(zip(*blocks))
+    out = []
+    for grid_blocks in per_grid:
+        r0 = min(r for r, _, _ in grid_blocks)
+        c0 = min(c for _, c, _ in grid_blocks)
+        r1 = max(r + a.shape[1] for r, _, a in grid_blocks)
+        c1 = max(c + a.shape[2] for _, c, a in grid_blocks)
+        total = np.zeros((grid_blocks[0][2].shape[0], r1 - r0, c1 - c0), np.uint16)
+        for r, c, a in grid_blocks:
+            total[:, r - r0 : r - r0 + a.shape[1], c - c0 : c - c0 + a.shape[2]] += a
+        out.append((r0, c0, total))
+    return out
 
 
 @dataclass
@@ -373,11 +417,12 @@ class Engine:
         """
         return torch.empty(shape, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
 
-    def _windows(self, image: np.ndarray, mask: np.ndarray, batch: list[Tile]) -> tuple[Tensor, Tensor, Tensor, Tensor, bool]:
+    def _windows(self, image: np.ndarray, mask: np.ndarray,
+                 batch: list[Tile]) -> tuple[Tensor, Tensor, Tensor, Tensor, bool, tuple[np.ndarray, np.ndarray]]:
         """The batch's windows on the device: as floats, x [B,3,h,w] in [0,1] (NHWC-strided) and
-        m [B,1,h,w]; as they came, uint8 [B,h,w,3] and uint8 0/1 [B,h,w]; and whether any
-        pixel of them is missing (from the host's copy: no device sync). ``image`` is a decoded
-        array or a `sources.WindowedImage` (then ``mask`` is its ``.mask``).
+        m [B,1,h,w]; as they came, uint8 [B,h,w,3] and uint8 0/1 [B,h,w]; whether any pixel of
+        them is missing (from the host's copy: no device sync); and the host's uint8 copies.
+        ``image`` is a decoded array or a `sources.WindowedImage` (then ``mask`` is its ``.mask``).
 
         Only uint8 crosses to the device (a quarter of float32's bytes); the float
         conversion happens there.
@@ -402,24 +447,27 @@ class Engine:
         if not self.channels_last:
             x = x.contiguous()
         m = msks[:, None].float()
-        return x, m, imgs, msks, holes
+        return x, m, imgs, msks, holes, (imgs_np, msks_np)
 
     # -- pass 1 ---------------------------------------------------------------------
     def global_partials(self, image: np.ndarray, mask: np.ndarray, tiles: Iterable[Tile],
-                        key: object = None) -> dict[int, Tensor]:
-        """Per tile index, the float64 sum of the global terms over that tile's core.
+                        key: object = None) -> Partials:
+        """Pass 1 over ``tiles``: per tile index, the float64 sum of the global terms over that
+        tile's core; and for a model with a whole-image context, the cell sums of those cores,
+        from the windows pass 1 reads anyway: no process reads the whole image for its context.
 
         ``key`` (any hashable naming this image, given again to `compute`): keep the
         encoder's features for pass 2 as far as ``feature_cache`` allows.
         """
         h, w = mask.shape
-        out: dict[int, Tensor] = {}
+        out = Partials((h, w), {})
         # Pass 1 needs only the encoder's (smaller) halo, unless its features are kept for pass 2.
         gtiles = {t.index: t for t in grid(h, w, tile=self.tile, halo=self.global_halo, stride=self.stride)}
         s = self.stride
+        cells = self.takes_context and callable(getattr(self.model, "context_cells", None))
 
-        def run(batch: list[Tile]) -> list[tuple[int, Tensor]]:
-            x, m, *_ = self._windows(image, mask, batch)
+        def run(batch: list[Tile]) -> tuple[list[tuple[int, Tensor]], list[list[CellBlock]]]:
+            x, m, *_, (imgs, msks) = self._windows(image, mask, batch)
             with self._autocast():
                 if self.keeps_features:
                     features = self.model.encode(x, m)
@@ -428,42 +476,62 @@ class Engine:
                         self._features.put(key, tuple(t.index for t in batch), features)
                 else:
                     terms = self.model.global_terms(x, m)
-            rows = []
+            rows, blocks = [], []
             for i, t in enumerate(batch):
                 ys, xs = t.core_in_window_at(s)
                 rows.append((t.index, terms[i, :, ys, xs].double().sum(dim=(1, 2))))
-            return rows
+                if cells:  # on the host's copy, while the device runs the forward
+                    ys, xs = t.core_in_window()
+                    blocks.append(self.model.context_cells(imgs[i, ys, xs], msks[i, ys, xs].view(bool), t.y0, t.x0))
+            return rows, blocks
 
         batches = self._batches([gtiles[t.index] for t in tiles], cores=self.keeps_features and self.cores_only)
-        rows = [row for done in self._map_batches(run, batches) for row in done]
+        done = list(self._map_batches(run, batches))
+        rows = [row for r, _ in done for row in r]
         if rows:
             # One device->host copy at the end: a copy per batch would make the host wait
             # for every batch before queueing the next.
             for (index, _), row in zip(rows, torch.stack([r for _, r in rows]).cpu()):
-                out[index] = row
+                out.terms[index] = row
+        if cells and rows:
+            out.cells = _add_blocks(b for _, blocks in done for b in blocks)
         return out
 
-    @staticmethod
-    def reduce_partials(partials: dict[int, Tensor]) -> Tensor:
-        """Whole-image sums, added in tile order so that every process gets the same bits."""
-        return torch.stack([partials[k] for k in sorted(partials)]).sum(0)
+    def reduce_partials(self, partials: Partials | Iterable[Partials]) -> ImageSums:
+        """Whole-image sums from the `Partials` of every tile: the global terms added in tile
+        order, so that every process gets the same bits; the cell sums (whole numbers) in any."""
+        parts = [partials] if isinstance(partials, Partials) else list(partials)
+        terms = {k: v for p in parts for k, v in p.terms.items()}
+        sums = ImageSums(torch.stack([terms[k] for k in sorted(terms)]).sum(0))
+        if parts and all(p.cells is not None for p in parts) and self.takes_context:
+            grids = [np.zeros(shape, np.uint16) for shape in self.model.context_grids(*parts[0].shape)]
+            for p in parts:
+                for whole, (r, c, a) in zip(grids, p.cells):
+                    whole[:, r : r + a.shape[1], c : c + a.shape[2]] += a
+            sums.cells = grids
+        return sums
 
     # -- pass 2 ---------------------------------------------------------------------
     def release_features(self, key: object = None) -> None:
         """Drop the features pass 1 kept for image ``key`` (None: for every image)."""
         self._features.discard(key)
 
-    def context(self, image: np.ndarray, mask: np.ndarray, key: object = None) -> Tensor | None:
+    def context(self, image: np.ndarray, mask: np.ndarray, key: object = None,
+                cells: list[np.ndarray] | None = None) -> Tensor | None:
         """The model's whole-image context on the device (None without one), kept for ``key``.
 
-        Computed from the uint8 image each process holds, in integers then fixed float64
-        operations: every process and every chunk of an image gets the same bits.
+        Filled from pass 1's whole cell sums ``cells`` (`ImageSums.cells`), or without them
+        from the whole image: integers, then fixed float64 operations, so every process and
+        every chunk of an image gets the same bits either way.
         """
         if not self.takes_context:
             return None
         # ``==``: each claim of a spread image brings its own (job, image) tuple.
         if key is None or self._context is None or self._context[0] != key:
-            ctx = self.model.coarse_context(image, mask)
+            if cells:
+                ctx = self.model.context_of_cells(cells, *mask.shape)
+            else:
+                ctx = self.model.coarse_context(image, mask)
             if isinstance(ctx, tuple):
                 ctx = tuple(t.to(self.device) for t in ctx)
             elif ctx is not None:
@@ -478,7 +546,7 @@ class Engine:
         ``global_sums`` is already float32 on the device: a blocking copy here would
         synchronise the stream once a batch and empty the pipeline.
         """
-        x, m, img_u8, msk_u8, holes = self._windows(image, mask, batch)
+        x, m, img_u8, msk_u8, holes, _ = self._windows(image, mask, batch)
         kwargs = {}
         if global_sums is not None:
             kwargs["global_sums"] = global_sums[None].expand(len(batch), -1)
@@ -529,12 +597,12 @@ class Engine:
         return _InFlight(batch, cls_h, rgb_h, ready, out_box is not None)
 
     def compute(
-        self, image: np.ndarray, mask: np.ndarray, tiles: Iterable[Tile], global_sums: Tensor | None = None,
+        self, image: np.ndarray, mask: np.ndarray, tiles: Iterable[Tile], global_sums: ImageSums | None = None,
         key: object = None,
     ) -> Iterator[TileResult]:
         """Run ``tiles`` and yield their uint8 cores (known pixels of the RGB copied from ``image``).
 
-        ``global_sums`` may be omitted for a model with the global hook only when one
+        ``global_sums``: `reduce_partials`' of the image. It may be omitted for a model with the global hook only when one
         tile covers the whole image: its forward then sums the whole image itself.
         Batches run ahead of the caller (see `_map_batches`): on CUDA the next batch
         is queued before this one's results are handed out, so the device keeps
@@ -546,13 +614,12 @@ class Engine:
         whole = len(tiles) == 1 and (tiles[0].y0, tiles[0].y1, tiles[0].x0, tiles[0].x1) == (0, h, 0, w)
         if self.uses_global and global_sums is None and not whole:
             raise ValueError("this model needs the whole-image global sums: run global_partials first")
-        if global_sums is not None:
-            global_sums = global_sums.to(self.device, torch.float32)
+        terms = None if global_sums is None else global_sums.terms.to(self.device, torch.float32)
         if key is not None:
             self._features.start_image(key)
         batches = self._batches(tiles, cores=self.cores_only)
-        context = self.context(image, mask, key)
-        for launched in self._map_batches(lambda b: self._launch(image, mask, b, global_sums, key, context), batches):
+        context = self.context(image, mask, key, None if global_sums is None else global_sums.cells)
+        for launched in self._map_batches(lambda b: self._launch(image, mask, b, terms, key, context), batches):
             yield from launched.results()
 
     def _map_batches(self, fn: Callable[[list[Tile]], R], batches: Iterable[list[Tile]]) -> Iterator[R]:

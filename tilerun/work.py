@@ -46,6 +46,7 @@ from . import assemble
 from .assemble import Canvas, OutputWriter
 from .errors import InputImageError, Interrupted
 from .decoded import NodeDecodes, remove_stale
+from .engine import Partials
 from .images import keep_radiometry_note, load_image, load_mask, radiometry_note, radiometry_spec, sidecar_mask_path
 from .owners import Ownership
 from .parts import PartStore
@@ -273,7 +274,7 @@ class _Loader(threading.Thread):
             keys = [Task(i, PASS_GLOBAL, c).key for c in chunks if c not in kept]
             if keys:
                 self.ctx.wait(store, keys, describe=self.describe)
-            partials: dict[int, torch.Tensor] = {}
+            partials: list[Partials] = []
             error = None
             for c in chunks:
                 if c in kept:
@@ -283,8 +284,7 @@ class _Loader(threading.Thread):
                 if header.get("error"):
                     error = header["error"]
                     break
-                for t, row in zip(header["tiles"], arrays[0]):
-                    partials[t] = torch.from_numpy(row.copy())
+                partials.append(_partials_of(p, header, arrays))
             self.sums[i] = error if error is not None else self.engine.reduce_partials(partials)
             while len(self.sums) > 2:
                 self.sums.popitem(last=False)
@@ -323,6 +323,27 @@ class _Loader(threading.Thread):
         self.q.put(_DONE)
 
 
+def _pass1_payload(partials: Partials, tiles: list) -> tuple[dict, list[np.ndarray]]:
+    """A pass-1 chunk as the store and the part store carry it: its tiles' global terms, then
+    its context's cell sums (a few KB per tile: the coordinator never carries pixels)."""
+    header = {"tiles": [t.index for t in tiles]}
+    arrays = [np.stack([partials.terms[t.index].numpy() for t in tiles])]
+    if partials.cells is not None:
+        header["cells"] = [[r, c] for r, c, _ in partials.cells]
+        arrays += [a for _, _, a in partials.cells]
+    return header, arrays
+
+
+def _partials_of(plan, header: dict, arrays: list[np.ndarray]) -> Partials:
+    """`_pass1_payload` read back. A chunk kept by a version without cell sums has none: the
+    engine then reads the image for its context."""
+    cells = None
+    if "cells" in header:
+        cells = [(r, c, a) for (r, c), a in zip(header["cells"], arrays[1:])]
+    return Partials((plan.height, plan.width), {t: torch.from_numpy(row.copy()) for t, row in zip(header["tiles"], arrays[0])},
+                    cells)
+
+
 def _main_chunk(engine, plan, ids: list[int], image, mask, sums, key) -> tuple[dict, list[np.ndarray]]:
     header_tiles, arrays = [], []
     for r in engine.compute(image, mask, [plan.tiles[i] for i in ids], sums, key=key):
@@ -338,10 +359,8 @@ def _whole_image(engine, plan, image, mask, key, *, on_chunk: Callable[[list[int
     called with the empty canvas once pass 2 begins (a streaming write)."""
     sums = None
     if engine.uses_global:
-        partials: dict = {}
-        for ids in plan.chunks[PASS_GLOBAL]:
-            partials.update(engine.global_partials(image, mask, [plan.tiles[i] for i in ids], key=key))
-        sums = engine.reduce_partials(partials)
+        sums = engine.reduce_partials([engine.global_partials(image, mask, [plan.tiles[i] for i in ids], key=key)
+                                       for ids in plan.chunks[PASS_GLOBAL]])
     canvas = new_canvas(plan) if new_canvas else Canvas(plan.height, plan.width, plan.tiles)
     if start is not None:
         start(canvas)
@@ -537,8 +556,7 @@ def run_worker(
                     image, mask = loaded
                     tiles = [p.tiles[i] for i in p.chunks[PASS_GLOBAL][task.chunk]]
                     try:
-                        partials = engine.global_partials(image, mask, tiles, key=key)
-                        header, arrays = {"tiles": [t.index for t in tiles]}, [np.stack([partials[t.index].numpy() for t in tiles])]
+                        header, arrays = _pass1_payload(engine.global_partials(image, mask, tiles, key=key), tiles)
                         stats.tiles["global"] += len(tiles)
                     except InputImageError as e:  # a window that cannot be decoded (`sources`)
                         error = str(e)

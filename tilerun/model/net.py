@@ -548,6 +548,19 @@ def coarse_sums(image: np.ndarray, mask: np.ndarray | None, scale: int, *, band:
     return out
 
 
+def _cell_aligned(image: np.ndarray, mask: np.ndarray | None, dy: int, dx: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """``image`` and ``mask`` behind ``dy`` rows and ``dx`` columns of missing pixels, so that a
+    block that starts inside a cell has its cells' edges where the whole image has them."""
+    if not (dy or dx):
+        return image, mask
+    h, w = image.shape[:2]
+    img = np.zeros((h + dy, w + dx, 3), np.uint8)
+    img[dy:, dx:] = image
+    m = np.ones((h + dy, w + dx), bool)
+    m[dy:, dx:] = False if mask is None else mask
+    return img, m
+
+
 def coarse_sums_of(image: Tensor, mask: Tensor, scale: int) -> Tensor:
     """`coarse_sums` of float images [N, 3, H, W] in [0, 1] (mask [N, 1, H, W], 1 = missing):
     int64 [N, 4, hc, wc]. A colour is its uint8 value, round(255 x): what the engine reads."""
@@ -1040,19 +1053,53 @@ class TileNet(nn.Module):
         """The whole-image context of a uint8 [H, W, 3] image (``mask`` True = missing) that
         `forward` takes as ``context``: its filled coarse image, float64 [1, 3, hc, wc], and with
         ``class_fill`` its filled class shares [1, K, hc / 4, wc / 4] too; None when the
-        configuration has none. The engine computes it once per image, from the uint8 pixels
-        every process holds, and gives every tile the same tensors."""
-        s = self.cfg.coarse_scale
-        if not s:
+        configuration has none. Reads the whole image; the engine instead adds up the
+        `context_cells` of the tiles' cores in its pass 1 (`context_of_cells`), with the same bits."""
+        if not self.cfg.coarse_scale:
             return None
         h, w = image.shape[:2]
-        colours = coarse_fill(torch.from_numpy(coarse_sums(image, mask, s)), h, w, s,
-                              biharmonic=self.cfg.coarse_biharmonic)[None]
+        return self.context_of_cells([cells for _, _, cells in self.context_cells(image, mask)], h, w)
+
+    def context_cells(self, image: np.ndarray, mask: np.ndarray | None, y0: int = 0,
+                      x0: int = 0) -> list[tuple[int, int, np.ndarray]]:
+        """What a block of the image at (``y0``, ``x0``) adds to the coarse context's cell sums:
+        per cell grid (the colours' `coarse_sums`, then with ``class_fill`` the `class_counts`),
+        the block's first cell (row, column) and its sums, uint16 [C + 1, rows, cols].
+
+        Whole numbers, so the blocks of any partition of the image (the tiles' cores, whichever
+        process computed them) add up to the whole image's sums exactly, in any order. A cell
+        holds at most 64^2 pixels (255 x 16^2 for a colour sum): any part of it fits uint16.
+        """
+        s = self.cfg.coarse_scale
+        out: list[tuple[int, int, np.ndarray]] = []
+        if not s:
+            return out
+        grids = [(s, lambda img, m: coarse_sums(img, m, s))]
+        if self.cfg.class_fill:
+            cs = s * CLASS_CONTEXT_CELLS
+            palette = np.asarray(self.palette)
+            grids.append((cs, lambda img, m: class_counts(img, m, cs, palette)))
+        for scale, sums in grids:
+            img, m = _cell_aligned(image, mask, y0 % scale, x0 % scale)
+            out.append((y0 // scale, x0 // scale, sums(img, m).astype(np.uint16)))
+        return out
+
+    def context_of_cells(self, cells: list[np.ndarray], height: int, width: int) -> Tensor | tuple[Tensor, Tensor]:
+        """`coarse_context` of a ``height`` x ``width`` image from its whole cell sums, one array
+        per grid of `context_cells` (any integer dtype)."""
+        s = self.cfg.coarse_scale
+        colours = coarse_fill(cells[0], height, width, s, biharmonic=self.cfg.coarse_biharmonic)[None]
         if not self.cfg.class_fill:
             return colours
-        cs = s * CLASS_CONTEXT_CELLS
-        counts = class_counts(image, mask, cs, np.asarray(self.palette))
-        return colours, coarse_fill(torch.from_numpy(counts), h, w, cs, empty=0.0, unit=1.0)[None]
+        return colours, coarse_fill(cells[1], height, width, s * CLASS_CONTEXT_CELLS, empty=0.0, unit=1.0)[None]
+
+    def context_grids(self, height: int, width: int) -> list[tuple[int, ...]]:
+        """The shapes of the whole cell sums `context_of_cells` takes for a ``height`` x ``width`` image."""
+        s = self.cfg.coarse_scale
+        if not s:
+            return []
+        grids = [(4, s)] + ([(len(self.palette) + 1, s * CLASS_CONTEXT_CELLS)] if self.cfg.class_fill else [])
+        return [(c, -(-height // scale), -(-width // scale)) for c, scale in grids]
 
     def _context_of(self, image: Tensor, mask: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """`coarse_context` of a float batch, computed by the forward of a whole image."""
