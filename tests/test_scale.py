@@ -31,7 +31,8 @@ def _pixels(report: dict) -> int:
 
 def _store_budget(report: dict) -> int:
     """Store bytes a job may send that carries no pixels: per tile, one pass-1 payload (the
-    default model's float64 sums and a JSON header, ~600 bytes) and a chunk key."""
+    default model's float64 sums and a JSON header, ~600 bytes, and its coarse context's
+    uint16 cell sums, ~200 bytes for a 64^2 core) and a chunk key."""
     tiles = sum(f["tiles"] for f in report["files"])
     assert tiles * 1000 < _pixels(report)  # else the budget could hide cores
     return tiles * 1000
