@@ -36,8 +36,8 @@ from .dist import _device  # the CLI's resolution of --device, "auto" included
 from .geometry import Tile, grid, round_up
 from .receptive import ModelProbe, probe_for, takes_context
 
-__all__ = ["Engine", "Partials", "ImageSums", "TileResult", "infer_image", "takes_out_box", "takes_features", "DEFAULT_TILE", "DEFAULT_BATCH",
-           "PRECISIONS"]
+__all__ = ["Engine", "Partials", "ImageSums", "TileResult", "infer_image", "takes_out_box", "takes_features",
+           "DEFAULT_TILE", "DEFAULT_BATCH", "PRECISIONS"]
 
 R = TypeVar("R")
 

@@ -340,8 +340,8 @@ def _partials_of(plan, header: dict, arrays: list[np.ndarray]) -> Partials:
     cells = None
     if "cells" in header:
         cells = [(r, c, a) for (r, c), a in zip(header["cells"], arrays[1:])]
-    return Partials((plan.height, plan.width), {t: torch.from_numpy(row.copy()) for t, row in zip(header["tiles"], arrays[0])},
-                    cells)
+    terms = {t: torch.from_numpy(row.copy()) for t, row in zip(header["tiles"], arrays[0])}
+    return Partials((plan.height, plan.width), terms, cells)
 
 
 def _main_chunk(engine, plan, ids: list[int], image, mask, sums, key) -> tuple[dict, list[np.ndarray]]:
