@@ -14,6 +14,12 @@ The shipped weights' context: colour cells of 16 px, filled biharmonically, and 
 
 Prints both, the per-process time for each N, and the bytes per tile that the store carries
 for the cells (uint16). The two contexts must be equal bit for bit.
+
+    python bench/context_cost.py --fill-only --size 40000 --holes one|scattered|none
+
+The fill alone, from synthetic cell sums of a SIZE^2 image (no pixels are made): its time and
+how far it raises the process's peak RSS. ``--holes``: one hole of 8 x 8 cells; 5% of the cells
+unknown, scattered over the image; or none.
 """
 
 from __future__ import annotations
@@ -33,7 +39,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=8192)
     ap.add_argument("--procs", default="1,2,4,8")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--fill-only", action="store_true")
+    ap.add_argument("--holes", choices=["one", "scattered", "none"], default="one")
     args = ap.parse_args()
+    if args.fill_only:
+        fill_only(args)
+        return
 
     import numpy as np
     import torch
@@ -76,6 +87,40 @@ def main() -> None:
         each = best["cells"] / n + best["fill"]
         print(f"{n} process(es): {each:.2f} s each against {best['whole image']:.2f} s reading the whole image "
               f"({each / best['whole image']:.2f}x)")
+
+
+def fill_only(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    import tilerun
+    from bench.common import vm_mb
+    from tilerun.model.net import CLASS_CONTEXT_CELLS
+
+    model = tilerun.load_model()
+    rng = np.random.default_rng(0)
+    cells = []
+    for i, (c, h, w) in enumerate(model.context_grids(args.size, args.size)):
+        n = (model.cfg.coarse_scale * (CLASS_CONTEXT_CELLS if i else 1)) ** 2  # pixels a cell
+        a = np.zeros((c, h, w), np.uint16)
+        a[-1] = n
+        if i == 0:  # colours: one per cell
+            a[:3] = rng.integers(0, 256, (3, h, w), dtype=np.uint16) * n
+        else:  # classes: every pixel of the first
+            a[0] = n
+        hole = np.zeros((h, w), bool)
+        if args.holes == "scattered":
+            hole = rng.random((h, w)) < 0.05
+        if args.holes == "one":  # 8 x 8 colour cells, and the class cells under them
+            k = 8 // (CLASS_CONTEXT_CELLS if i else 1)
+            hole[h // 3 : h // 3 + k, w // 3 : w // 3 + k] = True
+        a[:, hole] = 0
+        cells.append(a)
+    before = vm_mb("VmRSS:")
+    t0 = time.perf_counter()
+    model.context_of_cells(cells, args.size, args.size)
+    took = time.perf_counter() - t0
+    print(f"{args.size}^2, holes {args.holes}: fill {took:.2f} s, "
+          f"peak RSS {vm_mb('VmHWM:') - before:+.0f} MB over the {before:.0f} MB before it")
 
 
 if __name__ == "__main__":

@@ -184,6 +184,33 @@ def test_the_engine_fills_the_context_from_pass_ones_cells_without_reading_the_i
         assert np.array_equal(r.rgb, by_image[1][t.y0 : t.y1, t.x0 : t.x1])
 
 
+@pytest.mark.parametrize("biharmonic", [False, True])
+@pytest.mark.parametrize("holes", ["middle and top edge", "corner"])
+def test_the_coarse_fill_sweeps_only_around_its_holes_with_the_same_bits(monkeypatch, biharmonic, holes):
+    # The box around the holes (and the partly known cells by them) is well inside the level, or
+    # reaches its edges: the sweeps there give the same bits as on the whole level.
+    import tilerun.model.net as net
+
+    rng = np.random.default_rng(12)
+    h, w = 37, 53
+    sums = np.zeros((4, h, w), np.int64)
+    sums[3] = 256
+    sums[:3] = rng.integers(0, 256, (3, h, w)) * 256
+    boxes = {"middle and top edge": [(10, 19, 20, 31), (0, 4, 24, 33)], "corner": [(30, 37, 45, 53)]}[holes]
+    for y0, y1, x0, x1 in boxes:
+        sums[:, y0:y1, x0:x1] = 0
+        sums[:, y0 - 1, x0:x1] //= 4  # a row of cells with a quarter known
+    boxed = coarse_fill(sums, 16 * h, 16 * w, 16, biharmonic=biharmonic)
+    whole = []
+    monkeypatch.setattr(net, "_holes_box", lambda known, margin: whole.append(1) or (0, known.shape[-2], 0, known.shape[-1]))
+    assert torch.equal(boxed, coarse_fill(sums, 16 * h, 16 * w, 16, biharmonic=biharmonic)) and whole
+    monkeypatch.undo()
+    full = sums.copy()
+    full[3] = 256
+    assert torch.equal(coarse_fill(full, 16 * h, 16 * w, 16, biharmonic=biharmonic),
+                       torch.from_numpy(full[:3] / 256 / 255))  # no hole: the cell means, no sweep
+
+
 def test_palette_classes_are_the_nearest_colours_first_on_ties():
     rng = np.random.default_rng(7)
     pal = rng.integers(0, 256, (16, 3))
