@@ -63,7 +63,8 @@ def main() -> None:
         out = []
         for t in tiles:
             blocks = model.context_cells(img[t.y0 : t.y1, t.x0 : t.x1], mask[t.y0 : t.y1, t.x0 : t.x1], t.y0, t.x0)
-            out.append(Partials((args.size, args.size), {t.index: torch.zeros(1)}, blocks))
+            out.append(Partials((args.size, args.size), {t.index: torch.zeros(1)},
+                                [(g, r, c, a) for g, (r, c, a) in enumerate(blocks)]))
         return out
 
     times: dict[str, list[float]] = {"whole image": [], "cells": [], "fill": []}
@@ -80,7 +81,7 @@ def main() -> None:
         assert all(torch.equal(a, b) for a, b in zip(whole, got)), "the contexts differ"
     for name, ts in times.items():
         print(f"{name:>12}: {fmt_times(ts)}")
-    per_tile = np.mean([sum(a.nbytes for _, _, a in p.cells) for p in parts])
+    per_tile = np.mean([sum(a.nbytes for *_, a in p.cells) for p in parts])
     print(f"cell sums per tile through the store: {per_tile / 1024:.1f} KiB (uint16)")
     best = {k: min(v) for k, v in times.items()}
     for n in (int(p) for p in args.procs.split(",")):

@@ -187,16 +187,17 @@ class _FeatureCache:
                 self.used -= self._entries.pop(k)[1]
 
 
-# A block of a whole-image context's cell sums: its first cell (row, column) and the sums.
-CellBlock = tuple[int, int, np.ndarray]
+# A block of a whole-image context's cell sums: its grid (`TileNet.context_grids`), its first
+# cell (row, column) there and its sums.
+CellBlock = tuple[int, int, int, np.ndarray]
 
 
 @dataclass
 class Partials:
     """Pass 1's sums over some tiles' cores of one image (`Engine.global_partials`): per tile
     index, its float64 global terms; and for a model with a whole-image context, the integer
-    cell sums of those cores (`TileNet.context_cells`), one block per cell grid. None: not
-    computed (the image has no pass 1, or a part store of an older version kept it)."""
+    cell sums of those cores (`TileNet.context_cells`), a block per core and cell grid. None:
+    not computed (the image has no pass 1, or a part store of an older version kept it)."""
 
     shape: tuple[int, int]
     terms: dict[int, Tensor]
@@ -211,24 +212,6 @@ class ImageSums:
 
     terms: Tensor
     cells: list[np.ndarray] | None = None
-
-
-def _add_blocks(blocks: Iterable[list[CellBlock]]) -> list[CellBlock]:
-    """Per cell grid, one block holding the sum of ``blocks`` (each a list over the grids), over
-    their bounding box. uint16 holds it: the blocks cover disjoint pixels, so no cell exceeds a
-    whole cell's sum."""
-    per_grid = list(zip(*blocks))
-    out = []
-    for grid_blocks in per_grid:
-        r0 = min(r for r, _, _ in grid_blocks)
-        c0 = min(c for _, c, _ in grid_blocks)
-        r1 = max(r + a.shape[1] for r, _, a in grid_blocks)
-        c1 = max(c + a.shape[2] for _, c, a in grid_blocks)
-        total = np.zeros((grid_blocks[0][2].shape[0], r1 - r0, c1 - c0), np.uint16)
-        for r, c, a in grid_blocks:
-            total[:, r - r0 : r - r0 + a.shape[1], c - c0 : c - c0 + a.shape[2]] += a
-        out.append((r0, c0, total))
-    return out
 
 
 @dataclass
@@ -466,7 +449,7 @@ class Engine:
         s = self.stride
         cells = self.takes_context and callable(getattr(self.model, "context_cells", None))
 
-        def run(batch: list[Tile]) -> tuple[list[tuple[int, Tensor]], list[list[CellBlock]]]:
+        def run(batch: list[Tile]) -> tuple[list[tuple[int, Tensor]], list[CellBlock]]:
             x, m, *_, (imgs, msks) = self._windows(image, mask, batch)
             with self._autocast():
                 if self.keeps_features:
@@ -482,7 +465,8 @@ class Engine:
                 rows.append((t.index, terms[i, :, ys, xs].double().sum(dim=(1, 2))))
                 if cells:  # on the host's copy, while the device runs the forward
                     ys, xs = t.core_in_window()
-                    blocks.append(self.model.context_cells(imgs[i, ys, xs], msks[i, ys, xs].view(bool), t.y0, t.x0))
+                    sums = self.model.context_cells(imgs[i, ys, xs], msks[i, ys, xs].view(bool), t.y0, t.x0)
+                    blocks += [(g, r, c, a) for g, (r, c, a) in enumerate(sums)]
             return rows, blocks
 
         batches = self._batches([gtiles[t.index] for t in tiles], cores=self.keeps_features and self.cores_only)
@@ -493,8 +477,8 @@ class Engine:
             # for every batch before queueing the next.
             for (index, _), row in zip(rows, torch.stack([r for _, r in rows]).cpu()):
                 out.terms[index] = row
-        if cells and rows:
-            out.cells = _add_blocks(b for _, blocks in done for b in blocks)
+        if cells:
+            out.cells = [b for _, blocks in done for b in blocks]
         return out
 
     def reduce_partials(self, partials: Partials | Iterable[Partials]) -> ImageSums:
@@ -504,10 +488,11 @@ class Engine:
         terms = {k: v for p in parts for k, v in p.terms.items()}
         sums = ImageSums(torch.stack([terms[k] for k in sorted(terms)]).sum(0))
         if parts and all(p.cells is not None for p in parts) and self.takes_context:
+            # uint16 holds a whole cell's sum (`TileNet.context_cells`); the blocks cover disjoint pixels.
             grids = [np.zeros(shape, np.uint16) for shape in self.model.context_grids(*parts[0].shape)]
             for p in parts:
-                for whole, (r, c, a) in zip(grids, p.cells):
-                    whole[:, r : r + a.shape[1], c : c + a.shape[2]] += a
+                for g, r, c, a in p.cells:
+                    grids[g][:, r : r + a.shape[1], c : c + a.shape[2]] += a
             sums.cells = grids
         return sums
 

@@ -329,8 +329,8 @@ def _pass1_payload(partials: Partials, tiles: list) -> tuple[dict, list[np.ndarr
     header = {"tiles": [t.index for t in tiles]}
     arrays = [np.stack([partials.terms[t.index].numpy() for t in tiles])]
     if partials.cells is not None:
-        header["cells"] = [[r, c] for r, c, _ in partials.cells]
-        arrays += [a for _, _, a in partials.cells]
+        header["cells"] = [[g, r, c] for g, r, c, _ in partials.cells]
+        arrays += [a for *_, a in partials.cells]
     return header, arrays
 
 
@@ -339,7 +339,7 @@ def _partials_of(plan, header: dict, arrays: list[np.ndarray]) -> Partials:
     engine then reads the image for its context."""
     cells = None
     if "cells" in header:
-        cells = [(r, c, a) for (r, c), a in zip(header["cells"], arrays[1:])]
+        cells = [(g, r, c, a) for (g, r, c), a in zip(header["cells"], arrays[1:])]
     terms = {t: torch.from_numpy(row.copy()) for t, row in zip(header["tiles"], arrays[0])}
     return Partials((plan.height, plan.width), terms, cells)
 
