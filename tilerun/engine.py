@@ -587,8 +587,9 @@ class Engine:
     ) -> Iterator[TileResult]:
         """Run ``tiles`` and yield their uint8 cores (known pixels of the RGB copied from ``image``).
 
-        ``global_sums``: `reduce_partials`' of the image. It may be omitted for a model with the global hook only when one
-        tile covers the whole image: its forward then sums the whole image itself.
+        ``global_sums``: the image's, from `reduce_partials`. A model with the global hook may
+        go without them only when one tile covers the whole image: its forward then sums the
+        whole image itself.
         Batches run ahead of the caller (see `_map_batches`): on CUDA the next batch
         is queued before this one's results are handed out, so the device keeps
         working while the caller stitches or encodes. ``key``: as given to
