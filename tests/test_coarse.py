@@ -202,7 +202,8 @@ def test_the_coarse_fill_sweeps_only_around_its_holes_with_the_same_bits(monkeyp
         sums[:, y0 - 1, x0:x1] //= 4  # a row of cells with a quarter known
     boxed = coarse_fill(sums, 16 * h, 16 * w, 16, biharmonic=biharmonic)
     whole = []
-    monkeypatch.setattr(net, "_holes_box", lambda known, margin: whole.append(1) or (0, known.shape[-2], 0, known.shape[-1]))
+    monkeypatch.setattr(net, "_holes_box",
+                        lambda known, margin: whole.append(1) or (0, known.shape[-2], 0, known.shape[-1]))
     assert torch.equal(boxed, coarse_fill(sums, 16 * h, 16 * w, 16, biharmonic=biharmonic)) and whole
     monkeypatch.undo()
     full = sums.copy()

@@ -322,8 +322,8 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
 @o.verbose_opt
 @o.quiet_opt
 def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, checkpoint_every, stop_at, resume,
-          init_from, class_prior, l1_weight, l2_weight, idle_weight, precision, coarse_scale, class_fill, slope_fill, coarse_biharmonic,
-          big_holes, augment, device, verbose, quiet):
+          init_from, class_prior, l1_weight, l2_weight, idle_weight, precision, coarse_scale, class_fill, slope_fill,
+          coarse_biharmonic, big_holes, augment, device, verbose, quiet):
     """Self-supervised training on the images in IMAGES (files or folders) into --out.
 
     Random crops with random holes; the model learns K colour classes and to fill the

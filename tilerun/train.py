@@ -279,7 +279,7 @@ def big_hole(rng: np.random.Generator, side: int) -> np.ndarray:
 
 def compute_loss(model, image: Tensor, mask: Tensor, palette: Tensor, cfg: TrainConfig) -> tuple[Tensor, dict[str, float]]:
     """Cross-entropy on the colour classes everywhere + weighted L1 (and MSE) on the holes."""
-    terms: dict[str, Tensor] = {}
+    terms: dict[str, Tensor] | None = {} if cfg.idle_weight else None  # the idle part only when weighted
     logits, rgb = model(image, mask, terms=terms)
     ce = F.cross_entropy(logits, nearest_class(image, palette))
     holes = mask.expand_as(rgb)
@@ -299,7 +299,7 @@ def compute_loss(model, image: Tensor, mask: Tensor, palette: Tensor, cfg: Train
         grad = (gx.sum() + gy.sum()) / (2 * n)
         loss = loss + cfg.grad_weight * grad
         parts["grad"] = grad.item()
-    if cfg.idle_weight and "idle_correction" in terms:
+    if terms and "idle_correction" in terms:
         idle = terms["idle_correction"]
         loss = loss + cfg.idle_weight * idle
         parts["idle"] = idle.item()

@@ -405,7 +405,7 @@ def _neighbour_mean(u: Tensor) -> Tensor:
     return (p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:]) * 0.25
 
 
-def _mirror_edges(p: Tensor) -> None:
+def _mirror_edges(p: Tensor | np.ndarray) -> None:
     """Set the one-pixel border of ``p`` [..., h + 2, w + 2] to the edge of its inside (what
     ``replicate`` padding gives; the corners are never read)."""
     p[..., 0, 1:-1] = p[..., 1, 1:-1]
@@ -662,17 +662,10 @@ def _np_sum2x2(t: np.ndarray) -> np.ndarray:
     return t.reshape(*t.shape[:-2], (h + 1) // 2, 2, (w + 1) // 2, 2).sum(axis=(-3, -1))
 
 
-def _np_laplacian(u: np.ndarray) -> np.ndarray:
-    """The grid graph's Laplacian of [C, h, w] (edges: no flux), symmetric: the sum of the
-    neighbours' differences."""
-    p = np.pad(u, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    return p[:, :-2, 1:-1] + p[:, 2:, 1:-1] + p[:, 1:-1, :-2] + p[:, 1:-1, 2:] - 4 * u
-
-
 class _Laplacian:
-    """`_np_laplacian` of arrays of one shape into buffers it keeps: the same operations in the
-    same order, without the half-dozen temporaries a call allocates (at 2500^2 cells, 150 MB
-    each)."""
+    """The grid graph's Laplacian of [C, h, w] arrays of one shape (edges: no flux), symmetric:
+    the sum of the neighbours' differences. Into buffers it keeps: no temporaries (at 2500^2
+    cells, 150 MB each)."""
 
     def __init__(self, shape: tuple[int, ...], scratch: np.ndarray) -> None:
         c, h, w = shape
@@ -682,8 +675,7 @@ class _Laplacian:
     def __call__(self, u: np.ndarray, out: np.ndarray) -> np.ndarray:
         p = self.pad
         p[:, 1:-1, 1:-1] = u
-        p[:, 0, 1:-1], p[:, -1, 1:-1] = u[:, 0], u[:, -1]
-        p[:, :, 0], p[:, :, -1] = p[:, :, 1], p[:, :, -2]
+        _mirror_edges(p)
         np.add(p[:, :-2, 1:-1], p[:, 2:, 1:-1], out=out)
         out += p[:, 1:-1, :-2]
         out += p[:, 1:-1, 2:]
@@ -709,11 +701,11 @@ def _biharmonic_cells(u: np.ndarray, mean: np.ndarray, known: np.ndarray, iterat
     theta, delta = (hi + lo) / 2, (hi - lo) / 2
     sigma = theta / delta
     rho = 1 / sigma
-    r = (-_np_laplacian(_np_laplacian(u)) - weight * (u - mean)) * free
-    d = r / diag / theta
     # In place, into buffers kept across iterations: a 40,000^2 image has 2500^2 cells a channel.
     inner, ad, step = np.empty_like(u), np.empty_like(u), np.empty_like(u)
     laplacian = _Laplacian(u.shape, scratch=step)
+    r = (-laplacian(laplacian(u, inner), ad) - weight * (u - mean)) * free
+    d = r / diag / theta
     for _ in range(iterations):
         u += d
         laplacian(laplacian(d, inner), ad)
