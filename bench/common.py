@@ -96,24 +96,13 @@ def print_ratio(times: dict[str, list[float]], num: str, den: str) -> None:
 def load_model_spec(spec: str):
     """``PATH`` or ``PATH:key=value,...`` (TileNetConfig fields switched on the same weights; a
     tuple as ``1/3/``)."""
-    import dataclasses
-
     import tilerun
     from tilerun.model.net import TileNet
 
     path, _, sets = spec.partition(":")
     model = tilerun.load_model(Path(path))
     if sets:
-        changes = {}
-        for kv in sets.split(","):
-            k, v = kv.split("=")
-            if "/" in v:  # a tuple of ints: slope_radii=1/3
-                changes[k] = tuple(int(i) for i in v.split("/") if i)
-                continue
-            changes[k] = {"true": True, "false": False}[v.lower()] if v.lower() in ("true", "false") else float(v)
-            if changes[k] == int(changes[k]) and "." not in v:
-                changes[k] = int(changes[k])
-        new = TileNet(dataclasses.replace(model.cfg, **changes), model.palette)
+        new = TileNet(model.cfg.with_settings(sets.split(",")), model.palette)
         new.load_state_dict(model.state_dict())
         new.metadata = getattr(model, "metadata", {})
         model = new.eval()

@@ -95,13 +95,12 @@ def fill_only(args: argparse.Namespace) -> None:
 
     import tilerun
     from bench.common import vm_mb
-    from tilerun.model.net import CLASS_CONTEXT_CELLS
 
     model = tilerun.load_model()
     rng = np.random.default_rng(0)
     cells = []
     for i, (c, h, w) in enumerate(model.context_grids(args.size, args.size)):
-        n = (model.cfg.coarse_scale * (CLASS_CONTEXT_CELLS if i else 1)) ** 2  # pixels a cell
+        n = (model.cfg.coarse_scale * (model.cfg.class_cells if i else 1)) ** 2  # pixels a cell
         a = np.zeros((c, h, w), np.uint16)
         a[-1] = n
         if i == 0:  # colours: one per cell
@@ -112,7 +111,7 @@ def fill_only(args: argparse.Namespace) -> None:
         if args.holes == "scattered":
             hole = rng.random((h, w)) < 0.05
         if args.holes == "one":  # 8 x 8 colour cells, and the class cells under them
-            k = 8 // (CLASS_CONTEXT_CELLS if i else 1)
+            k = 8 // (model.cfg.class_cells if i else 1)
             hole[h // 3 : h // 3 + k, w // 3 : w // 3 + k] = True
         a[:, hole] = 0
         cells.append(a)

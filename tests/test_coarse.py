@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tilerun.engine import Engine, infer_image
-from tilerun.model.net import (CLASS_CONTEXT_CELLS, TileNet, TileNetConfig, class_counts, class_counts_of, coarse_fill,
+from tilerun.model.net import (TileNet, TileNetConfig, class_counts, class_counts_of, coarse_fill,
                                coarse_sums, coarse_sums_of, far_field, palette_classes)
 from tilerun.receptive import probe_model
 from tilerun.train import DEFAULT_PREFILL, DEFAULT_PREFILL_ITERATIONS
@@ -257,12 +257,13 @@ def test_the_class_fill_gives_a_hole_the_most_frequent_class_around_it():
     assert np.array_equal(classes[True][~holes], classes[False][~holes])  # known pixels keep their own class
 
 
-def test_tiling_with_the_class_fill_equals_one_whole_image_forward(make_image, make_holes, whole_forward):
+@pytest.mark.parametrize("class_cells", [2, 4])  # 32-px cells (the shipped weights) and 64-px (older ones)
+def test_tiling_with_the_class_fill_equals_one_whole_image_forward(make_image, make_holes, whole_forward, class_cells):
     from conftest import build_sensitive_tilenet
 
     sensitive = build_sensitive_tilenet(prefill_radii=DEFAULT_PREFILL, prefill_iterations=DEFAULT_PREFILL_ITERATIONS)
-    model = TileNet(dataclasses.replace(sensitive.cfg, coarse_scale=16, class_prior=True, class_fill=True),
-                    sensitive.palette)
+    model = TileNet(dataclasses.replace(sensitive.cfg, coarse_scale=16, class_prior=True, class_fill=True,
+                                        class_cells=class_cells), sensitive.palette)
     model.load_state_dict(sensitive.state_dict(), strict=False)
     model.decoder.prior_scale.data.fill_(100.0)  # the class map is the prior's: its exactness shows
     model.eval()
@@ -274,8 +275,8 @@ def test_tiling_with_the_class_fill_equals_one_whole_image_forward(make_image, m
     holes[20:160, 100:240] = True
     whole = whole_forward(model, img, holes)
     ctx = model.coarse_context(img, holes)
-    assert isinstance(ctx, tuple) and ctx[1].shape == (1, model.cfg.classes, 3, 4)  # 64-px cells of class shares
-    assert 16 * CLASS_CONTEXT_CELLS == 64
+    side = 16 * class_cells  # the class shares' cells, in pixels
+    assert isinstance(ctx, tuple) and ctx[1].shape == (1, model.cfg.classes, -(-170 // side), -(-251 // side))
     tiled = [infer_image(Engine(model, tile=t, batch_size=b, probe=probe), img, holes) for t, b in ((64, 8), (48, 1))]
     for out in tiled:
         assert_exact(out, whole)
@@ -286,7 +287,7 @@ def test_inspect_reports_the_class_shares_and_the_fill_of_the_context():
     from tilerun.inspect import coarse_context_summary
 
     line = coarse_context_summary(_prefill_model(16, class_fill=True), side=256)
-    assert "16x16 cells and 6 class shares in 4x4 cells" in line, line
+    assert "16x16 cells and 6 class shares in 4x4 cells of 64 px" in line, line
     assert "class shares" not in coarse_context_summary(_prefill_model(16), side=256)
     assert "(harmonic fill)" in line
     model = _prefill_model(16)

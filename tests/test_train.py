@@ -326,6 +326,47 @@ def test_merge_averages_replicas_of_one_start(images_dir, tmp_path):
     assert res.exit_code == 1 and "another palette" in res.output and "Traceback" not in res.output
 
 
+def test_switch_changes_settings_that_add_no_parameter(images_dir, tmp_path):
+    # The same network with other classical parts around it: the weights are copied, the
+    # configuration switched, the training's provenance kept with what was switched.
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from tilerun.cli import main
+
+    start, out = tmp_path / "start.safetensors", tmp_path / "switched.safetensors"
+    net_cfg = dataclasses.replace(TINY, class_prior=True, coarse_scale=16, class_fill=True)
+    train([images_dir], out=start, cfg=tiny_cfg(steps=2), net_cfg=net_cfg, progress=False)
+    res = CliRunner().invoke(main, ["switch", str(start), "--set", "class_cells=2", "--set", "coarse_biharmonic=true",
+                                    "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    before, after = load_tilenet(start), load_tilenet(out)
+    assert after.cfg == dataclasses.replace(before.cfg, class_cells=2, coarse_biharmonic=True)
+    assert after.palette == before.palette
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+    training = json.loads(read_metadata(out)["training"])
+    assert training["switched"] == ["class_cells=2", "coarse_biharmonic=true"]
+    assert training["step"] == json.loads(read_metadata(start)["training"])["step"]
+    # Its context has the switched cells: 32 px for the class shares.
+    image, mask = np.zeros((64, 96, 3), np.uint8), np.zeros((64, 96), bool)
+    mask[8:40, 8:40] = True
+    assert after.coarse_context(image, mask)[1].shape[-2:] == (2, 3)
+    assert before.coarse_context(image, mask)[1].shape[-2:] == (1, 2)
+    # Refused, one line each: an existing --out (exit 2), a field that changes the parameters or
+    # no such field (exit 1).
+    res = CliRunner().invoke(main, ["switch", str(start), "--set", "class_cells=2", "--out", str(out)])
+    assert res.exit_code == 2 and "--overwrite" in res.output
+    bad = tmp_path / "bad.safetensors"
+    res = CliRunner().invoke(main, ["switch", str(start), "--set", "width=16", "--out", str(bad)])
+    assert res.exit_code == 1 and "changes the network's parameters" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["switch", str(start), "--set", "class_cell=2", "--out", str(bad)])
+    assert res.exit_code == 1 and "'class_cell=2': not FIELD=VALUE" in res.output
+    res = CliRunner().invoke(main, ["switch", str(start), "--set", "class_fill=maybe", "--out", str(bad)])
+    assert res.exit_code == 1 and "class_fill takes a bool" in res.output
+    assert not bad.exists()
+
+
 def test_class_prior_keeps_known_pixels_class():
     from tilerun.model import TileNet
 

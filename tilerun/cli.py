@@ -310,6 +310,8 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
               "coarse context, the pre-fill's far field; 0 = none. 16 for the shipped weights.")
 @click.option("--class-fill", is_flag=True, help="Take a hole's class prior from the filled classes of the known "
               "pixels around it (the most frequent class) instead of the class of its fill colour; needs --class-prior.")
+@click.option("--class-cells", type=click.IntRange(1, 4), default=4, show_default=True, help="Cells of the coarse "
+              "context's class shares, in colour cells across (--coarse-scale px). 2 for the shipped weights.")
 @click.option("--slope-fill", is_flag=True, help="Carry the slopes of the pixels around a hole into it (a "
               "first-order continuation, as biharmonic inpainting does) in the pre-fill.")
 @click.option("--coarse-biharmonic", is_flag=True, help="Fill the coarse context's holes biharmonically (gradients "
@@ -322,8 +324,8 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
 @o.verbose_opt
 @o.quiet_opt
 def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, checkpoint_every, stop_at, resume,
-          init_from, class_prior, l1_weight, l2_weight, idle_weight, precision, coarse_scale, class_fill, slope_fill,
-          coarse_biharmonic, big_holes, augment, device, verbose, quiet):
+          init_from, class_prior, l1_weight, l2_weight, idle_weight, precision, coarse_scale, class_fill, class_cells,
+          slope_fill, coarse_biharmonic, big_holes, augment, device, verbose, quiet):
     """Self-supervised training on the images in IMAGES (files or folders) into --out.
 
     Random crops with random holes; the model learns K colour classes and to fill the
@@ -344,7 +346,8 @@ def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, chec
                           idle_weight=idle_weight,
                           precision=precision, augment=augment, big_holes=big_holes)
         net_cfg = default_net_config(classes, class_prior=class_prior, coarse_scale=coarse_scale, class_fill=class_fill,
-                                     slope_fill=slope_fill, coarse_biharmonic=coarse_biharmonic)
+                                     slope_fill=slope_fill, coarse_biharmonic=coarse_biharmonic,
+                                     class_cells=class_cells)
         result = run_training(images, out=out, cfg=cfg, net_cfg=net_cfg, exclude=exclude, resume=resume,
                               init_from=init_from, stop_at=stop_at, device=device, progress=not quiet)
     except (TrainingError, DistributedError) as e:
@@ -378,6 +381,31 @@ def merge(weights, out, overwrite, verbose, quiet):
     with _error_boundary(verbose):  # a mismatch between the replicas: exit 1, naming the file
         merge_weights(weights, out=out)
     log.info("merged %d replicas -> %s", len(weights), out)
+
+
+@main.command()
+@click.argument("weights", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--set", "settings", multiple=True, required=True, metavar="FIELD=VALUE",
+              help="A TileNetConfig field to switch (repeatable), e.g. class_cells=2.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The switched weights (.safetensors).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@o.verbose_opt
+@o.quiet_opt
+def switch(weights, settings, out, overwrite, verbose, quiet):
+    """Write WEIGHTS with configuration fields switched that add no parameter to the network.
+
+    For example the coarse context's class cells (class_cells=2: 32-px cells) or its fills:
+    the same network with other classical parts around it. `tilerun inspect` lists the fields.
+    """
+    _setup_logging(verbose, quiet)
+    from .train import switch as switch_weights
+
+    if out.exists() and not overwrite:
+        raise _SettingsError(f"{out} exists; pass --overwrite to replace it")
+    with _error_boundary(verbose):  # a field that changes the parameters: exit 1, naming it
+        switch_weights(weights, settings, out=out)
+    log.info("switched %s -> %s", ", ".join(settings), out)
 
 
 @main.command("inspect")

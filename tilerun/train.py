@@ -57,6 +57,8 @@ __all__ = [
     "compute_loss",
     "optimizer_path",
     "train",
+    "merge",
+    "switch",
 ]
 
 log = logging.getLogger("tilerun")
@@ -76,18 +78,19 @@ DEFAULT_SLOPE_WEIGHT = 0.4
 
 def default_net_config(classes: int, *, class_prior: bool = True, coarse_scale: int = 0,
                        class_fill: bool = False, slope_fill: bool = False,
-                       coarse_biharmonic: bool = False) -> TileNetConfig:
+                       coarse_biharmonic: bool = False, class_cells: int = 4) -> TileNetConfig:
     """The architecture `tilerun train` trains (and the shipped weights have), for ``classes`` classes;
     ``coarse_scale``: the whole-image coarse context's cell size (0: none); ``class_fill``: the
     class prior from the filled class shares (`TileNetConfig.class_fill`); ``slope_fill``: the
     border's slopes continued into the holes (`TileNetConfig.slope_radii`); ``coarse_biharmonic``:
-    the coarse context filled biharmonically (`TileNetConfig.coarse_biharmonic`)."""
+    the coarse context filled biharmonically (`TileNetConfig.coarse_biharmonic`); ``class_cells``: the
+    class shares' cells, in colour cells across (`TileNetConfig.class_cells`)."""
     return TileNetConfig(classes=classes, prefill_radii=DEFAULT_PREFILL,
                          prefill_iterations=DEFAULT_PREFILL_ITERATIONS, class_prior=class_prior,
                          coarse_scale=coarse_scale, class_fill=class_fill,
                          slope_radii=DEFAULT_SLOPE_RADII if slope_fill else (),
                          slope_weight=DEFAULT_SLOPE_WEIGHT if slope_fill else 0.0,
-                         coarse_biharmonic=coarse_biharmonic)
+                         coarse_biharmonic=coarse_biharmonic, class_cells=class_cells)
 
 
 class TrainingError(TilerunError, ValueError):
@@ -447,6 +450,33 @@ def merge(paths: Sequence[str | os.PathLike], *, out: str | os.PathLike) -> Path
         extra["receptive_field"] = json.loads(meta["receptive_field"])
     out = Path(out)
     save_tilenet(merged, out, extra=extra)
+    return out
+
+
+def switch(path: str | os.PathLike, settings: Sequence[str], *, out: str | os.PathLike) -> Path:
+    """Write ``path``'s weights to ``out`` with `TileNetConfig` fields switched (``FIELD=VALUE``,
+    `TileNetConfig.with_settings`): settings that add no parameter, such as the coarse context's
+    cell sizes or its fills, which change the classical parts around the same network. Its
+    metadata keeps the training's and adds what was switched."""
+    path = Path(path)
+    net = load_tilenet(path)
+    try:
+        cfg = net.cfg.with_settings(list(settings))
+    except ValueError as e:
+        raise TrainingError(f"switch {path}: {e}") from e
+    new = TileNet(cfg, net.palette)
+    try:
+        new.load_state_dict(net.state_dict())
+    except RuntimeError as e:
+        raise TrainingError(f"switch {path}: {' '.join(settings)} changes the network's parameters; "
+                            "train with them instead (tilerun train --init-from)") from e
+    meta = net.metadata
+    training = json.loads(meta.get("training", "{}"))
+    training["switched"] = training.get("switched", []) + list(settings)
+    # Measured anew: a switch may change the pre-fill's reach.
+    extra = {"classes": cfg.classes, "training": training, "receptive_field": _receptive_field(new)}
+    out = Path(out)
+    save_tilenet(new, out, extra=extra)
     return out
 
 

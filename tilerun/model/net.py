@@ -13,7 +13,7 @@ Conventions: image float [N,3,H,W] in [0,1]; mask float [N,1,H,W], 1 = missing.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable
 
 import math
@@ -52,9 +52,13 @@ class TileNetConfig:
     coarse_scale: int = 0
     # The class prior from a fill of the known pixels' classes (their share of each class, filled
     # like the colours, its far field the whole image's class shares per cell of
-    # CLASS_CONTEXT_CELLS x coarse_scale px) instead of the class of the fill colour: the most
+    # class_cells x coarse_scale px) instead of the class of the fill colour: the most
     # frequent class around a hole rather than the class of its mean colour.
     class_fill: bool = False
+    # The class shares' cells, in colour cells across: 1 to 4 (pass 1 carries a cell's counts as
+    # uint16). 16 shares a cell cost 16/3 of the colours' memory at the same scale; 2 (32 px) since
+    # stage 13, 4 (64 px) in older weights (docs/model.md).
+    class_cells: int = 4
     # Radii of the slope continuation (see `slope_fill`); () = none. ``slope_weight`` scales it
     # in the holes' pre-fill: the border's gradients carried into thin holes, as biharmonic
     # inpainting does.
@@ -64,6 +68,10 @@ class TileNetConfig:
     # see `coarse_fill`) instead of blending their colours (harmonic): a gradient that runs into
     # a box goes on through it.
     coarse_biharmonic: bool = False
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.class_cells <= 4:
+            raise ValueError(f"class_cells must be 1 to 4 (a class cell of at most 64^2 px), got {self.class_cells}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +83,27 @@ class TileNetConfig:
             if k in d:
                 d[k] = tuple(d[k])
         return cls(**d)
+
+    def with_settings(self, settings: list[str]) -> "TileNetConfig":
+        """This configuration with fields switched by ``FIELD=VALUE`` strings: ``true``/``false``
+        for a flag, a number, or ``1/3/7`` for a tuple of whole numbers."""
+        types = {f.name: f.type for f in fields(self)}
+        changes: dict = {}
+        for kv in settings:
+            name, eq, value = kv.partition("=")
+            if not eq or name not in types:
+                raise ValueError(f"{kv!r}: not FIELD=VALUE with FIELD one of {', '.join(types)}")
+            kind = types[name]
+            try:
+                if kind == "bool":
+                    changes[name] = {"true": True, "false": False}[value.lower()]
+                elif kind.startswith("tuple"):
+                    changes[name] = tuple(int(v) for v in value.split("/") if v)
+                else:
+                    changes[name] = {"int": int, "float": float}[kind](value)
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{kv!r}: {name} takes a {kind}") from e
+        return replace(self, **changes)
 
 
 def _conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None, padding=0, dilation=1) -> Tensor:
@@ -572,12 +601,6 @@ def coarse_sums_of(image: Tensor, mask: Tensor, scale: int) -> Tensor:
         hc, wc = x.shape[-2] // scale, x.shape[-1] // scale
         # Whole numbers below 2^53: exact in float64 in any order of summation.
         return x.reshape(n, 4, hc, scale, wc, scale).sum(dim=(3, 5)).round().long()
-
-
-# The class part of the coarse context has cells this many times coarser than the colours':
-# 16 class shares per cell cost 4x the colours' memory at the same scale (1 GB for a 40,000^2
-# scene), and 64-px cells did as well as 16 in a trial on the validation photos (docs/model.md).
-CLASS_CONTEXT_CELLS = 4
 
 
 def palette_classes(rgb: Tensor, palette: Tensor) -> Tensor:
@@ -1110,7 +1133,7 @@ class TileNet(nn.Module):
             return out
         grids = [(s, lambda img, m: coarse_sums(img, m, s))]
         if self.cfg.class_fill:
-            cs = s * CLASS_CONTEXT_CELLS
+            cs = s * self.cfg.class_cells
             palette = np.asarray(self.palette)
             grids.append((cs, lambda img, m: class_counts(img, m, cs, palette)))
         for scale, sums in grids:
@@ -1125,14 +1148,14 @@ class TileNet(nn.Module):
         colours = coarse_fill(cells[0], height, width, s, biharmonic=self.cfg.coarse_biharmonic)[None]
         if not self.cfg.class_fill:
             return colours
-        return colours, coarse_fill(cells[1], height, width, s * CLASS_CONTEXT_CELLS, empty=0.0, unit=1.0)[None]
+        return colours, coarse_fill(cells[1], height, width, s * self.cfg.class_cells, empty=0.0, unit=1.0)[None]
 
     def context_grids(self, height: int, width: int) -> list[tuple[int, ...]]:
         """The shapes of the whole cell sums `context_of_cells` takes for a ``height`` x ``width`` image."""
         s = self.cfg.coarse_scale
         if not s:
             return []
-        grids = [(4, s)] + ([(len(self.palette) + 1, s * CLASS_CONTEXT_CELLS)] if self.cfg.class_fill else [])
+        grids = [(4, s)] + ([(len(self.palette) + 1, s * self.cfg.class_cells)] if self.cfg.class_fill else [])
         return [(c, -(-height // scale), -(-width // scale)) for c, scale in grids]
 
     def _context_of(self, image: Tensor, mask: Tensor) -> Tensor | tuple[Tensor, Tensor]:
@@ -1143,7 +1166,7 @@ class TileNet(nn.Module):
                                for c in coarse_sums_of(image, mask, s)])
         if not self.cfg.class_fill:
             return colours
-        cs = s * CLASS_CONTEXT_CELLS
+        cs = s * self.cfg.class_cells
         pal = torch.tensor(self.palette, dtype=torch.float32, device=image.device)
         counts = class_counts_of(image, mask, cs, pal)
         return colours, torch.stack([coarse_fill(c, h, w, cs, empty=0.0, unit=1.0) for c in counts])
@@ -1241,7 +1264,7 @@ class TileNet(nn.Module):
                 far = far_of(parts[0], self.cfg.coarse_scale, far_field)
                 if self.cfg.class_fill:
                     # Per window, the class shares' far field once per 4 x 4 block over the swept region.
-                    cs = self.cfg.coarse_scale * CLASS_CONTEXT_CELLS
+                    cs = self.cfg.coarse_scale * self.cfg.class_cells
                     far_classes = [(parts[1][min(i, parts[1].shape[0] - 1)], oy + r_harm[0], oy + r_harm[1],
                                     ox + r_harm[2], ox + r_harm[3], cs) for i, (oy, ox) in enumerate(origin)]
 
