@@ -29,7 +29,6 @@ def main() -> None:
 
     import numpy as np
     import torch
-    from PIL import Image
     from scipy.ndimage import distance_transform_edt
     from skimage.restoration import inpaint_biharmonic
 
@@ -45,24 +44,17 @@ def main() -> None:
         pre.decoder.rgb.bias.zero_()
     engines = {"model": Engine(model), "pre-fill": Engine(pre)}
     totals = {k: np.zeros((len(BANDS), 2)) for k in (*engines, "biharmonic")}
-    ci = Q.CASES.index("boxes")
-    for pi, path in enumerate(sorted((Q.PHOTOS / args.split).glob("*.png"))):
-        truth = np.asarray(Image.open(path).convert("RGB"))
-        h, w = truth.shape[:2]
-        for trial in range(Q.TRIALS):
-            rng = np.random.default_rng([Q.SEED, ci, pi, trial])
-            mask = Q.box_holes(rng, h, w)
-            damaged = truth.copy()
-            damaged[mask] = rng.integers(0, 256, (int(mask.sum()), 3), dtype=np.uint8)
-            fills = {k: tilerun.infer_image(e, damaged, mask)[1] for k, e in engines.items()}
-            bih = inpaint_biharmonic(damaged, mask, channel_axis=-1)
-            fills["biharmonic"] = np.clip(np.round(bih * 255), 0, 255).astype(np.uint8)
-            dist = distance_transform_edt(mask)
-            for k, fill in fills.items():
-                se = ((fill.astype(np.float64) - truth) ** 2).mean(-1)
-                for b, (lo, hi) in enumerate(BANDS):
-                    band = (dist > lo) & (dist <= (np.inf if hi is None else hi))
-                    totals[k][b] += (se[band].sum(), band.sum())
+    photos = sorted((Q.PHOTOS / args.split).glob("*.png"))
+    for _, _, truth, mask, damaged in Q.cases(photos, "boxes"):
+        fills = {k: tilerun.infer_image(e, damaged, mask)[1] for k, e in engines.items()}
+        bih = inpaint_biharmonic(damaged, mask, channel_axis=-1)
+        fills["biharmonic"] = np.clip(np.round(bih * 255), 0, 255).astype(np.uint8)
+        dist = distance_transform_edt(mask)
+        for k, fill in fills.items():
+            se = ((fill.astype(np.float64) - truth) ** 2).mean(-1)
+            for b, (lo, hi) in enumerate(BANDS):
+                band = (dist > lo) & (dist <= (np.inf if hi is None else hi))
+                totals[k][b] += (se[band].sum(), band.sum())
     print("| px from the border | " + " | ".join(f"{lo}-{hi or ''}" for lo, hi in BANDS) + " |")
     print("|---" * (len(BANDS) + 1) + "|")
     print("| hole pixels | " + " | ".join(f"{int(n)}" for _, n in totals["model"]) + " |")

@@ -28,7 +28,6 @@ def main() -> None:
     args = ap.parse_args()
 
     import numpy as np
-    from PIL import Image
     from skimage.restoration import inpaint_biharmonic
 
     import quality as Q
@@ -40,25 +39,19 @@ def main() -> None:
     model = tilerun.load_model()
     scales = [int(s) for s in args.scales.split(",")]
     models = {s: tilerun.model.TileNet(dataclasses.replace(model.cfg, coarse_scale=s), model.palette) for s in scales}
-    ci = Q.CASES.index("boxes")
     scores: dict[str, list[float]] = {}
-    for pi, path in enumerate(sorted((Q.PHOTOS / args.split).glob("*.png"))):
-        truth = np.asarray(Image.open(path).convert("RGB"))
+    photos = sorted((Q.PHOTOS / args.split).glob("*.png"))
+    for _, _, truth, mask, damaged in Q.cases(photos, "boxes"):
         h, w = truth.shape[:2]
-        for trial in range(Q.TRIALS):
-            rng = np.random.default_rng([Q.SEED, ci, pi, trial])
-            mask = Q.box_holes(rng, h, w)
-            damaged = truth.copy()
-            damaged[mask] = rng.integers(0, 256, (int(mask.sum()), 3), dtype=np.uint8)
-            bih = inpaint_biharmonic(damaged, mask, channel_axis=-1)
-            row = {"biharmonic": np.clip(np.round(bih * 255), 0, 255).astype(np.uint8)}
-            for s, m in models.items():
-                ctx = m.coarse_context(damaged, mask)
-                colours = (ctx[0] if isinstance(ctx, tuple) else ctx)[0]
-                row[f"far field, {s}-px cells"] = np.clip(np.round(
-                    net.far_field(colours, 0, h, 0, w, s).permute(1, 2, 0).numpy() * 255), 0, 255).astype(np.uint8)
-            for name, fill in row.items():
-                scores.setdefault(name, []).append(Q.psnr(np.where(mask[..., None], fill, truth), truth, mask))
+        bih = inpaint_biharmonic(damaged, mask, channel_axis=-1)
+        row = {"biharmonic": np.clip(np.round(bih * 255), 0, 255).astype(np.uint8)}
+        for s, m in models.items():
+            ctx = m.coarse_context(damaged, mask)
+            colours = (ctx[0] if isinstance(ctx, tuple) else ctx)[0]
+            row[f"far field, {s}-px cells"] = np.clip(np.round(
+                net.far_field(colours, 0, h, 0, w, s).permute(1, 2, 0).numpy() * 255), 0, 255).astype(np.uint8)
+        for name, fill in row.items():
+            scores.setdefault(name, []).append(Q.psnr(np.where(mask[..., None], fill, truth), truth, mask))
     print(f"{args.split} boxes, {len(scores['biharmonic'])} cases, mean hole PSNR"
           f" (biharmonic iterations per level: {net.BIHARMONIC_ITERATIONS}):")
     for name, v in scores.items():

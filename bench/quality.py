@@ -52,6 +52,27 @@ def box_holes(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return mask
 
 
+def cases(photos: list[Path], label: str):
+    """Each case of hole kind ``label`` (one of CASES) on ``photos``: (photo, trial, truth, mask,
+    damaged), fixed-seed holes with random noise under them (a method that peeks at hidden pixels
+    would show it)."""
+    from tilerun.masks import random_mask
+
+    ci = CASES.index(label)
+    for pi, path in enumerate(photos):
+        truth = np.asarray(Image.open(path).convert("RGB"))
+        h, w = truth.shape[:2]
+        for trial in range(TRIALS):
+            rng = np.random.default_rng([SEED, ci, pi, trial])
+            if label == "boxes":
+                mask = box_holes(rng, h, w)
+            else:
+                mask = random_mask(rng, h, w, kind="thick", scale=STROKE_SCALE)
+            damaged = truth.copy()
+            damaged[mask] = rng.integers(0, 256, (int(mask.sum()), 3), dtype=np.uint8)
+            yield path, trial, truth, mask, damaged
+
+
 def hole_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     from skimage.metrics import structural_similarity
 
@@ -80,7 +101,6 @@ def run(*, model_path: Path | None, figure: Path | None, split: str = "test",
 
     import tilerun
     from tilerun.engine import Engine
-    from tilerun.masks import random_mask
     from tilerun.model import DEFAULT_WEIGHTS
 
     torch.set_num_threads(2)
@@ -105,45 +125,33 @@ def run(*, model_path: Path | None, figure: Path | None, split: str = "test",
     rows = {}
     examples = []
     methods = ("tilerun", "telea", "biharmonic")
-    for ci, label in enumerate(CASES):
+    for label in CASES:
         acc = {k: [] for k in ("ratio", "cls", "cls_base", *methods, *(f"ssim_{m}" for m in methods),
                                *(f"t_{m}" for m in methods))}
-        for pi, path in enumerate(photos):
-            truth = np.asarray(Image.open(path).convert("RGB"))
-            h, w = truth.shape[:2]
-            for trial in range(TRIALS):
-                rng = np.random.default_rng([SEED, ci, pi, trial])
-                if label == "boxes":
-                    mask = box_holes(rng, h, w)
-                else:
-                    mask = random_mask(rng, h, w, kind="thick", scale=STROKE_SCALE)
-                # Noise under the holes: a method that peeks at hidden pixels would show it.
-                damaged = truth.copy()
-                damaged[mask] = rng.integers(0, 256, (int(mask.sum()), 3), dtype=np.uint8)
+        for path, trial, truth, mask, damaged in cases(photos, label):
+            t = time.perf_counter()
+            classes, filled = tilerun.infer_image(engine, damaged, mask)
+            acc["t_tilerun"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            telea = cv2.inpaint(damaged, mask.astype(np.uint8), 5, cv2.INPAINT_TELEA)
+            acc["t_telea"].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            bih = inpaint_biharmonic(damaged, mask, channel_axis=-1) if classical else telea
+            acc["t_biharmonic"].append(time.perf_counter() - t)
+            if classical:
+                bih = np.clip(np.round(bih * 255), 0, 255).astype(np.uint8)
 
-                t = time.perf_counter()
-                classes, filled = tilerun.infer_image(engine, damaged, mask)
-                acc["t_tilerun"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                telea = cv2.inpaint(damaged, mask.astype(np.uint8), 5, cv2.INPAINT_TELEA)
-                acc["t_telea"].append(time.perf_counter() - t)
-                t = time.perf_counter()
-                bih = inpaint_biharmonic(damaged, mask, channel_axis=-1) if classical else telea
-                acc["t_biharmonic"].append(time.perf_counter() - t)
-                if classical:
-                    bih = np.clip(np.round(bih * 255), 0, 255).astype(np.uint8)
-
-                acc["ratio"].append(mask.mean())
-                for name, out in (("tilerun", filled), ("telea", telea), ("biharmonic", bih)):
-                    acc[name].append(psnr(out, truth, mask))
-                    acc[f"ssim_{name}"].append(hole_ssim(out, truth, mask))
-                true_cls = nearest_class(truth, palette)
-                idx = distance_transform_edt(mask, return_indices=True)[1]
-                base_cls = true_cls[idx[0], idx[1]]  # the class of the nearest known pixel
-                acc["cls"].append(float((classes[mask] == true_cls[mask]).mean()))
-                acc["cls_base"].append(float((base_cls[mask] == true_cls[mask]).mean()))
-                if trial == 0:
-                    examples.append((f"{path.stem}, {label}", mask, damaged, filled, telea, bih, truth))
+            acc["ratio"].append(mask.mean())
+            for name, out in (("tilerun", filled), ("telea", telea), ("biharmonic", bih)):
+                acc[name].append(psnr(out, truth, mask))
+                acc[f"ssim_{name}"].append(hole_ssim(out, truth, mask))
+            true_cls = nearest_class(truth, palette)
+            idx = distance_transform_edt(mask, return_indices=True)[1]
+            base_cls = true_cls[idx[0], idx[1]]  # the class of the nearest known pixel
+            acc["cls"].append(float((classes[mask] == true_cls[mask]).mean()))
+            acc["cls_base"].append(float((base_cls[mask] == true_cls[mask]).mean()))
+            if trial == 0:
+                examples.append((f"{path.stem}, {label}", mask, damaged, filled, telea, bih, truth))
         rows[label] = {k: float(np.mean(v)) for k, v in acc.items()}
         print(label, {k: round(v, 3) for k, v in rows[label].items()}, file=sys.stderr)
 
