@@ -396,7 +396,8 @@ def switch(weights, settings, out, overwrite, verbose, quiet):
     """Write WEIGHTS with configuration fields switched that add no parameter to the network.
 
     For example the coarse context's class cells (class_cells=2: 32-px cells) or its fills:
-    the same network with other classical parts around it. `tilerun inspect` lists the fields.
+    the same network with other classical parts around it. An unknown FIELD is refused with the
+    list of fields.
     """
     _setup_logging(verbose, quiet)
     from .train import switch as switch_weights
