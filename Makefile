@@ -40,7 +40,7 @@ clean:
 # rotations and channel permutations of the crops: --augment); stage 5 adds the three
 # photos of train_photos/ (8000 steps at half stage 4's peak rate; it keeps stage 4's
 # palette); stage 6 continues stage 5 at a lower rate (6000 steps); stage 7 (below) merges two
-# replicas trained in parallel from stage 6; stages 8 to 12 are described below. Each stage resumes its
+# replicas trained in parallel from stage 6; stages 8 to 13 are described below. Each stage resumes its
 # own checkpoint if one exists, so an interrupted `make weights` picks up where it was.
 WEIGHTS_DIR ?= build/weights
 TRAIN_ARGS = sample_images train_images --exclude 'coffee.*' --exclude 'chelsea.*' --crop 96 --classes 16 \
