@@ -103,7 +103,7 @@ def fill_only(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(0)
     cells = []
     for i, (c, h, w) in enumerate(model.context_grids(args.size, args.size)):
-        n = (model.cfg.coarse_scale * (model.cfg.class_cells if i else 1)) ** 2  # pixels a cell
+        n = (model.cfg.class_scale if i else model.cfg.coarse_scale) ** 2  # pixels a cell
         a = np.zeros((c, h, w), np.uint16)
         a[-1] = n
         if i == 0:  # colours: one per cell

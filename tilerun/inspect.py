@@ -269,7 +269,7 @@ def coarse_context_summary(model: torch.nn.Module, *, side: int = 2048) -> str |
     classes = ""
     if len(parts) > 1:
         c = parts[1].shape[-2:]
-        classes = (f" and {parts[1].shape[1]} class shares in {c[0]}x{c[1]} cells of {scale * cfg.class_cells} px"
+        classes = (f" and {parts[1].shape[1]} class shares in {c[0]}x{c[1]} cells of {cfg.class_scale} px"
                    " (the class prior's far field)")
     return (f"1/{scale} scale, {cells[0]}x{cells[1]} cells{classes} ({size} float64) for a {side}x{side} image, "
             f"{ms:.0f} ms once per image and process; the pre-fill's far field "

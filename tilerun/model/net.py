@@ -73,6 +73,11 @@ class TileNetConfig:
         if not 1 <= self.class_cells <= 4:
             raise ValueError(f"class_cells must be 1 to 4 (a class cell of at most 64^2 px), got {self.class_cells}")
 
+    @property
+    def class_scale(self) -> int:
+        """The side, in pixels, of the class shares' cells."""
+        return self.coarse_scale * self.class_cells
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -1109,8 +1114,8 @@ class TileNet(nn.Module):
     def coarse_context(self, image: np.ndarray, mask: np.ndarray | None) -> Tensor | tuple[Tensor, Tensor] | None:
         """The whole-image context of a uint8 [H, W, 3] image (``mask`` True = missing) that
         `forward` takes as ``context``: its filled coarse image, float64 [1, 3, hc, wc], and with
-        ``class_fill`` its filled class shares [1, K, hc / 4, wc / 4] too; None when the
-        configuration has none. Reads the whole image; the engine instead adds up the
+        ``class_fill`` its filled class shares [1, K, hc / class_cells, wc / class_cells] too;
+        None when the configuration has none. Reads the whole image; the engine instead adds up the
         `context_cells` of the tiles' cores in its pass 1 (`context_of_cells`), with the same bits."""
         if not self.cfg.coarse_scale:
             return None
@@ -1133,7 +1138,7 @@ class TileNet(nn.Module):
             return out
         grids = [(s, lambda img, m: coarse_sums(img, m, s))]
         if self.cfg.class_fill:
-            cs = s * self.cfg.class_cells
+            cs = self.cfg.class_scale
             palette = np.asarray(self.palette)
             grids.append((cs, lambda img, m: class_counts(img, m, cs, palette)))
         for scale, sums in grids:
@@ -1148,14 +1153,14 @@ class TileNet(nn.Module):
         colours = coarse_fill(cells[0], height, width, s, biharmonic=self.cfg.coarse_biharmonic)[None]
         if not self.cfg.class_fill:
             return colours
-        return colours, coarse_fill(cells[1], height, width, s * self.cfg.class_cells, empty=0.0, unit=1.0)[None]
+        return colours, coarse_fill(cells[1], height, width, self.cfg.class_scale, empty=0.0, unit=1.0)[None]
 
     def context_grids(self, height: int, width: int) -> list[tuple[int, ...]]:
         """The shapes of the whole cell sums `context_of_cells` takes for a ``height`` x ``width`` image."""
         s = self.cfg.coarse_scale
         if not s:
             return []
-        grids = [(4, s)] + ([(len(self.palette) + 1, s * self.cfg.class_cells)] if self.cfg.class_fill else [])
+        grids = [(4, s)] + ([(len(self.palette) + 1, self.cfg.class_scale)] if self.cfg.class_fill else [])
         return [(c, -(-height // scale), -(-width // scale)) for c, scale in grids]
 
     def _context_of(self, image: Tensor, mask: Tensor) -> Tensor | tuple[Tensor, Tensor]:
@@ -1166,7 +1171,7 @@ class TileNet(nn.Module):
                                for c in coarse_sums_of(image, mask, s)])
         if not self.cfg.class_fill:
             return colours
-        cs = s * self.cfg.class_cells
+        cs = self.cfg.class_scale
         pal = torch.tensor(self.palette, dtype=torch.float32, device=image.device)
         counts = class_counts_of(image, mask, cs, pal)
         return colours, torch.stack([coarse_fill(c, h, w, cs, empty=0.0, unit=1.0) for c in counts])
@@ -1264,7 +1269,7 @@ class TileNet(nn.Module):
                 far = far_of(parts[0], self.cfg.coarse_scale, far_field)
                 if self.cfg.class_fill:
                     # Per window, the class shares' far field once per 4 x 4 block over the swept region.
-                    cs = self.cfg.coarse_scale * self.cfg.class_cells
+                    cs = self.cfg.class_scale
                     far_classes = [(parts[1][min(i, parts[1].shape[0] - 1)], oy + r_harm[0], oy + r_harm[1],
                                     ox + r_harm[2], ox + r_harm[3], cs) for i, (oy, ox) in enumerate(origin)]
 
