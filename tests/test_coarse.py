@@ -317,6 +317,8 @@ def test_the_class_fill_of_few_holes_gives_the_dense_classes(monkeypatch, make_i
     for no_far in (False, True):
         assert torch.equal(got[0.0, no_far], got[1.1, no_far])
     assert not torch.equal(got[0.0, False], got[0.0, True])  # the far field counts
+
+
 @pytest.mark.parametrize("slope_radii", [(1, 3, 7), (1, 3, 23)])
 def test_tiling_with_the_slope_fill_equals_one_whole_image_forward(make_image, make_holes, whole_forward, slope_radii):
     from conftest import build_sensitive_tilenet
