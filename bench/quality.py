@@ -13,9 +13,11 @@ under them, measures on the hole pixels only:
 Hole kinds: "strokes" are the training mask generator's thick brush strokes sized for a
 96-px crop (drawn per 96 x 96 area of the photo, whatever the weights); "boxes" are 1-3 squares of 8-20% of the
 photo's long side each, far wider than the network's receptive field.
-``--split val`` measures on the validation photos instead (the ones choices are made on).
+``--split val`` measures on the validation photos instead (the ones choices are made on);
+``--photos DIR`` on your own pictures (PNG, JPEG or TIFF, scaled to 800 px on the long side as
+the splits are), e.g. pictures kept out of everything here for an independent check.
 
-    python bench/quality.py [--split test] [--write BENCHMARKS.md] [--figure docs/quality.png]
+    python bench/quality.py [--split test | --photos DIR] [--write BENCHMARKS.md] [--figure docs/quality.png]
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 PHOTOS = ROOT / "build" / "photos"
 SEED = 4
+LONG_SIDE = 800  # the splits' size (data/fetch_photos.py); bigger pictures are scaled to it
+SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 TRIALS = 2  # masks per photo and kind
 CASES = ["strokes", "boxes"]
 # Strokes are drawn per 96 x 96 area of the photo (the shipped weights' first training crop),
@@ -60,7 +64,11 @@ def cases(photos: list[Path], label: str):
 
     ci = CASES.index(label)
     for pi, path in enumerate(photos):
-        truth = np.asarray(Image.open(path).convert("RGB"))
+        im = Image.open(path).convert("RGB")
+        if max(im.size) > LONG_SIDE:
+            scale = LONG_SIDE / max(im.size)
+            im = im.resize((round(im.width * scale), round(im.height * scale)), Image.LANCZOS)
+        truth = np.asarray(im)
         h, w = truth.shape[:2]
         for trial in range(TRIALS):
             rng = np.random.default_rng([SEED, ci, pi, trial])
@@ -93,7 +101,7 @@ def nearest_class(rgb: np.ndarray, palette: np.ndarray) -> np.ndarray:
 
 
 def run(*, model_path: Path | None, figure: Path | None, split: str = "test",
-        classical: bool = True, prefill: bool = False) -> tuple[str, dict]:
+        classical: bool = True, prefill: bool = False, photos_dir: Path | None = None) -> tuple[str, dict]:
     import cv2
     import torch
     from scipy.ndimage import distance_transform_edt
@@ -119,9 +127,11 @@ def run(*, model_path: Path | None, figure: Path | None, split: str = "test",
     # The latest run's crop (a merge's replicas share theirs); 128, tilerun train's default, without metadata.
     crop = next((t["recipe"]["crop"] for t in _runs(_training(model)) if (t.get("recipe") or {}).get("crop")), 128)
 
-    photos = sorted((PHOTOS / split).glob("*.png"))
+    where = photos_dir or PHOTOS / split
+    photos = sorted(p for p in where.glob("*") if p.suffix.lower() in SUFFIXES)
     if not photos:
-        raise SystemExit(f"no photos in {PHOTOS / split}: run `make photos` (python data/fetch_photos.py)")
+        fix = "give a folder of PNG, JPEG or TIFF pictures" if photos_dir else "run `make photos`"
+        raise SystemExit(f"no pictures in {where}: {fix}")
     rows = {}
     examples = []
     methods = ("tilerun", "telea", "biharmonic")
@@ -163,7 +173,7 @@ def run(*, model_path: Path | None, figure: Path | None, split: str = "test",
     if figure is not None:
         _figure(examples, figure)
     return _table(rows, model, crop=crop, model_name=str(model_path or "tilerun/weights/default.safetensors"),
-                  photos=photos, split=split), rows
+                  photos=photos, split=split, photos_dir=photos_dir), rows
 
 
 def _training(model) -> dict:
@@ -205,7 +215,16 @@ def _provenance(training: dict) -> str:
             "(a shared 2-core CPU; see docs/training.md)")
 
 
-def _table(rows: dict, model, *, crop: int, model_name: str, photos: list[Path], split: str = "test") -> str:
+def _which(photos: list[Path], split: str, photos_dir: Path | None) -> str:
+    names = ", ".join(p.stem for p in photos)
+    if photos_dir is not None:
+        return f"The pictures of `{photos_dir}` ({names}; at most {LONG_SIDE} px on the long side)"
+    chosen = "nothing chosen with them" if split == "test" else "the choices were made on them"
+    return f"The {split} split of `data/photos.csv` ({names}: never trained on, {chosen})"
+
+
+def _table(rows: dict, model, *, crop: int, model_name: str, photos: list[Path], split: str = "test",
+           photos_dir: Path | None = None) -> str:
     import platform
 
     import torch
@@ -215,8 +234,7 @@ def _table(rows: dict, model, *, crop: int, model_name: str, photos: list[Path],
         SECTION,
         "",
         f"`make quality` (`python bench/quality.py`), {platform.machine()} CPU, torch {torch.__version__}, "
-        f"2 threads. The {split} split of `data/photos.csv` ({', '.join(p.stem for p in photos)}: never trained on, "
-        f"{'nothing chosen with them' if split == 'test' else 'the choices were made on them'}), {TRIALS} "
+        f"2 threads. {_which(photos, split, photos_dir)}, {TRIALS} "
         "fixed-seed masks per photo and hole kind, random noise under the "
         "holes. PSNR (dB), SSIM and class accuracy on the hole pixels only, averaged over the cases; "
         "runtime in seconds per photo.",
@@ -302,12 +320,14 @@ def main() -> None:
     ap.add_argument("--figure", type=Path, default=None, help="PNG of a few results (e.g. docs/quality.png).")
     ap.add_argument("--split", default="test", choices=["test", "val"],
                     help="Photos to measure on: val for choices, test once at the end.")
+    ap.add_argument("--photos", type=Path, default=None,
+                    help="A folder of your own pictures to measure on instead of a split.")
     ap.add_argument("--no-classical", dest="classical", action="store_false",
                     help="Skip biharmonic (slow); its columns then repeat Telea's.")
     ap.add_argument("--prefill", action="store_true", help="Measure the model's pre-fill alone (its RGB head zeroed).")
     args = ap.parse_args()
     text, _ = run(model_path=args.model, figure=args.figure, split=args.split, classical=args.classical,
-                  prefill=args.prefill)
+                  prefill=args.prefill, photos_dir=args.photos)
     print(text)
     if args.write:
         write_section(args.write, text)
