@@ -23,9 +23,11 @@ from tilerun.train import (
     compute_loss,
     kmeans_palette,
     make_batch,
+    make_picture_batch,
     merge,
     nearest_class,
     optimizer_path,
+    picture_inputs,
     train,
 )
 
@@ -138,6 +140,55 @@ def test_augmented_crops_are_rotations_and_channel_orders_of_a_crop():
         assert found, "an augmented crop is no rotation/flip/channel order of any window of the image"
         kinds.add(found[0][0])
     assert kinds == {0, 1, 2, 3}  # every rotation occurs in 64 crops
+
+
+def test_picture_batches_cut_their_crops_from_their_pictures():
+    im = np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8)
+    cfg = tiny_cfg(crop=16, batch_size=8, augment=True, picture_context=True)
+    crops, masks, pictures, origins = make_picture_batch([im], step=2, rank=0, cfg=cfg)
+    again = make_picture_batch([im], step=2, rank=0, cfg=cfg)
+    assert np.array_equal(crops, again[0]) and np.array_equal(masks, again[1])
+    assert not np.array_equal(masks, make_picture_batch([im], step=2, rank=1, cfg=cfg)[1])
+    for crop, pic, (y, x) in zip(crops, pictures, origins):
+        assert np.array_equal(pic[y : y + 16, x : x + 16], crop)
+        assert sorted(pic.shape[:2]) == [40, 50] and np.array_equal(np.sort(pic, None), np.sort(im, None))
+    assert {p.shape[:2] for p in pictures} == {(40, 50), (50, 40)}  # turned with their crops
+
+
+def test_picture_inputs_give_a_crop_its_pictures_summary_and_context():
+    from tilerun.model import TileNet
+
+    cfg = TileNetConfig.from_dict({**TINY.to_dict(), "class_prior": True, "class_fill": True, "coarse_scale": 8,
+                                   "class_cells": 2})
+    torch.manual_seed(0)
+    net = TileNet(cfg, default_palette(4)).eval()
+    rng = np.random.default_rng(1)
+    pictures = [rng.integers(0, 255, (72, 56, 3), dtype=np.uint8), rng.integers(0, 255, (40, 96, 3), dtype=np.uint8)]
+    holes = np.zeros((2, 32, 32), bool)
+    holes[:, 4:28, 6:30] = True
+
+    def crop_alone(i, y, x):
+        t = torch.from_numpy(pictures[i][y : y + 32, x : x + 32].copy()).permute(2, 0, 1)[None].float() / 255
+        return t, torch.from_numpy(holes[i : i + 1, None]).float()
+
+    with torch.no_grad():
+        # A crop that is its whole picture: the same bits as its own summary and context.
+        whole = [p[:32, :32].copy() for p in pictures]
+        kw = picture_inputs(net, whole, holes, [(0, 0), (0, 0)], torch.device("cpu"))
+        x = torch.cat([crop_alone(0, 0, 0)[0], crop_alone(1, 0, 0)[0]])
+        m = torch.from_numpy(holes[:, None]).float()
+        assert all(torch.equal(a, b) for a, b in zip(net(x, m), net(x, m, **kw)))
+        # Crops inside bigger pictures of two sizes (one batch, grids padded): each item as the
+        # crop given its own picture's summary and context alone, and unlike the crop without them.
+        origins = [(20, 12), (4, 60)]
+        kw = picture_inputs(net, pictures, holes, origins, torch.device("cpu"))
+        x = torch.cat([crop_alone(i, y, x)[0] for i, (y, x) in enumerate(origins)])
+        batch = net(x, m, **kw)
+        for i, (y, x0) in enumerate(origins):
+            one = picture_inputs(net, pictures[i : i + 1], holes[i : i + 1], [(y, x0)], torch.device("cpu"))
+            alone = net(x[i : i + 1], m[i : i + 1], **one)
+            assert torch.allclose(alone[1], batch[1][i : i + 1], atol=1e-6)
+            assert not torch.allclose(net(x[i : i + 1], m[i : i + 1])[1], alone[1], atol=1e-4)
 
 
 # -- training ------------------------------------------------------------------------------------
@@ -254,6 +305,13 @@ def test_prefill_model_tiles_exactly():
     tiled = infer_image(model, image, mask, tile=16)
     assert np.array_equal(whole[0], tiled[0]) and np.array_equal(whole[1], tiled[1])
     assert (tiled[1][mask] != image[mask]).any()
+
+
+def test_training_with_picture_context_runs_and_records_it(images_dir, tmp_path):
+    net_cfg = TileNetConfig.from_dict({**TINY.to_dict(), "class_prior": True, "coarse_scale": 8})
+    out = tmp_path / "p.safetensors"
+    train([images_dir], out=out, cfg=tiny_cfg(steps=2, picture_context=True), net_cfg=net_cfg, progress=False)
+    assert json.loads(read_metadata(out)["training"])["recipe"]["picture_context"] is True
 
 
 def test_init_from_an_earlier_stage(images_dir, tmp_path):

@@ -318,6 +318,8 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
               "run on through a box) instead of harmonically; needs --coarse-scale.")
 @click.option("--big-holes", type=float, default=0.0, show_default=True, help="Share of crops that also get one "
               "box or blob 25-70% of the crop across.")
+@click.option("--picture-context", is_flag=True, help="Give each crop the global features and coarse context of "
+              "its whole picture, as inference gives a tile its image's (slower).")
 @click.option("--augment", is_flag=True, help="Also rotate crops by multiples of 90 degrees and permute "
               "their RGB channels (more variety from few photos).")
 @o.device_opt
@@ -325,7 +327,7 @@ def _run(ctx, input_path, output, *, model_path, tile, halo, batch_size, mask_di
 @o.quiet_opt
 def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, checkpoint_every, stop_at, resume,
           init_from, class_prior, l1_weight, l2_weight, idle_weight, precision, coarse_scale, class_fill, class_cells,
-          slope_fill, coarse_biharmonic, big_holes, augment, device, verbose, quiet):
+          slope_fill, coarse_biharmonic, big_holes, picture_context, augment, device, verbose, quiet):
     """Self-supervised training on the images in IMAGES (files or folders) into --out.
 
     Random crops with random holes; the model learns K colour classes and to fill the
@@ -344,7 +346,8 @@ def train(images, out, steps, crop, batch_size, classes, lr, seed, exclude, chec
         cfg = TrainConfig(steps=steps, crop=crop, batch_size=batch_size, classes=classes, lr=lr, seed=seed,
                           checkpoint_every=checkpoint_every, l1_weight=l1_weight, l2_weight=l2_weight,
                           idle_weight=idle_weight,
-                          precision=precision, augment=augment, big_holes=big_holes)
+                          precision=precision, augment=augment, big_holes=big_holes,
+                          picture_context=picture_context)
         net_cfg = default_net_config(classes, class_prior=class_prior, coarse_scale=coarse_scale, class_fill=class_fill,
                                      slope_fill=slope_fill, coarse_biharmonic=coarse_biharmonic,
                                      class_cells=class_cells)

@@ -127,6 +127,11 @@ class TrainConfig:
     # pre-fill was ~0 dB while it was +0.4 dB on new crops of the training photos: it learned
     # the nine training photos, not inpainting.
     augment: bool = False
+    # The global features and the coarse context from the whole training picture (with the crop's
+    # holes in it) instead of from the crop: inference takes them from the whole image, and a
+    # network that knew only a crop's summary drew a light frame inside a big box's border
+    # when given a whole picture's (docs/training.md).
+    picture_context: bool = False
     kmeans_samples: int = 100_000
     # "bf16": autocast on CPU (AMX) or CUDA; the weights and the optimizer stay fp32.
     precision: str = "fp32"
@@ -259,10 +264,73 @@ def make_batch(images: Sequence[np.ndarray], *, step: int, rank: int, cfg: Train
             if rng.random() < 0.5:
                 crop = crop[..., rng.permutation(3)]
         imgs[b] = crop
-        masks[b] = random_mask(rng, c, c, max_coverage=cfg.max_hole)
-        if cfg.big_holes and rng.random() < cfg.big_holes:
-            masks[b] |= big_hole(rng, c)
+        masks[b] = _crop_holes(rng, cfg)
     return imgs, masks
+
+
+def _crop_holes(rng: np.random.Generator, cfg: TrainConfig) -> np.ndarray:
+    """A crop's holes: the training mix, and with ``big_holes`` sometimes one big hole more."""
+    mask = random_mask(rng, cfg.crop, cfg.crop, max_coverage=cfg.max_hole)
+    if cfg.big_holes and rng.random() < cfg.big_holes:
+        mask |= big_hole(rng, cfg.crop)
+    return mask
+
+
+def make_picture_batch(images: Sequence[np.ndarray], *, step: int, rank: int,
+                       cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[tuple[int, int]]]:
+    """`make_batch` for ``picture_context``: the crops, their holes, and per crop its whole picture
+    (flipped, turned and its channels permuted with it) and the crop's (y, x) in it. A pure
+    function of (seed, step, rank), drawn from its own stream."""
+    rng = np.random.default_rng([cfg.seed, step, rank, 1])
+    c = cfg.crop
+    imgs = np.empty((cfg.batch_size, c, c, 3), np.uint8)
+    masks = np.empty((cfg.batch_size, c, c), bool)
+    pictures, origins = [], []
+    for b in range(cfg.batch_size):
+        pic = images[int(rng.integers(len(images)))]
+        if rng.random() < 0.5:
+            pic = pic[:, ::-1]
+        if cfg.augment:
+            pic = np.rot90(pic, int(rng.integers(4)))
+            if rng.random() < 0.5:
+                pic = pic[..., rng.permutation(3)]
+        pic = np.ascontiguousarray(pic)
+        y = int(rng.integers(0, pic.shape[0] - c + 1))
+        x = int(rng.integers(0, pic.shape[1] - c + 1))
+        imgs[b] = pic[y : y + c, x : x + c]
+        masks[b] = _crop_holes(rng, cfg)
+        pictures.append(pic)
+        origins.append((y, x))
+    return imgs, masks, pictures, origins
+
+
+def picture_inputs(net: TileNet, pictures: list[np.ndarray], masks: np.ndarray, origins: list[tuple[int, int]],
+                   device: torch.device) -> dict:
+    """``forward``'s keywords that give each crop its whole picture's global sums and coarse
+    context, as the engine gives a tile its image's (no gradient flows through them)."""
+    c = masks.shape[-1]
+    sums, contexts = [], []
+    with torch.no_grad():
+        for pic, hole, (y, x) in zip(pictures, masks, origins):
+            full = np.zeros(pic.shape[:2], bool)
+            full[y : y + c, x : x + c] = hole
+            t = torch.tensor(pic, device=device).permute(2, 0, 1)[None].float().div_(255)
+            sums.append(net.global_terms(t, torch.from_numpy(full).to(device)[None, None].float()).sum(dim=(2, 3)))
+            if net.cfg.coarse_scale:
+                ctx = net.coarse_context(pic, full)
+                contexts.append(ctx if isinstance(ctx, tuple) else (ctx,))
+    kw: dict = {"global_sums": torch.cat(sums), "origin": list(origins)}
+    if contexts:
+        # One batch: each picture's cells padded to the largest grid by repeating its last row and
+        # column, which is what `far_field` reads past a grid's edge anyway.
+        parts = []
+        for k in range(len(contexts[0])):
+            hc = max(ctx[k].shape[-2] for ctx in contexts)
+            wc = max(ctx[k].shape[-1] for ctx in contexts)
+            parts.append(torch.cat([F.pad(ctx[k], (0, wc - ctx[k].shape[-1], 0, hc - ctx[k].shape[-2]), mode="replicate")
+                                    for ctx in contexts]))
+        kw["context"] = tuple(parts) if len(parts) > 1 else parts[0]
+    return kw
 
 
 def big_hole(rng: np.random.Generator, side: int) -> np.ndarray:
@@ -280,10 +348,12 @@ def big_hole(rng: np.random.Generator, side: int) -> np.ndarray:
     return hole
 
 
-def compute_loss(model, image: Tensor, mask: Tensor, palette: Tensor, cfg: TrainConfig) -> tuple[Tensor, dict[str, float]]:
-    """Cross-entropy on the colour classes everywhere + weighted L1 (and MSE) on the holes."""
+def compute_loss(model, image: Tensor, mask: Tensor, palette: Tensor, cfg: TrainConfig,
+                 **forward: object) -> tuple[Tensor, dict[str, float]]:
+    """Cross-entropy on the colour classes everywhere + weighted L1 (and MSE) on the holes;
+    ``forward``: more keywords for the model (`picture_inputs`)."""
     terms: dict[str, Tensor] | None = {} if cfg.idle_weight else None  # the idle part only when weighted
-    logits, rgb = model(image, mask, terms=terms)
+    logits, rgb = model(image, mask, terms=terms, **forward)
     ce = F.cross_entropy(logits, nearest_class(image, palette))
     holes = mask.expand_as(rgb)
     n = holes.sum().clamp_min(1)
@@ -586,11 +656,16 @@ def train(
             for step in range(start, end):
                 for g in opt.param_groups:
                     g["lr"] = cfg.lr_at(step)
-                imgs, masks = make_batch(images, step=step, rank=ctx.rank, cfg=cfg)
+                forward = {}
+                if cfg.picture_context:
+                    imgs, masks, pictures, origins = make_picture_batch(images, step=step, rank=ctx.rank, cfg=cfg)
+                    forward = picture_inputs(net, pictures, masks, origins, ctx.device)
+                else:
+                    imgs, masks = make_batch(images, step=step, rank=ctx.rank, cfg=cfg)
                 x = torch.from_numpy(imgs).to(ctx.device).permute(0, 3, 1, 2).float().div_(255)
                 m = torch.from_numpy(masks).to(ctx.device)[:, None].float()
                 with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                    loss, parts = compute_loss(model, x, m, pal_t, cfg)
+                    loss, parts = compute_loss(model, x, m, pal_t, cfg, **forward)
                 if not math.isfinite(parts["loss"]):
                     raise TrainingError(f"loss became {parts['loss']} at step {step}; lower --lr")
                 opt.zero_grad(set_to_none=True)
