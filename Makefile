@@ -66,6 +66,9 @@ STAGE11_STEPS ?= 3000
 STAGE12_STEPS ?= 3000
 # Stage 13: stage 12 with the coarse context's class shares in 32-px cells (class_cells=2), switched
 # without training: it adds no parameter, and a fine-tune scored no better (docs/training.md).
+# Stage 14: fine-tuned from stage 13 with each crop given its whole picture's global features and
+# coarse context (--picture-context), as inference gives a tile its image's.
+STAGE14_STEPS ?= 3000
 PHOTOS_DIR ?= build/photos
 .PHONY: weights bench-quality quality photos
 # The pictures of data/photos.csv (Debian's plasma-workspace-wallpapers, pinned), split by file.
@@ -108,14 +111,15 @@ weights:
 	$(MAKE) --no-print-directory stage11
 	$(MAKE) --no-print-directory stage12
 	$(MAKE) --no-print-directory stage13
-	install -m 644 $(WEIGHTS_DIR)/stage13.safetensors tilerun/weights/default.safetensors
+	$(MAKE) --no-print-directory stage14
+	install -m 644 $(WEIGHTS_DIR)/stage14.safetensors tilerun/weights/default.safetensors
 
 # Stage 7: two replicas of stage 6's recipe at lower rate (seeds 1 and 2, 3000 steps) trained
 # in parallel, one thread each, then merged by averaging their weights (`tilerun merge`).
 # Replica b runs --quiet so that one progress bar shows.
 STAGE7_ARGS = $(TRAIN_ARGS) train_photos --class-prior --steps 3000 --batch-size 8 --lr 3e-4 --l2-weight 50 \
 	--precision bf16 --augment --checkpoint-every 250 --init-from $(WEIGHTS_DIR)/stage6.safetensors
-.PHONY: stage7 stage11 stage12 stage13
+.PHONY: stage7 stage11 stage12 stage13 stage14
 stage11:
 	$(PY) -m tilerun train $(TRAIN_ARGS) train_photos $(PHOTOS_DIR)/train $(PHOTOS_DIR)/train-art $(PHOTOS_DIR)/train-art2 \
 		--crop 128 --class-prior --class-fill --slope-fill --coarse-biharmonic --steps $(STAGE11_STEPS) --batch-size 4 \
@@ -131,6 +135,12 @@ stage12:
 stage13:
 	$(PY) -m tilerun switch $(WEIGHTS_DIR)/stage12.safetensors --set class_cells=2 --overwrite \
 		--out $(WEIGHTS_DIR)/stage13.safetensors
+stage14:
+	$(PY) -m tilerun train $(TRAIN_ARGS) train_photos $(PHOTOS_DIR)/train $(PHOTOS_DIR)/train-art $(PHOTOS_DIR)/train-art2 \
+		--crop 128 --class-prior --class-fill --class-cells 2 --slope-fill --coarse-biharmonic --idle-weight 1 \
+		--picture-context --steps $(STAGE14_STEPS) --batch-size 4 --lr 3e-4 --l2-weight 50 --augment --coarse-scale 16 \
+		--big-holes 0.3 --seed 16 --checkpoint-every 500 --init-from $(WEIGHTS_DIR)/stage13.safetensors \
+		--out $(WEIGHTS_DIR)/stage14.safetensors $(if $(wildcard $(WEIGHTS_DIR)/stage14.safetensors),--resume)
 stage7:
 	OMP_NUM_THREADS=1 $(PY) -m tilerun train $(STAGE7_ARGS) --seed 1 --out $(WEIGHTS_DIR)/stage7a.safetensors \
 		$(if $(wildcard $(WEIGHTS_DIR)/stage7a.safetensors),--resume) & a=$$!; \
