@@ -33,14 +33,14 @@ clean:
 
 # The shipped weights (docs/training.md) and the inpainting-quality benchmark.
 # coffee and chelsea stay out of training; bench/quality.py measures on data/photos.csv's test split.
-# Twelve stages: stage 1 without the class prior (1500 steps, batch 4); stage 2 adds the
+# Fourteen stages: stage 1 without the class prior (1500 steps, batch 4); stage 2 adds the
 # class prior and a hole MSE term and continues from stage 1 (800 steps, batch 8, lower
 # peak rate); stage 3 continues at half that rate (400 steps); stage 4 is the long run
 # (16000 steps in bf16 autocast, which AMX makes ~1.5x faster per step on this CPU, with
 # rotations and channel permutations of the crops: --augment); stage 5 adds the three
 # photos of train_photos/ (8000 steps at half stage 4's peak rate; it keeps stage 4's
 # palette); stage 6 continues stage 5 at a lower rate (6000 steps); stage 7 (below) merges two
-# replicas trained in parallel from stage 6; stages 8 to 13 are described below. Each stage resumes its
+# replicas trained in parallel from stage 6; stages 8 to 14 are described below. Each stage resumes its
 # own checkpoint if one exists, so an interrupted `make weights` picks up where it was.
 WEIGHTS_DIR ?= build/weights
 TRAIN_ARGS = sample_images train_images --exclude 'coffee.*' --exclude 'chelsea.*' --crop 96 --classes 16 \
