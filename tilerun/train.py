@@ -256,16 +256,20 @@ def make_batch(images: Sequence[np.ndarray], *, step: int, rank: int, cfg: Train
         im = images[int(rng.integers(len(images)))]
         y = int(rng.integers(0, im.shape[0] - c + 1))
         x = int(rng.integers(0, im.shape[1] - c + 1))
-        crop = im[y : y + c, x : x + c]
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        if cfg.augment:
-            crop = np.rot90(crop, int(rng.integers(4)))
-            if rng.random() < 0.5:
-                crop = crop[..., rng.permutation(3)]
-        imgs[b] = crop
+        imgs[b] = _flipped(rng, im[y : y + c, x : x + c], cfg)
         masks[b] = _crop_holes(rng, cfg)
     return imgs, masks
+
+
+def _flipped(rng: np.random.Generator, a: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    """``a`` mirrored half the time; with ``augment`` also turned and, half the time, recoloured."""
+    if rng.random() < 0.5:
+        a = a[:, ::-1]
+    if cfg.augment:
+        a = np.rot90(a, int(rng.integers(4)))
+        if rng.random() < 0.5:
+            a = a[..., rng.permutation(3)]
+    return a
 
 
 def _crop_holes(rng: np.random.Generator, cfg: TrainConfig) -> np.ndarray:
@@ -287,14 +291,7 @@ def make_picture_batch(images: Sequence[np.ndarray], *, step: int, rank: int,
     masks = np.empty((cfg.batch_size, c, c), bool)
     pictures, origins = [], []
     for b in range(cfg.batch_size):
-        pic = images[int(rng.integers(len(images)))]
-        if rng.random() < 0.5:
-            pic = pic[:, ::-1]
-        if cfg.augment:
-            pic = np.rot90(pic, int(rng.integers(4)))
-            if rng.random() < 0.5:
-                pic = pic[..., rng.permutation(3)]
-        pic = np.ascontiguousarray(pic)
+        pic = np.ascontiguousarray(_flipped(rng, images[int(rng.integers(len(images)))], cfg))
         y = int(rng.integers(0, pic.shape[0] - c + 1))
         x = int(rng.integers(0, pic.shape[1] - c + 1))
         imgs[b] = pic[y : y + c, x : x + c]
