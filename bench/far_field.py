@@ -47,13 +47,11 @@ def main() -> None:
         bih = inpaint_biharmonic(damaged, mask, channel_axis=-1)
         row = {"biharmonic": np.clip(np.round(bih * 255), 0, 255).astype(np.uint8)}
         for s, m in models.items():
-            ctx = m.coarse_context(damaged, mask)
-            colours = (ctx[0] if isinstance(ctx, tuple) else ctx)[0]
-            true = m.coarse_context(truth, None)
-            for name, c in ((f"far field, {s}-px cells", colours),
-                            (f"true {s}-px cells", (true[0] if isinstance(true, tuple) else true)[0])):
+            for name, image, holes in ((f"far field, {s}-px cells", damaged, mask), (f"true {s}-px cells", truth, None)):
+                ctx = m.coarse_context(image, holes)
+                colours = (ctx[0] if isinstance(ctx, tuple) else ctx)[0]
                 row[name] = np.clip(np.round(
-                    net.far_field(c, 0, h, 0, w, s).permute(1, 2, 0).numpy() * 255), 0, 255).astype(np.uint8)
+                    net.far_field(colours, 0, h, 0, w, s).permute(1, 2, 0).numpy() * 255), 0, 255).astype(np.uint8)
         for name, fill in row.items():
             scores.setdefault(name, []).append(Q.psnr(np.where(mask[..., None], fill, truth), truth, mask))
     print(f"{args.split} boxes, {len(scores['biharmonic'])} cases, mean hole PSNR"
